@@ -1,0 +1,107 @@
+"""Detection of the optional GPU kernels (fla, mamba_ssm's Triton SSD, causal_conv1d).
+
+Each loader returns the kernel functions or None, and logs one clear line the first time a kernel path is
+unavailable, so a fallback to the pure-torch path is never silent. Nothing here is imported on the CPU path
+unless asked.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import sys
+import types
+
+import torch
+
+log = logging.getLogger("hybridnas.kernels")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def cuda_ready() -> bool:
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def fla_delta_rule():
+    """(chunk_delta_rule, fused_recurrent_delta_rule) from fla, or None."""
+    if not cuda_ready():
+        return None
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+    except Exception as exc:  # ImportError, or Triton refusing at import
+        log.warning("fla delta-rule kernels unavailable (%s): using the pure-torch chunked path", exc)
+        return None
+    return chunk_delta_rule, fused_recurrent_delta_rule
+
+
+@functools.cache
+def fla_gated_delta_rule(need_backward: bool = True):
+    """(chunk_gated_delta_rule, fused_recurrent_gated_delta_rule) from fla, or None.
+
+    fla 0.6.0 refuses the gated backward on Hopper with Triton >= 3.4, < 3.7.1 (gpu-notes.md); the forward
+    works there, so a forward-only use (latency) may still take the kernel.
+    """
+    if not cuda_ready():
+        return None
+    try:
+        import triton
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    except Exception as exc:
+        log.warning("fla gated delta-rule kernels unavailable (%s): using the pure-torch chunked path", exc)
+        return None
+    major, _minor = torch.cuda.get_device_capability()
+    tv = _version_tuple(triton.__version__)
+    if need_backward and major == 9 and (3, 4) <= tv < (3, 7, 1):
+        log.warning("fla gated delta-rule backward refuses Triton %s on Hopper (needs >= 3.7.1): "
+                    "training uses the pure-torch chunked path", triton.__version__)
+        return None
+    return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+
+@functools.cache
+def mamba_ssd():
+    """mamba_ssm's Triton `mamba_chunk_scan_combined`, importing around the package __init__ (which needs the
+    compiled selective_scan_cuda extension), or None."""
+    if not cuda_ready():
+        return None
+    try:
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None:
+            raise ImportError("mamba_ssm not installed")
+        if "mamba_ssm" not in sys.modules:
+            pkg = types.ModuleType("mamba_ssm")
+            pkg.__path__ = list(spec.submodule_search_locations)
+            sys.modules["mamba_ssm"] = pkg
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as exc:
+        log.warning("mamba_ssm SSD kernel unavailable (%s): using the pure-torch chunked SSD", exc)
+        return None
+    return mamba_chunk_scan_combined
+
+
+def kernel_versions() -> dict[str, str | None]:
+    """Versions of the kernel libraries present, for device fingerprints."""
+    out: dict[str, str | None] = {"torch": torch.__version__}
+    for name in ("triton", "fla", "mamba_ssm", "causal_conv1d"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            out[name] = None
+            continue
+        try:
+            from importlib.metadata import version
+            dist = {"fla": "fla-core", "mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d"}.get(name, name)
+            out[name] = version(dist)
+        except Exception:
+            out[name] = "unknown"
+    return out
