@@ -195,3 +195,15 @@ def test_backend_resolution_on_cpu():
         m(x)
     with pytest.raises(ValueError):
         Mamba2(32, head_dim=16, d_state=8, backend="nope")
+
+
+def test_grouped_gated_norm_is_per_group():
+    # mamba_ssm normalises y * silu(z) over groups of d_inner // n_groups channels (RMSNormGated group_size).
+    m = make_model(torch.float64, n_groups=2, seed=6)
+    gen = torch.Generator().manual_seed(600)
+    y, z = torch.randn(3, 64, generator=gen, dtype=torch.float64), torch.randn(3, 64, generator=gen, dtype=torch.float64)
+    h = y * F.silu(z)
+    parts = [hp / torch.sqrt(hp.pow(2).mean(-1, keepdim=True) + m.norm.eps) for hp in h.split(32, -1)]
+    expected = torch.cat(parts, -1) * m.norm.weight
+    assert m.norm.eps == 1e-5
+    assert rel(m._gated_norm(y, z), expected) <= 1e-12

@@ -1,0 +1,107 @@
+"""The `hybridnas` command line (typer + rich)."""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from search.layout import Layout, LayoutError, load_layout
+from search.params import count_parameters, format_count
+from search.presets import get_preset, preset_names
+
+app = typer.Typer(help="hybridnas: search for latency-optimal hybrid small language models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+layouts_app = typer.Typer(help="Inspect and check layouts.", no_args_is_help=True)
+app.add_typer(layouts_app, name="layouts")
+console = Console(width=max(140, Console().width))
+err_console = Console(stderr=True)
+
+
+def _resolve_layout(spec: str) -> Layout:
+    """A preset name or a path to a layout file."""
+    if spec in preset_names():
+        return get_preset(spec)
+    path = Path(spec)
+    if path.suffix.lower() in (".json", ".yaml", ".yml") or path.exists():
+        return load_layout(path)
+    raise LayoutError("layout", f"{spec!r} is neither a preset ({', '.join(preset_names())}) nor a layout file")
+
+
+@layouts_app.command("list")
+def layouts_list() -> None:
+    """List the presets."""
+    table = Table("preset", "operators", "d_model", "params (total)")
+    for name in preset_names():
+        layout = get_preset(name)
+        count = count_parameters(layout, layout.vocab_size or 256)
+        table.add_row(name, str(len(layout.operators)), str(layout.d_model), format_count(count.total))
+    console.print(table)
+    console.print("(presets without a published vocabulary are counted with the 256-symbol byte tokenizer)")
+
+
+@layouts_app.command("show")
+def layouts_show(
+    layout: str = typer.Argument(..., help="a preset name or a layout file"),
+    as_json: bool = typer.Option(False, "--json", help="print the canonical JSON instead"),
+    vocab_size: int = typer.Option(None, "--vocab-size", help="vocabulary for counting (default: the "
+                                   "layout's own, else 256 = bytes)"),
+) -> None:
+    """Print a layout with its parameter counts."""
+    try:
+        lo = _resolve_layout(layout)
+        vocab = vocab_size or lo.vocab_size or 256
+        count = count_parameters(lo, vocab)
+    except LayoutError as exc:
+        err_console.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(1)
+    if as_json:
+        sys.stdout.write(lo.to_json() + "\n")
+        return
+    console.print(f"[bold]{lo.name or layout}[/bold]  hash {lo.content_hash[:16]}")
+    console.print(f"operators ({len(lo.operators)}): {lo.compact()}")
+    mix = Counter(lo.operators)
+    console.print("mix: " + ", ".join(f"{n} x{c}" for n, c in mix.most_common()))
+    table = Table("dim", "value")
+    for key, value in lo.architecture().items():
+        if key != "operators":
+            table.add_row(key, str(value))
+    console.print(table)
+    counts = Table("parameters", "count", "exact")
+    counts.add_row("total", format_count(count.total), f"{count.total:,}")
+    counts.add_row("non-embedding", format_count(count.non_embedding), f"{count.non_embedding:,}")
+    counts.add_row(f"embedding (vocab {vocab}, {'tied' if lo.tied_embeddings else 'untied'})",
+                   format_count(count.embedding), f"{count.embedding:,}")
+    console.print(counts)
+
+
+@layouts_app.command("validate")
+def layouts_validate(path: Path = typer.Argument(..., help="a layout file (JSON or YAML)")) -> None:
+    """Check a layout file: exit 0 if valid, 1 with the error otherwise."""
+    try:
+        lo = load_layout(path)
+    except LayoutError as exc:
+        err_console.print(f"[red]invalid[/red] {exc}")
+        raise typer.Exit(1)
+    console.print(f"valid: {len(lo.operators)} operators, hash {lo.content_hash}")
+
+
+@app.command()
+def demo(
+    steps: int = typer.Option(30, help="training steps per scaled-down preset"),
+    decode_tokens: int = typer.Option(64, help="tokens decoded for the latency figure"),
+) -> None:
+    """Build the presets, train the scaled-down ones briefly on the embedded corpus, profile them."""
+    from api.demo import run_demo
+    run_demo(console, steps=steps, decode_tokens=decode_tokens)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

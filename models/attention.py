@@ -1,0 +1,428 @@
+"""Softmax attention: full causal ("attention") and sliding-window ("swa"), GQA, RoPE, meta-token sinks.
+
+Visibility rule: the query at position i sees the key at position j iff
+    j <= i  and  (window is None  or  i - j < window  or  j < n_sink).
+The first `n_sink` positions are the meta tokens the model prepends; they stay visible to every query.
+
+Paths (recorded in `self.last_backend` after each call):
+    "sdpa"     full attention, torch's scaled_dot_product_attention (CPU and GPU).
+    "blocked"  SWA in pure torch, blocked: query block b (size W) attends to key blocks b-1, b and the sink
+               prefix only, O(T * (2W + n_sink)). The CPU path, and the GPU fallback.
+    "flex"     SWA on GPU via FlexAttention with a block mask (window + sink rule), flex_attention compiled
+               once per process, block masks cached per shape.
+    "dense"    `forward_reference`: explicit softmax(QK^T * scale + mask) V (tests only).
+`backend`: "auto" (flex for SWA on CUDA, blocked elsewhere), "torch" (blocked SWA everywhere), "flex" (force
+FlexAttention, any device), "flex-eager" (uncompiled FlexAttention: debugging / CPU tests of the GPU logic).
+Flex sequence lengths are padded to a multiple of 128 so the compiled kernel sees few shapes. If FlexAttention
+is missing or raises, one warning is logged and the blocked path is used from then on (process-wide).
+
+Caches (`init_cache`):
+    full: {"k", "v": (B, Hkv, max_len, hd)}; position p lives at index p.
+    SWA:  {"k", "v": (B, Hkv, n_sink + W, hd), "pos": (n_sink + W,) long, -1 when empty}.
+          Slots [0, n_sink) hold the sink (meta) prefix for good; slots [n_sink, n_sink + W) are a ring of
+          the last W non-sink positions (position p >= n_sink lives in slot n_sink + (p - n_sink) % W).
+          "pos" is the position each slot holds (shared by the batch), so masks are static-shaped.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import Operator
+from .common import apply_rope, rope_frequencies
+
+log = logging.getLogger("hybridnas.attention")
+
+BACKENDS = ("auto", "torch", "flex", "flex-eager")
+
+
+# --------------------------------------------------------------------------------------------------------
+# FlexAttention (GPU SWA path)
+# --------------------------------------------------------------------------------------------------------
+
+@functools.cache
+def _flex_functions(compiled: bool = True):
+    """(flex_attention [compiled once], create_block_mask) or None, logging one line when unavailable."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except Exception as exc:  # old torch
+        log.warning("FlexAttention unavailable (%s): sliding-window attention uses the blocked torch path", exc)
+        return None
+    fn = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    return fn, create_block_mask
+
+
+_flex_failed = False
+FLEX_PAD = 128  # flex sequence lengths are padded to a multiple of this (= its default block size)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _make_block_mask(create_block_mask, mask_mod, q_len: int, kv_len: int, device, compiled: bool):
+    if compiled:
+        # _compile=True: inductor fuses the mask evaluation, so no dense Q x KV mask is held in memory.
+        return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device, _compile=True)
+    return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _swa_block_mask(window: int, n_sink: int, q_len: int, device: str, compiled: bool):
+    """Block mask for a fresh sequence (positions 0..T-1, keys = queries), cached per shape."""
+    fns = _flex_functions(compiled)
+    create_block_mask = fns[1]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (((q_idx - kv_idx) < window) | (kv_idx < n_sink))
+
+    return _make_block_mask(create_block_mask, mask_mod, q_len, q_len, torch.device(device), compiled)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Blocked SWA (pure torch, O(T * W))
+# --------------------------------------------------------------------------------------------------------
+
+def blocked_swa(q, sk, sv, spos, wk, wv, wpos, start: int, window: int, scale: float) -> torch.Tensor:
+    """Sliding-window attention over a sink part and a window part, blocked by `window`.
+
+    q: (B, H, T, hd), queries at positions start .. start+T-1.
+    sk, sv: (B, Hkv, S, hd) sink keys/values with positions spos (S,) long (-1 = absent); seen by every
+        query at a position >= theirs. S may be 0.
+    wk, wv: (B, Hkv, W + T, hd) window keys/values: W entries of left context (positions start-W .. start-1,
+        or -1) followed by the T new ones; positions wpos (W + T,) long, -1 where absent or a sink (sinks are
+        only seen through the sink part, never twice). Query block b (queries bW .. bW+W-1) sees window
+        entries bW .. bW+2W-1, i.e. its own block and the previous one.
+    Returns (B, H, T, hd) in q's dtype; computed in at least float32.
+    """
+    B, H, T, hd = q.shape
+    Hkv = wk.shape[1]
+    G = H // Hkv
+    W = window
+    dtype = q.dtype
+    ct = torch.promote_types(dtype, torch.float32)
+    nb = -(-T // W)
+    pad = nb * W - T
+    q = q.to(ct)
+    wk, wv = wk.to(ct), wv.to(ct)
+    if pad:
+        q = F.pad(q, (0, 0, 0, pad))
+        wk = F.pad(wk, (0, 0, 0, pad))
+        wv = F.pad(wv, (0, 0, 0, pad))
+        wpos = F.pad(wpos, (0, pad), value=-1)
+    qb = q.reshape(B, Hkv, G, nb, W, hd)
+    kb = wk.unfold(2, 2 * W, W).unsqueeze(2)                   # (B, Hkv, 1, nb, hd, 2W)
+    vb = wv.unfold(2, 2 * W, W).transpose(-1, -2).unsqueeze(2)  # (B, Hkv, 1, nb, 2W, hd)
+    qpos = torch.arange(start, start + nb * W, device=q.device).view(nb, W, 1)
+    kpos = wpos.unfold(0, 2 * W, W).unsqueeze(1)                # (nb, 1, 2W)
+    wmask = (kpos >= 0) & (kpos <= qpos) & ((qpos - kpos) < W)  # (nb, W, 2W)
+    scores = torch.matmul(qb, kb) * scale                       # (B, Hkv, G, nb, W, 2W)
+    S = sk.shape[2]
+    if S:
+        sk, sv = sk.to(ct), sv.to(ct)
+        smask = (spos >= 0) & (spos <= qpos)                    # (nb, W, S)
+        s_scores = torch.matmul(qb, sk.transpose(-1, -2)[:, :, None, None]) * scale
+        scores = torch.cat([s_scores, scores], dim=-1)
+        mask = torch.cat([smask, wmask], dim=-1)
+    else:
+        mask = wmask
+    # A finite fill keeps fully-masked padding rows finite (no NaN in the backward).
+    probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(ct).min), dim=-1)
+    out = torch.matmul(probs[..., S:], vb)
+    if S:
+        out = out + torch.matmul(probs[..., :S], sv[:, :, None, None])
+    out = out.reshape(B, H, nb * W, hd)[:, :, :T]
+    return out.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The operator
+# --------------------------------------------------------------------------------------------------------
+
+class Attention(Operator):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, window: int | None = None,
+                 n_sink: int = 0, rope: bool = True, rope_base: float = 10000.0, backend: str = "auto"):
+        super().__init__()
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 (got {window})")
+        if n_sink < 0:
+            raise ValueError(f"n_sink must be >= 0 (got {n_sink})")
+        if rope and head_dim % 2:
+            raise ValueError("RoPE needs an even head_dim")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
+        self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
+        self.window, self.n_sink, self.rope, self.rope_base = window, n_sink, rope, rope_base
+        self.backend = backend
+        self.last_backend: str | None = None
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        # Not a buffer: `model.to(bfloat16)` must not round the frequencies. One float64 copy per device.
+        self._inv_freq = {"cpu": rope_frequencies(head_dim, rope_base)} if rope else {}
+
+    @property
+    def kind(self) -> str:
+        return "attention" if self.window is None else "swa"
+
+    @staticmethod
+    def param_count(d_model: int, n_heads: int, n_kv_heads: int, head_dim: int) -> int:
+        return d_model * head_dim * (2 * n_heads + 2 * n_kv_heads)
+
+    # ---- projections -------------------------------------------------------------------------------------
+    def _inv_freq_on(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._inv_freq:
+            self._inv_freq[key] = self._inv_freq["cpu"].to(device)
+        return self._inv_freq[key]
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """x (B, T, d) -> q (B, H, T, hd), k, v (B, Hkv, T, hd), RoPE applied at `positions` (T,)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.rope:
+            inv_freq = self._inv_freq_on(x.device)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:
+        B, H, T, hd = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * hd))
+
+    # ---- cache -------------------------------------------------------------------------------------------
+    def cache_len(self, max_len: int) -> int:
+        return max_len if self.window is None else self.n_sink + self.window
+
+    def init_cache(self, batch: int, max_len: int, device, dtype) -> dict:
+        n = self.cache_len(max_len)
+        shape = (batch, self.n_kv_heads, n, self.head_dim)
+        cache = {"k": torch.zeros(shape, device=device, dtype=dtype),
+                 "v": torch.zeros(shape, device=device, dtype=dtype)}
+        if self.window is not None:
+            cache["pos"] = torch.full((n,), -1, device=device, dtype=torch.long)
+        return cache
+
+    def _slot(self, pos: torch.Tensor) -> torch.Tensor:
+        """SWA cache slot of position(s) `pos` (tensor op, no sync)."""
+        ns, W = self.n_sink, self.window
+        ring = ns + torch.remainder(pos - ns, W)
+        return torch.where(pos < ns, pos, ring) if ns else ring
+
+    def _swa_write(self, cache: dict, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Write the keys/values of positions start .. start+T-1 that the cache keeps (sinks, last W)."""
+        T = k.shape[2]
+        end = start + T
+        ns, W = self.n_sink, self.window
+        dev = k.device
+        if start < ns:
+            n = min(ns, end) - start
+            cache["k"][:, :, start:start + n] = k[:, :, :n].to(cache["k"].dtype)
+            cache["v"][:, :, start:start + n] = v[:, :, :n].to(cache["v"].dtype)
+            cache["pos"][start:start + n] = torch.arange(start, start + n, device=dev)
+        lo = max(ns, end - W, start)
+        if lo < end:
+            p = torch.arange(lo, end, device=dev)
+            slots = self._slot(p)  # <= W consecutive non-sink positions: distinct slots
+            cache["k"].index_copy_(2, slots, k[:, :, lo - start:].to(cache["k"].dtype))
+            cache["v"].index_copy_(2, slots, v[:, :, lo - start:].to(cache["v"].dtype))
+            cache["pos"].index_copy_(0, slots, p)
+
+    def _swa_context(self, k, v, cache: dict | None, start: int):
+        """Sink part (sk, sv, spos) and window part (wk, wv, wpos) for new keys at start .. start+T-1.
+
+        Reads the cache (before it is written). Positions are absolute, -1 where absent."""
+        B, Hkv, T, hd = k.shape
+        ns, W = self.n_sink, self.window
+        dev, dt = k.device, k.dtype
+        end = start + T
+        # sink part: positions 0 .. ns-1, the first min(start, ns) from the cache, the rest from the new keys
+        n_old = min(start, ns) if cache is not None else 0
+        n_new = max(0, min(ns, end) - start)
+        sk_parts, sv_parts, sp_parts = [], [], []
+        if n_old:
+            idx = torch.arange(n_old, device=dev)
+            sk_parts.append(cache["k"][:, :, :n_old].to(dt))
+            sv_parts.append(cache["v"][:, :, :n_old].to(dt))
+            sp_parts.append(torch.where(cache["pos"][:n_old] == idx, idx, -1))
+        if n_new:
+            sk_parts.append(k[:, :, :n_new])
+            sv_parts.append(v[:, :, :n_new])
+            sp_parts.append(torch.arange(start, start + n_new, device=dev))
+        if sk_parts:
+            sk, sv, spos = torch.cat(sk_parts, 2), torch.cat(sv_parts, 2), torch.cat(sp_parts)
+        else:
+            sk = sv = k.new_zeros(B, Hkv, 0, hd)
+            spos = torch.zeros(0, device=dev, dtype=torch.long)
+        # window part: left context start-W .. start-1 (non-sink positions, from the ring), then the new keys
+        lp = torch.arange(start - W, start, device=dev)
+        if cache is not None and start > ns:
+            slots = self._slot(lp.clamp_min(ns))
+            lk = cache["k"][:, :, slots].to(dt)
+            lv = cache["v"][:, :, slots].to(dt)
+            lpos = torch.where((lp >= ns) & (cache["pos"][slots] == lp), lp, -1)
+        else:
+            lk = lv = k.new_zeros(B, Hkv, W, hd)
+            lpos = torch.full((W,), -1, device=dev, dtype=torch.long)
+        npos = torch.arange(start, end, device=dev)
+        npos = torch.where(npos >= ns, npos, -1)
+        wk, wv = torch.cat([lk, k], 2), torch.cat([lv, v], 2)
+        return sk, sv, spos, wk, wv, torch.cat([lpos, npos])
+
+    # ---- paths -------------------------------------------------------------------------------------------
+    def _use_flex(self, x: torch.Tensor) -> bool:
+        if _flex_failed:
+            return False
+        if self.backend in ("flex", "flex-eager"):
+            return True
+        return self.backend == "auto" and x.is_cuda
+
+    def _flex_swa(self, q, k, v, cache, start: int, compiled: bool):
+        fns = _flex_functions(compiled)
+        if fns is None:
+            return None
+        flex_attention, create_block_mask = fns
+        T = q.shape[2]
+        dt = q.dtype
+        # Lengths are padded up to a multiple of FLEX_PAD so that the compiled kernel (dynamic=False) and the
+        # block masks see few distinct shapes; padded keys are never visible to real queries.
+        Tp = _round_up(T, FLEX_PAD)
+        if start == 0:  # fresh sequence: static mask, cached per shape
+            block_mask = _swa_block_mask(self.window, self.n_sink, Tp, str(q.device), compiled)
+            kk, vv = k, v
+        else:
+            sk, sv, spos, wk, wv, wpos = self._swa_context(k, v, cache, start)
+            kk, vv = torch.cat([sk, wk], 2).to(dt), torch.cat([sv, wv], 2).to(dt)
+            kpos = torch.cat([spos, wpos])
+            is_sink = torch.zeros_like(kpos, dtype=torch.bool)
+            is_sink[:spos.shape[0]] = True
+            Lp = _round_up(kk.shape[2], FLEX_PAD)
+            kpos = F.pad(kpos, (0, Lp - kpos.shape[0]), value=-1)
+            is_sink = F.pad(is_sink, (0, Lp - is_sink.shape[0]), value=False)
+            valid = kpos >= 0
+            krel = kpos - start  # query q_idx sits at position start + q_idx
+            W = self.window
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                kr = krel[kv_idx]
+                return valid[kv_idx] & (kr <= q_idx) & (is_sink[kv_idx] | ((q_idx - kr) < W))
+
+            block_mask = _make_block_mask(create_block_mask, mask_mod, Tp, Lp, q.device, compiled)
+        q = F.pad(q, (0, 0, 0, Tp - T))
+        kk = F.pad(kk, (0, 0, 0, block_mask.seq_lengths[1] - kk.shape[2]))
+        vv = F.pad(vv, (0, 0, 0, block_mask.seq_lengths[1] - vv.shape[2]))
+        o = flex_attention(q, kk, vv, block_mask=block_mask, scale=self.scale,
+                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return o[:, :, :T]
+
+    def _swa(self, q, k, v, cache, start: int) -> torch.Tensor:
+        global _flex_failed
+        if self._use_flex(q):
+            try:
+                o = self._flex_swa(q, k, v, cache, start, compiled=self.backend != "flex-eager")
+            except Exception as exc:
+                msg = (str(exc).strip().splitlines() or [""])[0][:200]
+                log.warning("FlexAttention failed (%s: %s): sliding-window attention falls back to the blocked "
+                            "torch path from now on", type(exc).__name__, msg)
+                _flex_failed = True
+                o = None
+            if o is not None:
+                self.last_backend = "flex"
+                return o
+        sk, sv, spos, wk, wv, wpos = self._swa_context(k, v, cache, start)
+        self.last_backend = "blocked"
+        return blocked_swa(q, sk, sv, spos, wk, wv, wpos, start, self.window, self.scale)
+
+    def _full(self, q, k, v, cache, start: int) -> torch.Tensor:
+        T = q.shape[2]
+        gqa = self.n_heads != self.n_kv_heads
+        self.last_backend = "sdpa"
+        if cache is not None and start > 0:
+            end = start + T
+            kk = cache["k"][:, :, :end].to(q.dtype)
+            vv = cache["v"][:, :, :end].to(q.dtype)
+            mask = (torch.arange(end, device=q.device)[None, :]
+                    <= torch.arange(start, end, device=q.device)[:, None])
+            return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+
+    # ---- interface ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, cache: dict | None = None, start: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        start = int(start)
+        positions = torch.arange(start, start + T, device=x.device)
+        q, k, v = self._qkv(x, positions)
+        if self.window is None:
+            if cache is not None:
+                cache["k"][:, :, start:start + T] = k.to(cache["k"].dtype)
+                cache["v"][:, :, start:start + T] = v.to(cache["v"].dtype)
+            o = self._full(q, k, v, cache, start)
+        else:
+            o = self._swa(q, k, v, cache, start)  # reads the cache before it is written
+            if cache is not None:
+                self._swa_write(cache, k, v, start)
+        return self._out(o)
+
+    def step(self, x: torch.Tensor, cache: dict, pos: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        pos = pos.reshape(()).to(device=x.device, dtype=torch.long)
+        p1 = pos.reshape(1)
+        q, k, v = self._qkv(x.unsqueeze(1), p1)  # (B, H|Hkv, 1, hd)
+        gqa = self.n_heads != self.n_kv_heads
+        if self.window is None:
+            cache["k"].index_copy_(2, p1, k.to(cache["k"].dtype))
+            cache["v"].index_copy_(2, p1, v.to(cache["v"].dtype))
+            if x.is_cuda:
+                # static shape over the whole buffer, no host sync (CUDA-graph capturable)
+                kk, vv = cache["k"].to(q.dtype), cache["v"].to(q.dtype)
+                mask = torch.arange(kk.shape[2], device=x.device) <= pos
+                o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask.view(1, 1, 1, -1), scale=self.scale,
+                                                   enable_gqa=gqa)
+            else:
+                n = int(pos) + 1  # CPU: decode cost follows the real context
+                kk, vv = cache["k"][:, :, :n].to(q.dtype), cache["v"][:, :, :n].to(q.dtype)
+                o = F.scaled_dot_product_attention(q, kk, vv, scale=self.scale, enable_gqa=gqa)
+        else:
+            slot = self._slot(p1)
+            cache["k"].index_copy_(2, slot, k.to(cache["k"].dtype))
+            cache["v"].index_copy_(2, slot, v.to(cache["v"].dtype))
+            cache["pos"].index_copy_(0, slot, p1)
+            sp = cache["pos"]
+            mask = (sp >= 0) & (sp <= pos) & (((pos - sp) < self.window) | (sp < self.n_sink))
+            kk, vv = cache["k"].to(q.dtype), cache["v"].to(q.dtype)
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask.view(1, 1, 1, -1), scale=self.scale,
+                                               enable_gqa=gqa)
+        self.last_backend = "sdpa"
+        return self._out(o).squeeze(1)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Naive dense reference: explicit softmax(Q K^T * scale + mask) V over a fresh sequence (start 0)."""
+        B, T, _ = x.shape
+        dtype = x.dtype
+        ct = torch.promote_types(dtype, torch.float32)
+        q, k, v = self._qkv(x, torch.arange(T, device=x.device))
+        q, k, v = q.to(ct), k.to(ct), v.to(ct)
+        G = self.n_heads // self.n_kv_heads
+        k = k.repeat_interleave(G, dim=1)
+        v = v.repeat_interleave(G, dim=1)
+        i = torch.arange(T, device=x.device)[:, None]
+        j = torch.arange(T, device=x.device)[None, :]
+        allowed = j <= i
+        if self.window is not None:
+            allowed = allowed & (((i - j) < self.window) | (j < self.n_sink))
+        scores = (q @ k.transpose(-1, -2)) * self.scale
+        scores = scores + torch.zeros(T, T, device=x.device, dtype=ct).masked_fill(~allowed, float("-inf"))
+        o = torch.softmax(scores, dim=-1) @ v
+        self.last_backend = "dense"
+        return self._out(o.to(dtype))

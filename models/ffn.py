@@ -1,0 +1,33 @@
+"""SwiGLU feed-forward block: y = down(silu(gate(x)) * up(x)). Stateless; implements the Operator interface."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import Operator
+
+
+class SwiGLU(Operator):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.d_model, self.hidden = d_model, hidden
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None, start: int = 0) -> torch.Tensor:
+        return self._mlp(x)
+
+    def step(self, x: torch.Tensor, cache: dict, pos: torch.Tensor) -> torch.Tensor:
+        return self._mlp(x)
+
+    def init_cache(self, batch: int, max_len: int, device, dtype) -> dict:
+        return {}
+
+    @staticmethod
+    def param_count(d_model: int, hidden: int) -> int:
+        return 3 * d_model * hidden

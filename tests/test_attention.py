@@ -1,0 +1,249 @@
+"""Attention (full / sliding-window with sinks, GQA, RoPE) and SwiGLU: parallel form vs naive dense reference,
+vs token-by-token decode, chunked prefill from a cache, gradients, parameter counts."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.attention import Attention, blocked_swa
+from models.ffn import SwiGLU
+
+D, H, HKV, HD = 32, 4, 2, 8
+TOL = {torch.float64: 1e-8, torch.float32: 2e-3}
+
+# (window, n_sink): full attention and SWA with several windows, with and without meta-token sinks
+CONFIGS = [(None, 0), (4, 0), (4, 3), (16, 0), (16, 3), (1, 2)]
+IDS = [f"W{w}-s{s}" for w, s in CONFIGS]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add spin-wait overhead (badly so on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(window, n_sink, dtype, seed=0, backend="auto"):
+    torch.manual_seed(seed)
+    m = Attention(D, H, HKV, HD, window=window, n_sink=n_sink, backend=backend).to(dtype)
+    # larger q/k weights than the default init make the softmax peaked, so masking errors are not averaged away
+    with torch.no_grad():
+        m.q_proj.weight.mul_(3.0)
+        m.k_proj.weight.mul_(3.0)
+    return m
+
+
+def rand_x(B, T, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, D, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("window,n_sink", CONFIGS, ids=IDS)
+def test_forward_matches_reference(window, n_sink, dtype):
+    m = make(window, n_sink, dtype, seed=1)
+    for i, T in enumerate((1, 7, 37, 50)):
+        x = rand_x(2, T, dtype, seed=100 + i)
+        y = m(x)
+        expected_backend = "sdpa" if window is None else "blocked"
+        assert m.last_backend == expected_backend
+        ref = m.forward_reference(x)
+        assert y.shape == x.shape and y.dtype == dtype
+        assert rel_err(y, ref) <= TOL[dtype], (T, rel_err(y, ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("window,n_sink", CONFIGS, ids=IDS)
+def test_forward_matches_step(window, n_sink, dtype):
+    m = make(window, n_sink, dtype, seed=2)
+    B, T = 2, 45  # >> W: the ring buffer wraps many times
+    x = rand_x(B, T, dtype, seed=7)
+    y = m(x)
+    cache = m.init_cache(B, T + 3, x.device, dtype)
+    if window is not None:
+        assert cache["k"].shape == (B, HKV, n_sink + window, HD)
+        assert cache["pos"].dtype == torch.long and (cache["pos"] == -1).all()
+    else:
+        assert cache["k"].shape == (B, HKV, T + 3, HD)
+    outs = [m.step(x[:, t], cache, torch.tensor(t)) for t in range(T)]
+    ys = torch.stack(outs, 1)
+    assert rel_err(ys, y) <= TOL[dtype], rel_err(ys, y)
+    # per-token too: an early-token error must not hide in the norm of the whole sequence
+    for t in (0, 1, n_sink, T - 1):
+        assert rel_err(ys[:, t], y[:, t]) <= 10 * TOL[dtype]
+
+
+@pytest.mark.parametrize("window,n_sink", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("split", [(2,), (5,), (23,), (3, 9, 20), (1, 1 + 17)])
+def test_initial_state(window, n_sink, split):
+    """Chunked prefill through a cache (start > 0), then decode steps == one forward over everything."""
+    dtype = torch.float64
+    m = make(window, n_sink, dtype, seed=3)
+    B, T, n_steps = 2, 40, 4
+    x = rand_x(B, T + n_steps, dtype, seed=11)
+    full = m(x)
+    cache = m.init_cache(B, T + n_steps + 9, x.device, dtype)
+    bounds = (0, *split, T)
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        outs.append(m(x[:, a:b], cache, start=a))
+    for t in range(T, T + n_steps):
+        outs.append(m.step(x[:, t], cache, torch.tensor(t)).unsqueeze(1))
+    y = torch.cat(outs, 1)
+    assert rel_err(y, full) <= TOL[dtype], rel_err(y, full)
+    # and continuing with another chunk after the steps
+    x2 = rand_x(B, 9, dtype, seed=12)
+    xx = torch.cat([x, x2], 1)
+    y2 = m(x2, cache, start=T + n_steps)
+    assert rel_err(y2, m(xx)[:, T + n_steps:]) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("window,n_sink", [(4, 3), (16, 0), (None, 0)], ids=["W4-s3", "W16-s0", "full"])
+def test_float32_cache_float32(window, n_sink):
+    dtype = torch.float32
+    m = make(window, n_sink, dtype, seed=4)
+    x = rand_x(1, 30, dtype, seed=5)
+    full = m(x)
+    cache = m.init_cache(1, 30, x.device, dtype)
+    y = torch.cat([m(x[:, :13], cache), m(x[:, 13:], cache, start=13)], 1)
+    assert rel_err(y, full) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("window,n_sink", CONFIGS, ids=IDS)
+def test_gradients_reach_every_parameter(window, n_sink):
+    m = make(window, n_sink, torch.float64, seed=5)
+    x = rand_x(2, 19, torch.float64, seed=6).requires_grad_(True)
+    y = m(x)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+    (y * w).sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # and they equal the dense reference's
+    g_fast = {n: p.grad.clone() for n, p in m.named_parameters()}
+    gx_fast = x.grad.clone()
+    m.zero_grad()
+    x.grad = None
+    (m.forward_reference(x) * w).sum().backward()
+    for n, p in m.named_parameters():
+        assert rel_err(g_fast[n], p.grad) <= 1e-8, n
+    assert rel_err(gx_fast, x.grad) <= 1e-8
+
+
+@pytest.mark.parametrize("d,h,hkv,hd", [(32, 4, 2, 8), (48, 6, 1, 16), (64, 2, 2, 32)])
+def test_param_counts(d, h, hkv, hd):
+    for window in (None, 8):
+        m = Attention(d, h, hkv, hd, window=window, n_sink=2)
+        n = sum(p.numel() for p in m.parameters())
+        assert n == d * hd * (2 * h + 2 * hkv) == Attention.param_count(d, h, hkv, hd)
+        assert all(mod.bias is None for mod in (m.q_proj, m.k_proj, m.v_proj, m.o_proj))
+    ffn = SwiGLU(d, 3 * d)
+    assert sum(p.numel() for p in ffn.parameters()) == 3 * d * 3 * d == SwiGLU.param_count(d, 3 * d)
+
+
+def test_rejects_bad_gqa():
+    with pytest.raises(ValueError):
+        Attention(32, 4, 3, 8)
+
+
+def test_rope_is_used():
+    """RoPE changes the output (T > 1) and depends on relative positions only (shifting `start` without a
+    cache leaves the output unchanged)."""
+    torch.manual_seed(0)
+    x = rand_x(1, 6, torch.float64, seed=9)
+    m = Attention(D, H, HKV, HD, rope=True).double()
+    m2 = Attention(D, H, HKV, HD, rope=False).double()
+    m2.load_state_dict(m.state_dict())
+    y, y2 = m(x), m2(x)
+    assert rel_err(y[:, 0], y2[:, 0]) < 1e-12  # the first token sees only itself
+    assert rel_err(y[:, 1:], y2[:, 1:]) > 1e-3
+    assert rel_err(m(x, start=17), y) < 1e-12
+
+
+def test_blocked_swa_is_windowed():
+    """The blocked kernel never looks at keys older than the previous block: poisoning them changes nothing."""
+    torch.manual_seed(0)
+    B, T, W, hd = 1, 24, 4, 8
+    q = torch.randn(B, 2, T, hd, dtype=torch.float64)
+    wk = torch.randn(B, 1, W + T, hd, dtype=torch.float64)
+    wv = torch.randn(B, 1, W + T, hd, dtype=torch.float64)
+    wpos = torch.cat([torch.full((W,), -1), torch.arange(T)])
+    empty = wk[:, :, :0]
+    o = blocked_swa(q, empty, empty, torch.zeros(0, dtype=torch.long), wk, wv, wpos, 0, W, hd ** -0.5)
+    # last block's queries: positions 20..23, window reaches back to 17; poison keys of positions < 16
+    wk2, wv2 = wk.clone(), wv.clone()
+    wk2[:, :, W:W + 16] = 1e6
+    wv2[:, :, W:W + 16] = float("nan")
+    o2 = blocked_swa(q, empty, empty, torch.zeros(0, dtype=torch.long), wk2, wv2, wpos, 0, W, hd ** -0.5)
+    assert torch.equal(o[:, :, 20:], o2[:, :, 20:])
+
+
+def test_swa_cache_layout():
+    W, ns = 4, 3
+    m = make(W, ns, torch.float64, seed=8)
+    cache = m.init_cache(1, 100, "cpu", torch.float64)
+    assert cache["k"].shape[2] == ns + W
+    x = rand_x(1, 13, torch.float64, seed=1)
+    m(x, cache)
+    # sinks 0..2 in slots 0..2; last 4 positions 9..12 in slot ns + (p - ns) % W
+    expect = [0, 1, 2, 0, 0, 0, 0]
+    for p in range(9, 13):
+        expect[ns + (p - ns) % W] = p
+    assert cache["pos"].tolist() == expect
+    m.step(rand_x(1, 1, torch.float64, seed=2)[:, 0], cache, torch.tensor(13))
+    assert cache["pos"][ns + (13 - ns) % W].item() == 13
+
+
+def _flex_eager_ok():
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _flex_eager_ok(), reason="FlexAttention unavailable")
+@pytest.mark.parametrize("window,n_sink", [(4, 3), (16, 0)], ids=["W4-s3", "W16-s0"])
+def test_flex_path_logic_on_cpu(window, n_sink, monkeypatch):
+    """The GPU SWA path (FlexAttention block mask + context assembly), run eagerly on CPU (forward only:
+    CPU FlexAttention has no backward)."""
+    import warnings
+
+    import models.attention as attn
+
+    monkeypatch.setattr(attn, "_flex_failed", False)
+
+    dtype = torch.float32
+    m = make(window, n_sink, dtype, seed=10, backend="flex-eager")
+    x = rand_x(2, 37, dtype, seed=3)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        y = m(x)
+        assert m.last_backend == "flex"
+        assert rel_err(y, m.forward_reference(x)) <= TOL[dtype]
+        cache = m.init_cache(2, 37, x.device, dtype)
+        y2 = torch.cat([m(x[:, :5], cache), m(x[:, 5:20], cache, start=5), m(x[:, 20:], cache, start=20)], 1)
+        assert m.last_backend == "flex"
+    assert rel_err(y2, y) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_swiglu_forward_matches_step(dtype):
+    torch.manual_seed(0)
+    f = SwiGLU(D, 56).to(dtype)
+    x = rand_x(3, 11, dtype, seed=4)
+    y = f(x)
+    cache = f.init_cache(3, 11, x.device, dtype)
+    assert cache == {}
+    ys = torch.stack([f.step(x[:, t], cache, torch.tensor(t)) for t in range(11)], 1)
+    assert rel_err(ys, y) <= TOL[dtype]
+    ref = (torch.nn.functional.silu(x @ f.gate_proj.weight.T) * (x @ f.up_proj.weight.T)) @ f.down_proj.weight.T
+    assert rel_err(y, ref) <= TOL[dtype]
+    y.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in f.parameters())
