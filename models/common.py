@@ -62,17 +62,21 @@ class ShortConv(nn.Module):
     def forward(self, x: torch.Tensor, conv_state: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, T, C) -> (B, T, C). With a state, it is the left context and is replaced by the last inputs.
         B, T, C = x.shape
-        xt = x.transpose(1, 2)  # (B, C, T)
         if conv_state is None:
-            left = xt.new_zeros(B, C, self.size - 1)
+            left = x.new_zeros(B, self.size - 1, C)
         else:
-            left = conv_state.to(xt.dtype)
-        full = torch.cat([left, xt], dim=2)  # (B, C, size-1+T)
+            left = conv_state.transpose(1, 2).to(x.dtype)  # (B, size-1, C)
+        full = torch.cat([left, x], dim=1)  # (B, size-1+T, C)
         if conv_state is not None:
-            conv_state.copy_(full[:, :, full.shape[2] - (self.size - 1):])
-        y = F.conv1d(full, self.weight.to(xt.dtype), None if self.bias is None else self.bias.to(xt.dtype),
-                     groups=C)
-        y = y.transpose(1, 2)
+            conv_state.copy_(full[:, full.shape[1] - (self.size - 1):].transpose(1, 2))
+        # A sum of `size` shifted products, in (B, T, C) layout: on CPU this (and its backward) is several
+        # times faster than a grouped F.conv1d, and needs no transposes.
+        weight = self.weight.squeeze(1).to(x.dtype)  # (C, size)
+        y = full[:, :T] * weight[:, 0]
+        for i in range(1, self.size):
+            y = y + full[:, i:i + T] * weight[:, i]
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
         return F.silu(y) if self.activation else y
 
     def step(self, x: torch.Tensor, conv_state: torch.Tensor) -> torch.Tensor:
