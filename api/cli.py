@@ -105,3 +105,37 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+proxy_app = typer.Typer(help="The short-training proxy: train one layout, or measure the proxy's fidelity.",
+                        no_args_is_help=True)
+app.add_typer(proxy_app, name="proxy")
+
+
+@proxy_app.command("fidelity")
+def proxy_fidelity(
+    out: Path = typer.Option(Path("benchmarks/results/fidelity"), help="folder for runs.csv and the report"),
+    n_layouts: int = typer.Option(24, "--n", help="layouts (presets + random)"),
+    short_steps: int = typer.Option(100, help="steps of the short budget"),
+    long_factor: int = typer.Option(10, help="the long budget is this many times the short one"),
+    workers: int = typer.Option(2, help="training processes (one thread each)"),
+    lr: float = typer.Option(3e-3, help="peak learning rate"),
+    warmup_fraction: float = typer.Option(0.1, help="warmup share of each schedule"),
+    seq_len: int = typer.Option(128), eval_tokens: int = typer.Option(65536),
+    report_only: bool = typer.Option(False, help="recompute the report from the existing table"),
+) -> None:
+    """Rank correlation of short- vs long-training val_bpb (resumes from OUT/runs.csv)."""
+    from proxies.fidelity import FidelityConfig, fidelity_report, read_rows, run_fidelity, write_report
+    from api.demo import data_dir
+    config = FidelityConfig(n_layouts=n_layouts, short_steps=short_steps, long_factor=long_factor, workers=workers,
+                            lr=lr, warmup_fraction=warmup_fraction, seq_len=seq_len, eval_tokens=eval_tokens)
+    command = "hybridnas proxy fidelity " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
+    command = command.strip()
+    if report_only:
+        report = fidelity_report(read_rows(out / "runs.csv"), config)
+        write_report(report, out, command)
+    else:
+        report = run_fidelity(config, out, data_dir(), command,
+                              on_row=lambda r: console.print(f"{r['run']:>10} {r['operators']:<32} "
+                                                             f"bpb={r['val_bpb']} {r['status']} {r['wall_s']}s"))
+    console.print((out / "report.md").read_text())

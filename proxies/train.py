@@ -27,7 +27,7 @@ from search.layout import Layout
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    steps: int | None = 100  # budget in optimizer steps ...
+    steps: int | None = None  # budget in optimizer steps (100 when neither budget is given) ...
     tokens: int | None = None  # ... or in training tokens (steps = ceil(tokens / (batch * seq_len)))
     batch_size: int = 8
     seq_len: int = 128
@@ -48,8 +48,10 @@ class ProxyConfig:
     timeout_s: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.steps is None) == (self.tokens is None):
-            raise ValueError("steps/tokens: give exactly one budget")
+        if self.steps is not None and self.tokens is not None:
+            raise ValueError("steps/tokens: give one budget, not both")
+        if self.steps is None and self.tokens is None:
+            object.__setattr__(self, "steps", 100)
         for name in ("batch_size", "seq_len", "eval_tokens", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
