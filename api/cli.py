@@ -112,6 +112,68 @@ proxy_app = typer.Typer(help="The short-training proxy: train one layout, or mea
 app.add_typer(proxy_app, name="proxy")
 
 
+def _load_config_file(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    import json
+    import yaml
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise typer.BadParameter(f"{path}: cannot be read ({exc.strerror})", param_hint="--config")
+    try:
+        data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
+    except Exception as exc:
+        raise typer.BadParameter(f"{path}: not valid JSON/YAML ({exc})", param_hint="--config")
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"{path}: must hold a mapping", param_hint="--config")
+    return data
+
+
+@proxy_app.command("train")
+def proxy_train(
+    layout: str = typer.Argument(..., help="a layout file (JSON/YAML) or a preset name"),
+    config: Path = typer.Option(None, "--config", help="JSON/YAML with optional sections: proxy, latency, data"),
+    steps: int = typer.Option(None, help="override proxy.steps"),
+    no_latency: bool = typer.Option(False, "--no-latency", help="skip the latency measurement"),
+    device: str = typer.Option("auto", help="cpu, cuda or auto"),
+) -> None:
+    """Evaluate one layout (short training + latency) and print the result as JSON."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from api.demo import data_dir
+    from proxies.worker import evaluate
+    try:
+        lo = _resolve_layout(layout)
+    except LayoutError as exc:
+        err_console.print(f"[red]invalid layout[/red] {exc}")
+        raise typer.Exit(1)
+    settings = _load_config_file(config)
+    unknown = sorted(set(settings) - {"proxy", "latency", "data"})
+    if unknown:
+        raise typer.BadParameter(f"unknown section {unknown[0]!r} (known: proxy, latency, data)", param_hint="--config")
+    proxy = dict(settings.get("proxy") or {})
+    if steps is not None:
+        proxy["steps"] = steps
+    with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+                  TimeRemainingColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task("train", total=None, loss="-")
+
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.update(task, completed=step, total=total, loss=f"{loss:.3f}")
+        try:
+            result = evaluate(lo, proxy, settings.get("latency"), data_config=settings.get("data"),
+                              data_dir=data_dir(), device=None if device == "auto" else device,
+                              measure_latency=not no_latency, progress=progress)
+        except (TypeError, ValueError) as exc:
+            err_console.print(f"[red]bad configuration[/red] {exc}")
+            raise typer.Exit(2)
+    sys.stdout.write(result.to_json() + "\n")
+    if result.status != "completed":
+        err_console.print(f"[red]failed[/red] {result.failure_reason}")
+        raise typer.Exit(1)
+
+
 @proxy_app.command("fidelity")
 def proxy_fidelity(
     out: Path = typer.Option(Path("benchmarks/results/fidelity"), help="folder for runs.csv and the report"),

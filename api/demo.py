@@ -23,10 +23,7 @@ def data_dir() -> Path:
 def run_demo(console: Console, steps: int = 30, decode_tokens: int = 64) -> None:
     import torch
 
-    from latency.profiler import LatencyConfig, profile
     from models.hybrid import HybridLM
-    from proxies.dataset import DataConfig, load_data
-    from proxies.train import ProxyConfig, train_proxy
 
     console.rule("presets: analytic parameter count vs the built model")
     table = Table("preset", "operators", "d_model", "vocab", "analytic total", "built (meta device)", "non-embedding")
@@ -41,26 +38,25 @@ def run_demo(console: Console, steps: int = 30, decode_tokens: int = 64) -> None
                       format_count(count.non_embedding))
     console.print(table)
 
-    console.rule("scaled-down presets: short training on the embedded corpus, decode latency on this CPU")
-    data = load_data(DataConfig(), data_dir())
-    console.print(f"corpus: Python stdlib source, {len(data.train):,} train / {len(data.val):,} validation "
-                  f"byte tokens (cached under {data_dir()})")
-    proxy = ProxyConfig(steps=steps, batch_size=8, seq_len=128, lr=3e-3, eval_tokens=16384, log_every=max(1, steps // 3))
-    latency = LatencyConfig(prompt_len=128, decode_tokens=decode_tokens, repeats=3, throughput=False,
-                            vocab_size=data.vocab_size)
-    results = Table("preset", "params", "loss (first -> last)", "val_bpb", "train tok/s", "decode ms/token",
-                    "prefill ms (128)", "status")
+    console.rule("scaled-down presets: evaluated end to end on the embedded corpus (this CPU)")
+    from proxies.worker import evaluate
+    proxy = dict(steps=steps, batch_size=8, seq_len=128, lr=3e-3, eval_tokens=16384, log_every=max(1, steps // 3))
+    latency = dict(prompt_len=128, decode_tokens=decode_tokens, repeats=3, throughput_max_batch=8)
+    results = Table("preset", "params", "loss first -> last", "val_bpb", "train tok/s", "decode ms/token (IQR)",
+                    "prefill ms (128)", "throughput tok/s (batch)", "status")
     for name in CPU_PRESETS:
-        layout = get_preset(name)
-        result, model = train_proxy(layout, proxy, data, device="cpu")
+        result = evaluate(get_preset(name), proxy, latency, data_dir=data_dir())
         if result.status != "completed":
-            results.add_row(name, "-", "-", "-", "-", "-", "-", f"failed: {result.failure_reason}")
+            results.add_row(name, "-", "-", "-", "-", "-", "-", "-", f"failed: {result.failure_reason}")
             continue
-        lat = profile(model, latency, device="cpu")
-        curve = result.loss_curve
-        results.add_row(name, format_count(result.n_params), f"{curve[0][1]:.3f} -> {curve[-1][1]:.3f}",
-                        f"{result.val_bpb:.3f}", f"{result.tokens_per_s:,.0f}",
-                        f"{lat.decode_ms_per_token.median:.2f} ± {lat.decode_ms_per_token.iqr:.2f}",
-                        f"{lat.prefill_ms.median:.1f}", result.status)
-        console.print(f"  {name}: done ({result.wall_s:.1f} s)")
+        train, lat = result.training, result.latency
+        curve = train["loss_curve"]
+        tput = lat["throughput_tokens_per_s"]
+        results.add_row(name, format_count(train["n_params"]), f"{curve[0][1]:.2f} -> {curve[-1][1]:.2f}",
+                        f"{train['val_bpb']:.3f}", f"{train['tokens_per_s']:,.0f}",
+                        f"{lat['decode_ms_per_token']['median']:.2f} ({lat['decode_ms_per_token']['iqr']:.2f})",
+                        f"{lat['prefill_ms']['median']:.1f}",
+                        f"{tput['median']:,.0f} ({lat['throughput_batch']})" if tput else "-", result.status)
+        console.print(f"  {name}: val_bpb {train['val_bpb']:.3f}, {result.timings['total_s']:.1f} s")
     console.print(results)
+    console.print(f"weights and tokenizers saved under {data_dir() / 'artifacts'}")
