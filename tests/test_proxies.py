@@ -255,3 +255,17 @@ def test_artifact_retention(tmp_path):
     assert sorted(store.keys()) == sorted([keys[0], keys[3], keys[4]])
     with pytest.raises(ValueError):
         store.path_for("../../etc")
+
+
+def test_local_tokenizer_file_and_bpe_corpus(tmp_path):
+    folder = write_corpus(tmp_path)
+    bpe = load_data(DataConfig(corpus="corpus", tokenizer="bpe:300", min_val_tokens=16, val_fraction=0.25),
+                    tmp_path / "dd", data_roots=[tmp_path])
+    assert bpe.vocab_size == 300
+    saved = next((tmp_path / "dd" / "cache" / "tokenizers").glob("bpe-300-*.json"))
+    from_file = load_data(DataConfig(corpus="corpus", tokenizer=f"file:{saved}", min_val_tokens=16, val_fraction=0.25),
+                          tmp_path / "dd", data_roots=[tmp_path])
+    assert np.array_equal(np.asarray(from_file.val), np.asarray(bpe.val))
+    # bytes behind the validation tokens add up to the validation text (+1 per end-of-document)
+    val_docs = [p for p in sorted(folder.iterdir()) if is_validation(p.name, 0, 0.25)]
+    assert int(np.asarray(bpe.val_bytes, dtype=np.int64).sum()) == sum(len(p.read_bytes()) for p in val_docs) + len(val_docs)
