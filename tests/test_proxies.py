@@ -261,7 +261,7 @@ def test_local_tokenizer_file_and_bpe_corpus(tmp_path):
     folder = write_corpus(tmp_path)
     bpe = load_data(DataConfig(corpus="corpus", tokenizer="bpe:300", min_val_tokens=16, val_fraction=0.25),
                     tmp_path / "dd", data_roots=[tmp_path])
-    assert bpe.vocab_size == 300
+    assert 257 < bpe.vocab_size <= 300  # a tiny corpus may stop merging early
     saved = next((tmp_path / "dd" / "cache" / "tokenizers").glob("bpe-300-*.json"))
     from_file = load_data(DataConfig(corpus="corpus", tokenizer=f"file:{saved}", min_val_tokens=16, val_fraction=0.25),
                           tmp_path / "dd", data_roots=[tmp_path])
