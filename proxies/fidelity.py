@@ -17,14 +17,13 @@ import math
 import os
 import random
 import statistics
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 from search.layout import Layout
-from search.params import count_parameters
-from search.space import SearchSpace, cpu_space
+from proxies.pool import train_many
+from search.space import cpu_space
 
 COLUMNS = ["layout_hash", "name", "operators", "n_params", "run", "steps", "seed", "status", "val_bpb", "val_loss",
            "final_train_loss", "wall_s", "failure_reason"]
@@ -83,6 +82,21 @@ def planned_runs(config: FidelityConfig, layouts: list[Layout]) -> list[tuple[La
     return runs
 
 
+def append_rows(table: Path, columns: list[str], rows: Iterable[dict], on_row=None) -> None:
+    """Append rows to a CSV as they come (flushed and synced: a killed run keeps every finished row)."""
+    new_file = not table.exists()
+    with table.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        if new_file:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+            fh.flush()
+            os.fsync(fh.fileno())
+            if on_row is not None:
+                on_row(row)
+
+
 def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -90,61 +104,20 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-_WORKER_STATE: dict = {}
-
-
-def _init_worker(data_dir: str) -> None:
-    import torch
-    torch.set_num_threads(1)
-    from proxies.dataset import DataConfig, load_data
-    _WORKER_STATE["data"] = load_data(DataConfig(), data_dir)
-
-
-def _run_one(args: tuple) -> dict:
-    layout_json, run, steps, seed, proxy_kwargs = args
-    from proxies.train import ProxyConfig, train_proxy
-    layout = Layout.from_json(layout_json)
-    config = ProxyConfig(steps=steps, seed=seed, **proxy_kwargs)
-    result, _model = train_proxy(layout, config, _WORKER_STATE["data"], device="cpu")
-    vocab = _WORKER_STATE["data"].vocab_size
-    return {"layout_hash": layout.content_hash, "name": layout.name or "", "operators": layout.compact(),
-            "n_params": count_parameters(layout, vocab).total, "run": run, "steps": steps, "seed": seed,
-            "status": result.status, "val_bpb": result.val_bpb, "val_loss": result.val_loss,
-            "final_train_loss": result.final_train_loss, "wall_s": round(result.wall_s, 2),
-            "failure_reason": result.failure_reason or ""}
-
-
 def run_fidelity(config: FidelityConfig, out_dir: Path, data_dir: Path, command: str,
                  on_row: Callable[[dict], None] | None = None) -> dict:
     """Train what is missing from `out_dir/runs.csv`, appending row by row; then write the report."""
-    import multiprocessing as mp
 
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "runs.csv"
     (out_dir / "config.json").write_text(json.dumps({"config": asdict(config), "command": command}, indent=1))
     done = {(r["layout_hash"], r["run"]) for r in read_rows(table)}
-    layouts = fidelity_layouts(config)
-    proxy_kwargs = dict(lr=config.lr, warmup_fraction=config.warmup_fraction, batch_size=config.batch_size,
-                        seq_len=config.seq_len, eval_tokens=config.eval_tokens)
-    todo = [(lo.to_json(None), run, steps, seed, proxy_kwargs) for lo, run, steps, seed in planned_runs(config, layouts)
+    proxy = dict(lr=config.lr, warmup_fraction=config.warmup_fraction, batch_size=config.batch_size,
+                 seq_len=config.seq_len, eval_tokens=config.eval_tokens)
+    jobs = [(lo, {**proxy, "steps": steps, "seed": seed}, {"run": run})
+            for lo, run, steps, seed in planned_runs(config, fidelity_layouts(config))
             if (lo.content_hash, run) not in done]
-    # The data is tokenized once here, so the workers only map the cached arrays.
-    _init_worker(str(data_dir))
-    new_file = not table.exists()
-    with table.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        if new_file:
-            writer.writeheader()
-            fh.flush()
-        if todo:
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(config.workers, initializer=_init_worker, initargs=(str(data_dir),)) as pool:
-                for row in pool.imap_unordered(_run_one, todo):
-                    writer.writerow(row)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                    if on_row is not None:
-                        on_row(row)
+    append_rows(table, COLUMNS, train_many(jobs, config.workers, data_dir), on_row)
     report = fidelity_report(read_rows(table), config)
     write_report(report, out_dir, command)
     return report

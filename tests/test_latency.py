@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from latency.profiler import LatencyConfig, Stat, cache_bytes, device_fingerprint, fingerprint_hash, profile
+from latency.profiler import LatencyConfig, Stat, device_fingerprint, fingerprint_hash, profile
 from models.hybrid import HybridLM
 from search.layout import Layout
 

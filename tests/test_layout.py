@@ -1,6 +1,5 @@
 """Layouts: validation errors name the field, hashes are stable, analytic counts match the paper."""
 import json
-import random
 import subprocess
 import sys
 

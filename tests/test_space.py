@@ -5,7 +5,6 @@ import sys
 
 import pytest
 
-from search.layout import Layout
 from search.presets import get_preset
 from search.space import MUTATION_KINDS, SearchSpace, SpaceError, cpu_space
 
