@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from api.cli_latency import latency_app
 from search.layout import Layout, LayoutError, load_layout
 from search.params import count_parameters, format_count
 from search.presets import get_preset, preset_names
@@ -17,6 +18,8 @@ app = typer.Typer(help="hybridnas: search for latency-optimal hybrid small langu
                   no_args_is_help=True, pretty_exceptions_enable=False)
 layouts_app = typer.Typer(help="Inspect and check layouts.", no_args_is_help=True)
 app.add_typer(layouts_app, name="layouts")
+
+app.add_typer(latency_app, name="latency", help="Latency look-up tables and predictions.")
 console = Console(width=max(140, Console().width))
 err_console = Console(stderr=True)
 

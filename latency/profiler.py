@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import statistics
 import time
@@ -241,10 +240,10 @@ def profile(model: HybridLM, config: LatencyConfig, device: str | torch.device |
             throughput, batch = None, None
             if config.throughput:
                 throughput, batch = _throughput(model, config, method, device, dtype, per_seq)
+        fingerprint = device_fingerprint(device, dtype, method)  # while the configured threads are in force
     finally:
         torch.set_num_threads(previous_threads)
-    return LatencyResult(Stat.of(per_token), Stat.of(prefill), throughput, batch, per_seq, buffer_tokens,
-                         device_fingerprint(device, dtype, method))
+    return LatencyResult(Stat.of(per_token), Stat.of(prefill), throughput, batch, per_seq, buffer_tokens, fingerprint)
 
 
 def _throughput(model, config, method, device, dtype, per_seq_bytes) -> tuple[Stat | None, int | None]:

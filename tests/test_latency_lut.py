@@ -102,7 +102,8 @@ def test_size_factor_scales_the_block_sum():
     parts = table.breakdown(lo, 100)
     assert parts["size_factor"] == pytest.approx(1.5, rel=1e-3)  # halfway between the two sizes
     assert parts["total_ms"] == pytest.approx(0.25 + parts["size_factor"] * blocks)
-    assert parts["total_ms"] == pytest.approx(parts["overhead_ms"] + sum(o["total_ms"] for o in parts["operators"].values()))
+    per_op = sum(o["total_ms"] for o in parts["operators"].values())
+    assert parts["total_ms"] == pytest.approx(parts["overhead_ms"] + per_op)
     small = layout(["mamba2"], 64)  # fewer bytes than the curve: the smallest measured factor holds
     assert table.size_factor(small, 100) == 1.0
     big = layout(["attention", "ffn"] * 10, 64)  # more bytes: the largest measured factor holds
