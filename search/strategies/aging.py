@@ -1,0 +1,195 @@
+"""Aging (regularized) evolution: `pareto-aging` (the default) and `latency-target` (the paper's formulation).
+
+Both keep a population in order of arrival. The first `population_size` proposals are the initial population:
+the given `initial` layouts (presets, or an earlier search's Pareto front), then random ones. After that, each
+child comes from a tournament: `sample_size` members drawn at random, the best one is the parent, and ONE
+one-factor mutation of it (`SearchSpace.mutate_layout`: in the grammar when the parent decodes, at operator
+level otherwise) is the child; a child already in the population, already evaluated or pending, or violating a
+constraint checkable before evaluation, is drawn again. Every told result joins the population and pushes the
+oldest member out once the population is full; failed results (told None) are dropped.
+
+- `pareto-aging`: the best sampled member has the lowest Pareto rank on the objectives within the population
+  (crowding distance in its front breaks ties); members violating a constraint rank after every feasible one,
+  by their violation.
+- `latency-target`: one latency target (ms); every proposal's width is the largest hidden size whose predicted
+  latency meets the target (the latency table's rule), so mutations change the pattern, not the width; the
+  parent is the sampled member with the lowest first objective (val_bpb) among those meeting the target
+  (measured latency when told), or the least violating one when none does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from search.layout import Layout
+from search.pareto import rank_and_crowding
+from search.space import MUTATION_KINDS, SpaceError
+from search.strategies.base import Constraints, Proposal, Strategy, as_constraints
+
+_CHILD_TRIES = 200
+
+
+class ParetoAgingStrategy(Strategy):
+    name = "pareto-aging"
+    uses_population = True
+    uses_tournament = True
+
+    def __init__(self, space, **kw: Any):
+        super().__init__(space, **kw)
+        self.population: list[str] = []  # hashes, oldest first
+        self.n_initial_issued = 0
+        self.initial_queue: list[dict] = [layout.to_dict() for layout in self.initial]
+        self._selection: dict[str, tuple] | None = None  # hash -> selection key (cached per population)
+
+    # ---- proposals -----------------------------------------------------------------------------------------
+    def _propose(self) -> Proposal | None:
+        if self.n_initial_issued < self.population_size:
+            layout = self._next_initial()
+            if layout is not None:
+                self.n_initial_issued += 1
+                return Proposal(layout, None, None, 0)
+        if not self.population:  # nothing told yet (or everything failed): random layouts until results come
+            layout = self.random_new_layout(self._transform)
+            return None if layout is None else Proposal(layout, None, None, 0)
+        for _ in range(_CHILD_TRIES):
+            parent_hash = self._tournament()
+            parent = self.layout_of(parent_hash)
+            try:
+                child, mutation = self._mutate(parent)
+            except SpaceError:
+                continue
+            if child is None or self.seen(child.content_hash) or not self.feasible(child):
+                continue
+            generation = int(self.records[parent_hash]["generation"]) + 1
+            return Proposal(child, parent_hash, mutation.as_dict(), generation)
+        self._note("mutation kept producing known or infeasible layouts: proposed a random layout instead")
+        layout = self.random_new_layout(self._transform)
+        return None if layout is None else Proposal(layout, None, None, 0)
+
+    def _next_initial(self) -> Layout | None:
+        while self.initial_queue:
+            layout = Layout.from_dict(self.initial_queue.pop(0))
+            transformed = self._transform(layout)
+            label = layout.name or layout.compact()
+            if transformed is None:
+                self._note(f"initial layout {label} skipped: no width meets the latency target")
+            elif self.seen(transformed.content_hash):
+                self._note(f"initial layout {label} skipped: already evaluated or pending")
+            elif not self.feasible(transformed):
+                self._note(f"initial layout {label} skipped: violates the constraints")
+            else:
+                return transformed
+        return self.random_new_layout(self._transform)
+
+    def _transform(self, layout: Layout) -> Layout | None:
+        return layout
+
+    def _mutate(self, parent: Layout):
+        return self.space.mutate_layout(parent, self.rng)
+
+    # ---- selection -----------------------------------------------------------------------------------------
+    def _tournament(self) -> str:
+        sample = self.rng.sample(self.population, min(self.sample_size, len(self.population)))
+        keys = self._selection_keys()
+        return min(sample, key=lambda h: keys[h])
+
+    def _selection_keys(self) -> dict[str, tuple]:
+        if self._selection is None:
+            violations = {h: self.violation(self.layout_of(h), self.records[h]["objectives"]) for h in self.population}
+            feasible = [h for h in self.population if violations[h] == 0.0]
+            ranks, crowd = rank_and_crowding([self.objective_values(h) for h in feasible])
+            keys = {h: (0, r, -c, 0.0) for h, r, c in zip(feasible, ranks, crowd)}
+            for h in self.population:
+                if h not in keys:
+                    keys[h] = (1, 0, 0.0, violations[h])
+            self._selection = keys
+        return self._selection
+
+    # ---- results -------------------------------------------------------------------------------------------
+    def _on_result(self, proposal: Proposal, values: dict[str, float] | None) -> None:
+        if values is None:
+            return
+        self.population.append(proposal.hash)
+        while len(self.population) > self.population_size:
+            self.population.pop(0)
+        self._selection = None
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"population": list(self.population),
+                "ages": [self.n_told - 1 - int(self.records[h]["told"]) for h in self.population],
+                "n_initial_issued": self.n_initial_issued, "initial_queue": list(self.initial_queue)}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.population = list(state["population"])
+        self.n_initial_issued = int(state["n_initial_issued"])
+        self.initial_queue = list(state["initial_queue"])
+        self._selection = None
+
+
+class LatencyTargetStrategy(ParetoAgingStrategy):
+    name = "latency-target"
+
+    def __init__(self, space, *, target_ms: float | None = None, latency_table: Any = None,
+                 constraints: Constraints | None = None, **kw: Any):
+        if latency_table is None:
+            raise ValueError("latency-target needs a latency_table (its width rule picks the largest hidden size "
+                             "whose predicted latency meets the target)")
+        constraints = as_constraints(constraints)
+        target = target_ms if target_ms is not None else constraints.max_decode_ms
+        if target is None or not target > 0:
+            raise ValueError("latency-target needs a positive latency target: target_ms=..., or "
+                             "constraints.max_decode_ms")
+        if constraints.max_decode_ms != target:
+            constraints = Constraints(**{**constraints.to_dict(), "max_decode_ms": float(target)})
+        self.target_ms = float(target)
+        super().__init__(space, latency_table=latency_table, constraints=constraints, **kw)
+        self._kinds = tuple(k for k in MUTATION_KINDS if k != "width")
+
+    def _transform(self, layout: Layout) -> Layout | None:
+        """The width rule: the largest width of the space whose predicted latency meets the target."""
+        width = self.latency_table.largest_width_meeting(layout, self.target_ms, self.space.widths, self.context,
+                                                         self.space)
+        if width is None:
+            return None
+        fitted = layout.replace(**self.space._dims_for(width))
+        return layout if fitted == layout else layout.replace(**self.space._dims_for(width), name=None)
+
+    def _mutate(self, parent: Layout):
+        genome = self.space.decode(parent)
+        for _ in range(50):
+            if genome is not None:
+                child_genome, mutation = self.space.mutate(genome, self.rng, self._kinds)
+                child = self.space.to_layout(child_genome)
+            else:
+                child, mutation = self.space.mutate_layout(parent, self.rng)
+                if mutation.kind == "width":
+                    continue
+            child = self._transform(child)
+            if child is not None and child != parent:
+                return child, mutation
+        return None, None
+
+    def _selection_keys(self) -> dict[str, tuple]:
+        if self._selection is None:
+            keys = {}
+            for h in self.population:
+                v = self.violation(self.layout_of(h), self.records[h]["objectives"])
+                quality = self.objective_values(h)[0]
+                keys[h] = (0, quality) if v == 0.0 else (1, v)
+            self._selection = keys
+        return self._selection
+
+    def _check_constraints_satisfiable(self) -> None:
+        try:
+            super()._check_constraints_satisfiable()
+        except ValueError as exc:
+            raise ValueError(f"latency-target: the target of {self.target_ms} ms cannot be met — {exc}") from None
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {**super()._extra_state(), "target_ms": self.target_ms}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        if not math.isclose(float(state.get("target_ms", self.target_ms)), self.target_ms):
+            raise ValueError(f"latency-target: state target {state.get('target_ms')} ms differs from "
+                             f"{self.target_ms} ms")
+        super()._load_extra_state(state)
