@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from api.cli_latency import latency_app
+from api.search_cli import search_app
 from search.layout import Layout, LayoutError, load_layout
 from search.params import count_parameters, format_count
 from search.presets import get_preset, preset_names
@@ -20,6 +21,7 @@ layouts_app = typer.Typer(help="Inspect and check layouts.", no_args_is_help=Tru
 app.add_typer(layouts_app, name="layouts")
 
 app.add_typer(latency_app, name="latency", help="Latency look-up tables and predictions.")
+app.add_typer(search_app, name="search")
 console = Console(width=max(140, Console().width))
 err_console = Console(stderr=True)
 

@@ -6,7 +6,6 @@ their decode latency on this machine.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from rich.console import Console
@@ -17,7 +16,8 @@ from search.presets import CPU_PRESETS, get_preset, preset_names
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("HYBRIDNAS_DATA_DIR", ".hybridnas")).resolve()
+    from api.settings import get_settings
+    return get_settings().resolved_data_dir()
 
 
 def run_demo(console: Console, steps: int = 30, decode_tokens: int = 64) -> None:

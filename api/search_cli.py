@@ -1,0 +1,141 @@
+"""`hybridnas search run CONFIG.yaml` / `hybridnas search resume ID`: a search from the command line, no server.
+
+Ctrl-C stops cleanly: running evaluations are cancelled, their candidates go back to pending, and
+`search resume ID` continues.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+search_app = typer.Typer(help="Run and resume searches from the command line (no server needed).",
+                         no_args_is_help=True)
+console = Console(width=max(140, Console().width))
+err = Console(stderr=True)
+
+
+def _storage(db: str | None):
+    from api.settings import get_settings
+    from search.storage import Storage
+    storage = Storage(db or get_settings().resolved_database_url())
+    storage.create_schema()
+    return storage
+
+
+def executor_factory(data_dir: Path):
+    """Build the configured executor for a search (the engine calls this once per run)."""
+    def make(config):
+        from search.executors import InlineExecutor, RayExecutor
+        lock_dir = str(data_dir / "locks")
+        if config.executor == "inline":
+            return InlineExecutor(str(data_dir), threads=int(config.cpus_per_worker), lock_dir=lock_dir)
+        return RayExecutor(str(data_dir), config.workers, config.cpus_per_worker, config.gpus_per_worker,
+                           config.timeout_s, lock_dir=lock_dir)
+    return make
+
+
+def load_search_config(path: Path):
+    import yaml
+    from pydantic import ValidationError
+
+    from search.config import SearchConfig
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise typer.BadParameter(f"{path}: cannot be read ({exc.strerror})")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise typer.BadParameter(f"{path}: not valid YAML/JSON ({exc})")
+    try:
+        return SearchConfig.model_validate(data or {})
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()]
+        err.print(f"[red]invalid search config[/red] {path}:\n" + "\n".join(lines))
+        raise typer.Exit(2)
+
+
+def run_engine(storage, job_id: int, data_dir: Path) -> None:
+    from search.engine import SearchEngine
+    stop = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):  # first Ctrl-C: stop cleanly; the state stays resumable
+        err.print("[yellow]stopping: cancelling running evaluations (resume with `hybridnas search resume "
+                  f"{job_id}`)[/yellow]")
+        stop.set()
+    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, on_sigint)
+    job = storage.get_job(job_id)
+    with Progress(TextColumn("search {task.fields[job]}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("failed {task.fields[failed]} reused {task.fields[reused]} HV {task.fields[hv]}"),
+                  TimeElapsedColumn(), console=err) as bar:
+        task = bar.add_task("search", total=job.budget, job=job_id, failed=0, reused=0, hv="-")
+
+        def on_progress(p):
+            bar.update(task, completed=p.n_evaluations, failed=p.n_failed, reused=p.n_reused,
+                       hv=f"{p.hypervolume:.4f}" if p.hypervolume is not None else "-")
+        engine = SearchEngine(storage, job_id, executor_factory(data_dir), stop=stop, on_progress=on_progress)
+        engine.run()
+    signal.signal(signal.SIGINT, previous)
+    print_front(storage, job_id)
+
+
+def print_front(storage, job_id: int) -> None:
+    job = storage.get_job(job_id)
+    front = storage.candidates(job_id, on_front=True)
+    table = Table("id", "operators", "d_model", "params", "val_bpb", "decode ms/token", "mutation",
+                  title=f"search {job_id} ({job.status}): Pareto front, {len(front)} of "
+                        f"{storage.count_candidates(job_id)} candidates")
+    from search.layout import Layout
+    for cand in sorted(front, key=lambda c: c.val_bpb):
+        layout = Layout.from_dict(cand.layout)
+        table.add_row(str(cand.id), layout.compact(), str(layout.d_model), f"{cand.n_params:,}",
+                      f"{cand.val_bpb:.4f}", f"{cand.decode_ms:.3f}",
+                      (cand.mutation or {}).get("detail", "initial") if cand.mutation else "initial")
+    console.print(table)
+
+
+@search_app.command("run")
+def search_run(config_path: Path = typer.Argument(..., help="search config (YAML or JSON)"),
+               db: str = typer.Option(None, help="database URL (default: SQLite under the data dir)")) -> None:
+    """Start a search and run it to the end (Ctrl-C stops; `search resume ID` continues)."""
+    from api.settings import get_settings
+    config = load_search_config(config_path)
+    storage = _storage(db)
+    job_id = storage.create_job("search", json.loads(config.model_dump_json()), name=config.name,
+                                budget=config.budget)
+    err.print(f"search {job_id} created in {storage!r}")
+    run_engine(storage, job_id, get_settings().resolved_data_dir())
+
+
+@search_app.command("resume")
+def search_resume(job_id: int = typer.Argument(...), db: str = typer.Option(None)) -> None:
+    """Continue a stopped search from the database."""
+    from api.settings import get_settings
+    storage = _storage(db)
+    job = storage.get_job(job_id)
+    if job is None or job.kind != "search":
+        err.print(f"[red]no search with id {job_id}[/red]")
+        raise typer.Exit(1)
+    if job.status == "completed":
+        print_front(storage, job_id)
+        return
+    run_engine(storage, job_id, get_settings().resolved_data_dir())
+
+
+@search_app.command("show")
+def search_show(job_id: int = typer.Argument(...), db: str = typer.Option(None)) -> None:
+    """Print a search's Pareto front."""
+    storage = _storage(db)
+    if storage.get_job(job_id) is None:
+        err.print(f"[red]no search with id {job_id}[/red]")
+        raise typer.Exit(1)
+    print_front(storage, job_id)

@@ -1,0 +1,101 @@
+"""A search's configuration: validated before anything runs (pydantic; errors name the field).
+
+    name, space (a named space or its settings), strategy + options, objectives, budget, constraints,
+    proxy / latency / data settings (passed to the workers as plain dicts), executor and resources.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from search.space import SearchSpace, SpaceError, benchmark_space, cpu_space
+
+OBJECTIVES = ("val_bpb", "decode_ms", "n_params")
+NAMED_SPACES = {"cpu": cpu_space, "benchmark": benchmark_space, "paper": SearchSpace}
+
+
+class SpaceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    preset: Literal["cpu", "benchmark", "paper"] | None = "cpu"
+    mixers: list[str] | None = Field(None, max_length=8)
+    ratios: list[tuple[int, int]] | None = Field(None, max_length=8)
+    ffn_counts: list[int] | None = Field(None, max_length=4)
+    n_stages: int | None = Field(None, ge=1, le=8)
+    max_operators: int | None = Field(None, ge=1, le=128)
+    widths: list[int] | None = Field(None, min_length=1, max_length=32)
+    dims: dict[str, Any] | None = None
+
+    def build(self) -> SearchSpace:
+        base = NAMED_SPACES[self.preset or "cpu"]()
+        overrides = {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
+        for key in ("mixers", "ratios", "ffn_counts", "widths"):
+            if key in overrides:
+                overrides[key] = tuple(tuple(x) if isinstance(x, (list, tuple)) else x for x in overrides[key])
+        if "dims" in overrides:
+            overrides["dims"] = {**base.dims, **overrides["dims"]}
+        settings = {f: getattr(base, f) for f in ("mixers", "ratios", "ffn_counts", "n_stages", "max_operators",
+                                                  "widths", "dims")}
+        settings.update(overrides)
+        return SearchSpace(**settings)
+
+
+class Constraints(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_decode_ms: float | None = Field(None, gt=0)
+    max_params: int | None = Field(None, gt=0)
+
+
+class SearchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, max_length=200)
+    space: SpaceSettings = Field(default_factory=SpaceSettings)
+    strategy: str = "pareto-aging"
+    strategy_options: dict[str, Any] = Field(default_factory=dict)
+    objectives: tuple[str, str] = ("val_bpb", "decode_ms")
+    budget: int = Field(16, ge=1, le=100_000, description="evaluations (a reused result counts as one)")
+    reused_counts: bool = True
+    cycle: int | None = Field(None, ge=1, le=1024, description="children proposed per cycle (default: workers)")
+    initial: Literal["presets", "random"] = "presets"
+    warm_start_job: int | None = Field(None, ge=1, description="start from this search's Pareto front")
+    constraints: Constraints = Field(default_factory=Constraints)
+    seed: int = Field(0, ge=0)
+    proxy: dict[str, Any] = Field(default_factory=lambda: {"steps": 100})
+    latency: dict[str, Any] = Field(default_factory=lambda: {"prompt_len": 128, "decode_tokens": 32, "repeats": 3,
+                                                             "throughput": False})
+    data: dict[str, Any] = Field(default_factory=dict)
+    executor: Literal["ray", "inline"] = "ray"
+    workers: int = Field(2, ge=1, le=1024)
+    cpus_per_worker: float = Field(1, gt=0, le=256)
+    gpus_per_worker: float = Field(0, ge=0, le=8)
+    timeout_s: float = Field(1800, gt=0, le=7 * 24 * 3600, description="per evaluation")
+    max_retries: int = Field(1, ge=0, le=10)
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, value):
+        for name in value:
+            if name not in OBJECTIVES:
+                raise ValueError(f"unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
+        if value[0] == value[1]:
+            raise ValueError("the two objectives must differ")
+        return value
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, value):
+        from search.strategies import STRATEGIES
+        if value not in STRATEGIES:
+            raise ValueError(f"unknown strategy {value!r} (known: {', '.join(STRATEGIES)})")
+        return value
+
+    @model_validator(mode="after")
+    def _space_builds(self):
+        try:
+            self.build_space()
+        except SpaceError as exc:
+            raise ValueError(f"space.{exc.field}: {exc.reason}") from None
+        return self
+
+    def build_space(self) -> SearchSpace:
+        return self.space.build()

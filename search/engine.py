@@ -1,0 +1,252 @@
+"""The search loop: ask the strategy, de-duplicate, evaluate on the executor, tell, store — resumable.
+
+Guarantees (tested by killing the process mid-evaluation): after a restart the search continues from the
+database; no result key ever has two completed results (unique keys in storage); an evaluation in flight at
+the kill is rerun at most once (its candidate goes back to pending, attempts counted); nothing completed is
+lost (every result is committed before the strategy hears of it).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from search.config import SearchConfig
+from search.layout import Layout
+from search.pareto import HypervolumeSpace, pareto_front
+from search.params import count_parameters
+from search.presets import get_preset
+from search.strategies import make_strategy
+
+log = logging.getLogger("hybridnas.engine")
+
+# The scaled-down known designs that seed a search (method.md section 4: "known designs plus random ones").
+SEED_PRESETS = ("llama", "mamba2", "deltanet", "nemotron-flash-1b-mini")
+
+
+@dataclass
+class Progress:
+    n_evaluations: int
+    budget: int
+    n_failed: int
+    n_reused: int
+    hypervolume: float | None
+    last: dict | None = None
+
+
+def initial_layouts(config: SearchConfig, space, storage) -> list[Layout]:
+    """Warm start from an earlier search's Pareto front, or the presets re-expressed in this space."""
+    if config.warm_start_job is not None:
+        front = storage.candidates(config.warm_start_job, status=("completed", "reused"), on_front=True)
+        return [Layout.from_dict(c.layout) for c in front]
+    if config.initial != "presets":
+        return []
+    dims = space._dims_for(min(space.widths))
+    out = []
+    for name in SEED_PRESETS:
+        preset = get_preset(name)
+        ops = list(preset.operators)
+        while len(ops) > space.max_operators:  # keep the pattern, trimmed to the space's operator limit
+            ops = ops[: space.max_operators - (space.max_operators % 2)]
+        mixers = {op for op in ops if op != "ffn"}
+        if not mixers <= set(space.mixers):
+            continue
+        out.append(Layout.from_dict({"operators": ops, "name": name, **dims}))
+    return out
+
+
+class SearchEngine:
+    def __init__(self, storage, job_id: int, executor_factory: Callable[[SearchConfig], object],
+                 stop: threading.Event | None = None, on_progress: Callable[[Progress], None] | None = None):
+        self.storage, self.job_id = storage, job_id
+        self.executor_factory = executor_factory
+        self.stop = stop or threading.Event()
+        self.on_progress = on_progress
+        job = storage.get_job(job_id)
+        self.config = SearchConfig.model_validate(job.config)
+        self.space = self.config.build_space()
+        self.vocab_size = 257  # the byte tokenizer; a BPE search counts with its own vocabulary below
+        self.hv_space: HypervolumeSpace | None = None
+        self._payloads: dict[int, dict] = {}  # candidate id -> what was sent (for retries)
+
+    # ---- strategy state ------------------------------------------------------------------------------------
+    def _strategy(self):
+        config = self.config
+        strategy = make_strategy(config.strategy, self.space, objectives=tuple(config.objectives), seed=config.seed,
+                                 initial=initial_layouts(config, self.space, self.storage),
+                                 constraints=config.constraints.model_dump(), **config.strategy_options)
+        state = self.storage.load_strategy_state(self.job_id)
+        if state:
+            strategy.load_state_dict(state["strategy"])
+            if state.get("hypervolume_space"):
+                self.hv_space = HypervolumeSpace.from_dict(state["hypervolume_space"])
+        return strategy
+
+    def _save_state(self, strategy) -> None:
+        self.storage.save_strategy_state(self.job_id, {
+            "strategy": strategy.state_dict(),
+            "hypervolume_space": self.hv_space.to_dict() if self.hv_space else None})
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def run(self) -> Progress:
+        storage, config = self.storage, self.config
+        strategy = self._strategy()
+        requeued = storage.reset_running(self.job_id)  # in flight at a crash: rerun (attempts were counted)
+        if requeued:
+            log.info("resuming: %d evaluation(s) in flight at the stop go again", len(requeued))
+        storage.set_job_status(self.job_id, "running")
+        executor = self.executor_factory(config)
+        cycle = config.cycle or executor.capacity
+        try:
+            while not self.stop.is_set():
+                done = self._count_done()
+                in_flight = executor.in_flight()
+                if done >= config.budget and not in_flight:
+                    break
+                # Keep every worker busy: pending candidates first (resume), then a new cycle of proposals.
+                room = min(executor.capacity - len(in_flight), config.budget - done - len(in_flight))
+                if room > 0:
+                    self._fill(executor, strategy, room, cycle)
+                for outcome in executor.poll(timeout=0.5):
+                    self._handle(outcome, strategy, executor)
+            status = "completed" if self._count_done() >= config.budget else "queued"
+            if self.stop.is_set():
+                executor.cancel_all()
+                storage.reset_running(self.job_id)
+                status = "cancelled" if getattr(self.stop, "cancel", False) else "queued"
+            storage.set_job_status(self.job_id, status)
+        except BaseException as exc:
+            executor.cancel_all()
+            storage.reset_running(self.job_id)
+            storage.set_job_status(self.job_id, "queued" if isinstance(exc, KeyboardInterrupt) else "failed",
+                                   error=None if isinstance(exc, KeyboardInterrupt) else repr(exc))
+            raise
+        finally:
+            executor.shutdown()
+        return self._progress()
+
+    def _count_done(self) -> int:
+        counted = ("completed", "failed", "reused") if self.config.reused_counts else ("completed", "failed")
+        return sum(self.storage.count_candidates(self.job_id, status=s) for s in counted)
+
+    def _payload(self, layout_json: str, train: bool = True, measure_latency: bool = True) -> dict:
+        c = self.config
+        return {"layout": layout_json, "proxy": c.proxy, "latency": c.latency, "data": c.data,
+                "train": train, "measure_latency": measure_latency}
+
+    def _fill(self, executor, strategy, room: int, cycle: int) -> None:
+        pending = self.storage.candidates(self.job_id, status="pending", limit=room)
+        if len(pending) < room:
+            # Ask for exactly what is stored: a proposal dropped here would stay pending in the strategy.
+            proposals = strategy.ask(min(cycle, room - len(pending)))
+            for p in proposals:
+                cid = self.storage.add_candidate(self.job_id, p.layout.to_json(None), p.layout.content_hash,
+                                                 parent_id=self._candidate_id(p.parent_hash),
+                                                 generation=p.generation, mutation=p.mutation)
+                pending.append(self.storage.get_candidate(cid))
+            self._save_state(strategy)  # the asks are part of the state: a resumed strategy knows them
+        for cand in pending:
+            self._dispatch(cand, executor, strategy)
+
+    def _candidate_id(self, layout_hash: str | None) -> int | None:
+        if layout_hash is None:
+            return None
+        found = self.storage.find_candidate(self.job_id, layout_hash)
+        return found.id if found else None
+
+    def _dispatch(self, cand, executor, strategy) -> None:
+        payload = self._payload(json.dumps(cand.layout))
+        try:
+            keys = executor.keys(payload)
+        except Exception as exc:  # e.g. the data cannot load on the worker: the candidate fails, not the search
+            self.storage.fail_candidate(cand.id, f"keys: {type(exc).__name__}: {exc}", None)
+            strategy.tell(cand.layout_hash, None)
+            return
+        training = self.storage.get_training_result(keys["training_key"])
+        latency = self.storage.get_latency_result(keys["latency_key"])
+        training = training if training is not None and training.status == "completed" else None
+        latency = latency if latency is not None and latency.status == "completed" else None
+        if training is not None and latency is not None:  # evaluated before (this or another search): reuse
+            self._complete(cand, keys["training_key"], keys["latency_key"], training.val_bpb,
+                           latency.decode_ms, strategy, reused=True)
+            return
+        payload.update(train=training is None, measure_latency=latency is None, keys=keys)
+        self.storage.mark_running(cand.id)
+        executor.submit(cand.id, payload)
+        self._payloads[cand.id] = payload
+
+    def _handle(self, outcome, strategy, executor) -> None:
+        cand = self.storage.get_candidate(outcome.task_id)
+        payload = self._payloads.pop(outcome.task_id, None) or self._payload(json.dumps(cand.layout))
+        if outcome.result is None:  # the worker died or timed out: retry, then record the failure
+            if cand.attempts <= self.config.max_retries:
+                log.warning("candidate %d: %s (%s); retrying", cand.id, outcome.error_kind, outcome.error)
+                self.storage.mark_running(cand.id)
+                executor.submit(cand.id, payload)
+                self._payloads[cand.id] = payload
+            else:
+                self.storage.fail_candidate(cand.id, f"{outcome.error_kind}: {outcome.error}", None)
+                strategy.tell(cand.layout_hash, None)
+                self._after_tell(strategy)
+            return
+        result = outcome.result
+        training_key, latency_key = payload.get("keys", {}).get("training_key"), payload.get("keys", {}).get("latency_key")
+        if result.get("training") and result["training"].get("status") == "completed":
+            self.storage.put_training_result(result["training_key"], layout_hash=cand.layout_hash,
+                                             val_bpb=result["training"]["val_bpb"], result=result["training"],
+                                             artifact_path=result.get("artifact_path"))
+            training_key = result["training_key"]
+        if result.get("latency"):
+            self.storage.put_latency_result(result["latency_key"], layout_hash=cand.layout_hash,
+                                            decode_ms=result["latency"]["decode_ms_per_token"]["median"],
+                                            device_fingerprint=result.get("device_fingerprint"),
+                                            result=result["latency"])
+            latency_key = result["latency_key"]
+        if result["status"] != "completed":
+            self.storage.fail_candidate(cand.id, result.get("failure_reason"), result.get("traceback"))
+            strategy.tell(cand.layout_hash, None)
+            self._after_tell(strategy)
+            return
+        training = self.storage.get_training_result(training_key)
+        latency = self.storage.get_latency_result(latency_key)
+        self._complete(cand, training_key, latency_key, training.val_bpb, latency.decode_ms, strategy)
+
+    def _complete(self, cand, training_key, latency_key, val_bpb, decode_ms, strategy, reused=False) -> None:
+        layout = Layout.from_dict(cand.layout)
+        n_params = count_parameters(layout, self.vocab_size).total
+        values = {"val_bpb": val_bpb, "decode_ms": decode_ms, "n_params": float(n_params)}
+        objectives = {name: values[name] for name in self.config.objectives}
+        self.storage.complete_candidate(cand.id, training_key=training_key, latency_key=latency_key, val_bpb=val_bpb,
+                                        decode_ms=decode_ms, n_params=n_params, objectives=objectives, reused=reused)
+        strategy.tell(cand.layout_hash, objectives)
+        self._after_tell(strategy)
+
+    def _after_tell(self, strategy) -> None:
+        done = self.storage.candidates(self.job_id, status=("completed", "reused"))
+        points = [[c.objectives[name] for name in self.config.objectives] for c in done]
+        front = pareto_front(points) if points else []
+        self.storage.set_front(self.job_id, [done[i].id for i in front])
+        n = self._count_done()
+        hv = None
+        if points:
+            if self.hv_space is None and len(points) >= min(self.config.budget, self._bounds_after()):
+                # Bounds fixed once, from the initial population's results, and stored with the history.
+                uppers = tuple(1.2 * max(p[i] for p in points) for i in range(2))
+                self.hv_space = HypervolumeSpace(tuple(self.config.objectives), (0.0, 0.0), uppers)
+            if self.hv_space is not None:
+                hv = self.hv_space.hypervolume(points)
+                self.storage.record_hypervolume(self.job_id, n, hv)
+        self.storage.update_progress(self.job_id, n)
+        self._save_state(strategy)
+        if self.on_progress is not None:
+            self.on_progress(self._progress(hv))
+
+    def _bounds_after(self) -> int:
+        return int(self.config.strategy_options.get("population_size", 8))
+
+    def _progress(self, hv: float | None = None) -> Progress:
+        return Progress(self._count_done(), self.config.budget, self.storage.count_candidates(self.job_id, "failed"),
+                        self.storage.count_candidates(self.job_id, "reused"), hv)
