@@ -1,0 +1,106 @@
+"""Kill -9 a running search mid-evaluation, resume it, and check the engine's guarantee on both backends:
+the search continues; no key has two completed results; an evaluation in flight at the kill is rerun at most
+once; nothing completed is lost."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search.storage import Storage
+from tests import pg
+
+HYBRIDNAS = str(Path(sys.executable).with_name("hybridnas"))
+
+
+def search_config(tmp_path, executor="inline", budget=7, workers=1):
+    config = {
+        "name": "kill-test", "space": {"preset": "benchmark"}, "strategy": "pareto-aging",
+        "strategy_options": {"population_size": 4, "sample_size": 2}, "budget": budget, "executor": executor,
+        "workers": workers, "seed": 3,
+        "proxy": {"steps": 25, "batch_size": 4, "seq_len": 32, "eval_tokens": 512},
+        "latency": {"prompt_len": 8, "decode_tokens": 4, "repeats": 2, "throughput": False},
+    }
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def env_for(tmp_path):
+    return {**os.environ, "HYBRIDNAS_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"}
+
+
+def wait_for(predicate, timeout=240, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def kill_and_resume(tmp_path, url, executor="inline", workers=1):
+    config = search_config(tmp_path, executor, workers=workers)
+    env = env_for(tmp_path)
+    proc = subprocess.Popen([HYBRIDNAS, "search", "run", str(config), "--db", url], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    storage = Storage(url)
+    try:
+        def mid_evaluation():
+            if proc.poll() is not None:
+                raise AssertionError(f"search ended early: {proc.stdout.read().decode()[-2000:]}")
+            jobs = storage.list_jobs() if storage.schema_is_current() else []
+            if not jobs:
+                return False
+            counts = storage.candidate_counts(jobs[0].id)
+            return counts.get("completed", 0) + counts.get("reused", 0) >= 2 and counts.get("running", 0) >= 1
+        wait_for(mid_evaluation, what="two completed evaluations and one running")
+        job_id = storage.list_jobs()[0].id
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only: a real crash
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    completed_before = {c.id: (c.training_key, c.val_bpb) for c in storage.candidates(job_id, status=("completed", "reused"))}
+    in_flight = [c.id for c in storage.candidates(job_id, status="running")]
+    assert completed_before and in_flight
+    resumed = subprocess.run([HYBRIDNAS, "search", "resume", str(job_id), "--db", url], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    job = storage.get_job(job_id)
+    assert job.status == "completed"
+    after = {c.id: c for c in storage.candidates(job_id)}
+    # nothing completed is lost
+    for cid, (key, bpb) in completed_before.items():
+        assert after[cid].status in ("completed", "reused") and after[cid].training_key == key and after[cid].val_bpb == bpb
+    # an evaluation in flight at the kill ran again at most once
+    for cid in in_flight:
+        assert after[cid].status in ("completed", "failed", "reused") and after[cid].attempts <= 2
+    # the search went on to its budget, and no key has two results
+    done = [c for c in after.values() if c.status in ("completed", "failed", "reused")]
+    assert len(done) == 7
+    keys = [c.training_key for c in done if c.training_key]
+    for key in set(keys):
+        assert storage.get_training_result(key) is not None
+    with storage.transaction() as conn:
+        rows = conn.exec_driver_sql("SELECT training_key, COUNT(*) FROM training_results GROUP BY training_key "
+                                    "HAVING COUNT(*) > 1").fetchall()
+    assert rows == []
+    assert len({c.layout_hash for c in after.values()}) == len(after)  # never the same layout twice
+    storage.close()
+    return job_id
+
+
+@pytest.mark.parametrize("backend", pg.BACKENDS)
+def test_kill_and_resume_inline(tmp_path, backend):
+    with pg.migrated_url(backend, tmp_path) as url:
+        kill_and_resume(tmp_path, url)
+
+
+def test_kill_and_resume_on_ray(tmp_path):
+    with pg.migrated_url("sqlite", tmp_path) as url:
+        kill_and_resume(tmp_path, url, executor="ray", workers=2)
