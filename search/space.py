@@ -390,3 +390,12 @@ def cpu_space(**overrides: Any) -> SearchSpace:
 
 def log10_size(space: SearchSpace) -> float:
     return math.log10(space.size())
+
+
+def benchmark_space() -> SearchSpace:
+    """The closed sub-space evaluated exhaustively for the search-efficiency benchmark: every one-factor
+    mutation stays inside it (3 mixers, ratios 0:1 and 1:1, one FFN per mixer, 2 stages, at most 10
+    operators, widths 48 and 64): 540 genomes, 396 distinct layouts."""
+    return SearchSpace(mixers=("attention", "mamba2", "deltanet"), ratios=((0, 1), (1, 1)), ffn_counts=(1,),
+                       n_stages=2, max_operators=10, widths=(48, 64),
+                       dims={"head_dim": 16, "kv_group": 2, "mamba_head_dim": 16, "mamba_d_state": 16})

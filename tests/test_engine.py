@@ -1,0 +1,132 @@
+"""The search engine on the in-process executor: budgets, de-duplication and reuse across searches, failures
+as data, retries, hypervolume history, bad configs refused before anything runs."""
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from search.config import SearchConfig
+from search.engine import SearchEngine
+from search.executors import InlineExecutor, Outcome
+from search.pareto import dominates
+from tests import pg
+
+TINY = {"space": {"preset": "benchmark"}, "strategy": "pareto-aging",
+        "strategy_options": {"population_size": 4, "sample_size": 2}, "executor": "inline", "workers": 1,
+        "proxy": {"steps": 2, "batch_size": 2, "seq_len": 16, "eval_tokens": 64},
+        "latency": {"prompt_len": 4, "decode_tokens": 2, "repeats": 1, "warmup": 0, "throughput": False}}
+
+storage = pg.storage
+
+
+def run_search(storage, tmp_path, budget=6, **overrides):
+    config = SearchConfig.model_validate({**TINY, "budget": budget, **overrides})
+    job_id = storage.create_job("search", json.loads(config.model_dump_json()), budget=budget)
+    data_dir = str(tmp_path / "data")
+    engine = SearchEngine(storage, job_id, lambda c: InlineExecutor(data_dir, threads=1))
+    engine.run()
+    return job_id
+
+
+def test_search_runs_to_budget_with_a_true_front(storage, tmp_path):
+    job_id = run_search(storage, tmp_path, budget=7)
+    assert storage.get_job(job_id).status == "completed"
+    cands = storage.candidates(job_id)
+    assert len(cands) == 7 and len({c.layout_hash for c in cands}) == 7
+    done = [c for c in cands if c.status in ("completed", "reused")]
+    front = [c for c in done if c.on_front]
+    assert front
+    points = {c.id: [c.objectives["val_bpb"], c.objectives["decode_ms"]] for c in done}
+    for c in done:  # the materialized front is exactly the non-dominated set
+        dominated = any(dominates(points[o.id], points[c.id]) for o in done if o.id != c.id)
+        assert c.on_front == (not dominated)
+    history = [h.hypervolume for h in storage.hypervolume_history(job_id)]
+    assert history and all(b >= a - 1e-12 for a, b in zip(history, history[1:]))
+    assert any(c.mutation for c in cands)  # children were mutated from parents
+    assert any(c.parent_id for c in cands)
+
+
+def test_second_search_reuses_stored_results(storage, tmp_path):
+    first = run_search(storage, tmp_path, budget=5)
+    with storage.transaction() as conn:
+        before = conn.exec_driver_sql("SELECT COUNT(*) FROM training_results").scalar()
+    second = run_search(storage, tmp_path, budget=5)  # same seed and config: the same proposals
+    with storage.transaction() as conn:
+        after = conn.exec_driver_sql("SELECT COUNT(*) FROM training_results").scalar()
+    reused = storage.candidates(second, status="reused")
+    assert len(reused) == 5 and after == before
+    first_bpb = {c.layout_hash: c.val_bpb for c in storage.candidates(first)}
+    assert all(first_bpb[c.layout_hash] == c.val_bpb for c in reused)
+
+
+def test_failed_candidates_are_data(storage, tmp_path, monkeypatch):
+    import models.registry as registry
+
+    def broken(layout, backend):
+        raise RuntimeError("deltanet kernel exploded")
+    monkeypatch.setitem(registry.BUILDERS, "deltanet", broken)
+    job_id = run_search(storage, tmp_path, budget=8)
+    assert storage.get_job(job_id).status == "completed"
+    failed = storage.candidates(job_id, status="failed")
+    assert failed and all("deltanet kernel exploded" in c.failure_reason for c in failed)
+    assert all(c.traceback for c in failed)
+    assert not any(c.on_front for c in failed)
+    assert all("deltanet" not in json.dumps(c.layout) for c in storage.candidates(job_id, status="completed"))
+
+
+class FlakyExecutor(InlineExecutor):
+    """The first evaluation's worker 'dies'; the engine must retry it."""
+    died = False
+
+    def poll(self, timeout):
+        if not FlakyExecutor.died and self.queue:
+            FlakyExecutor.died = True
+            task_id, _ = self.queue.pop(0)
+            return [Outcome(task_id, error_kind="worker_died", error="actor died")]
+        return super().poll(timeout)
+
+
+def test_a_dead_worker_is_retried(storage, tmp_path):
+    config = SearchConfig.model_validate({**TINY, "budget": 3})
+    job_id = storage.create_job("search", json.loads(config.model_dump_json()), budget=3)
+    FlakyExecutor.died = False
+    SearchEngine(storage, job_id, lambda c: FlakyExecutor(str(tmp_path / "data"), threads=1)).run()
+    cands = storage.candidates(job_id)
+    assert all(c.status in ("completed", "reused") for c in cands)
+    assert max(c.attempts for c in cands) == 2
+
+
+def test_retries_run_out_into_a_failure(storage, tmp_path):
+    class AlwaysDies(InlineExecutor):
+        def poll(self, timeout):
+            if self.queue:
+                task_id, _ = self.queue.pop(0)
+                return [Outcome(task_id, error_kind="timeout", error="evaluation exceeded 1 s")]
+            return []
+    config = SearchConfig.model_validate({**TINY, "budget": 2, "max_retries": 1})
+    job_id = storage.create_job("search", json.loads(config.model_dump_json()), budget=2)
+    SearchEngine(storage, job_id, lambda c: AlwaysDies(str(tmp_path / "data"), threads=1)).run()
+    cands = storage.candidates(job_id)
+    assert [c.status for c in cands] == ["failed", "failed"]
+    assert all(c.attempts == 2 and c.failure_reason.startswith("timeout") for c in cands)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"strategy": "simulated-annealing"}, "strategy"),
+    ({"space": {"preset": "benchmark", "mixers": []}}, "space"),
+    ({"objectives": ["val_bpb", "val_bpb"]}, "objectives"),
+    ({"budget": 0}, "budget"),
+    ({"colour": "red"}, "colour"),
+])
+def test_bad_search_config_is_refused(change, field):
+    with pytest.raises(ValidationError) as info:
+        SearchConfig.model_validate({**TINY, **change})
+    assert field in str(info.value)
+
+
+def test_population_larger_than_the_space_is_refused():
+    from search.strategies import make_strategy
+    config = SearchConfig.model_validate({**TINY, "space": {"preset": "benchmark", "widths": [48],
+                                                            "mixers": ["attention"]}})
+    with pytest.raises(ValueError, match="population"):
+        make_strategy("pareto-aging", config.build_space(), population_size=10_000)
