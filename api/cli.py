@@ -98,10 +98,11 @@ def layouts_validate(path: Path = typer.Argument(..., help="a layout file (JSON 
 def demo(
     steps: int = typer.Option(30, help="training steps per scaled-down preset"),
     decode_tokens: int = typer.Option(64, help="tokens decoded for the latency figure"),
+    search: bool = typer.Option(True, help="also run the demo search on local Ray"),
 ) -> None:
-    """Build the presets, train the scaled-down ones briefly on the embedded corpus, profile them."""
+    """Count the presets, evaluate the scaled-down ones on the embedded corpus, then run a real search."""
     from api.demo import run_demo
-    run_demo(console, steps=steps, decode_tokens=decode_tokens)
+    run_demo(console, steps=steps, decode_tokens=decode_tokens, search=search)
 
 
 def main() -> None:  # pragma: no cover

@@ -20,7 +20,30 @@ def data_dir() -> Path:
     return get_settings().resolved_data_dir()
 
 
-def run_demo(console: Console, steps: int = 30, decode_tokens: int = 64) -> None:
+DEMO_SEARCH = {
+    "name": "demo", "space": {"preset": "cpu"}, "strategy": "pareto-aging",
+    "strategy_options": {"population_size": 6, "sample_size": 3}, "budget": 14, "executor": "ray", "workers": 2,
+    "proxy": {"steps": 60, "batch_size": 8, "seq_len": 128, "eval_tokens": 16384},
+    "latency": {"prompt_len": 64, "decode_tokens": 32, "repeats": 3, "throughput": False, "threads": 1},
+}
+
+
+def run_demo_search(console: Console) -> int:
+    """A real pareto-aging search on the embedded corpus through a local Ray, stored in the default database."""
+    import json
+
+    from api.search_cli import _storage, run_engine
+    from search.config import SearchConfig
+    config = SearchConfig.model_validate(DEMO_SEARCH)
+    storage = _storage(None)
+    job_id = storage.create_job("search", json.loads(config.model_dump_json()), name="demo", budget=config.budget)
+    console.print(f"search {job_id}: {config.strategy}, {config.budget} evaluations on {config.workers} Ray workers "
+                  f"({storage!r}; resume with `hybridnas search resume {job_id}`)")
+    run_engine(storage, job_id, data_dir())
+    return job_id
+
+
+def run_demo(console: Console, steps: int = 30, decode_tokens: int = 64, search: bool = True) -> None:
     import torch
 
     from models.hybrid import HybridLM
@@ -60,3 +83,6 @@ def run_demo(console: Console, steps: int = 30, decode_tokens: int = 64) -> None
         console.print(f"  {name}: val_bpb {train['val_bpb']:.3f}, {result.timings['total_s']:.1f} s")
     console.print(results)
     console.print(f"weights and tokenizers saved under {data_dir() / 'artifacts'}")
+    if search:
+        console.rule("a pareto-aging search (val_bpb vs decode ms/token) on local Ray")
+        run_demo_search(console)
