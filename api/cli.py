@@ -11,9 +11,9 @@ from rich.table import Table
 
 from api.cli_latency import latency_app
 from api.search_cli import search_app
-from search.layout import Layout, LayoutError, load_layout
+from search.layout import LayoutError, load_layout
 from search.params import count_parameters, format_count
-from search.presets import get_preset, preset_names
+from search.presets import get_preset, preset_names, resolve_layout
 
 app = typer.Typer(help="hybridnas: search for latency-optimal hybrid small language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -26,14 +26,6 @@ console = Console(width=max(140, Console().width))
 err_console = Console(stderr=True)
 
 
-def _resolve_layout(spec: str) -> Layout:
-    """A preset name or a path to a layout file."""
-    if spec in preset_names():
-        return get_preset(spec)
-    path = Path(spec)
-    if path.suffix.lower() in (".json", ".yaml", ".yml") or path.exists():
-        return load_layout(path)
-    raise LayoutError("layout", f"{spec!r} is neither a preset ({', '.join(preset_names())}) nor a layout file")
 
 
 @layouts_app.command("list")
@@ -57,7 +49,7 @@ def layouts_show(
 ) -> None:
     """Print a layout with its parameter counts."""
     try:
-        lo = _resolve_layout(layout)
+        lo = resolve_layout(layout)
         vocab = vocab_size or lo.vocab_size or 256
         count = count_parameters(lo, vocab)
     except LayoutError as exc:
@@ -150,7 +142,7 @@ def proxy_train(
     from api.demo import data_dir
     from proxies.worker import evaluate
     try:
-        lo = _resolve_layout(layout)
+        lo = resolve_layout(layout)
     except LayoutError as exc:
         err_console.print(f"[red]invalid layout[/red] {exc}")
         raise typer.Exit(1)

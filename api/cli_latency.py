@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from search.latency_model import LatencyTable
-from search.layout import Layout, LayoutError, load_layout
-from search.presets import get_preset, preset_names
+from search.layout import Layout, LayoutError
+from search.presets import resolve_layout
 
 latency_app = typer.Typer(help="Latency look-up tables: build one on this device, predict from one.",
                           no_args_is_help=True, pretty_exceptions_enable=False)
@@ -36,14 +36,6 @@ def _ints(text: str, what: str) -> list[int]:
     return values
 
 
-def _resolve_layout(spec: str) -> Layout:
-    """A preset name or a path to a layout file (JSON or YAML)."""
-    if spec in preset_names():
-        return get_preset(spec)
-    path = Path(spec)
-    if path.suffix.lower() in (".json", ".yaml", ".yml") or path.exists():
-        return load_layout(path)
-    raise LayoutError("layout", f"{spec!r} is neither a preset ({', '.join(preset_names())}) nor a layout file")
 
 
 def _fail(message: str) -> None:
@@ -139,7 +131,7 @@ def predict_cmd(
     """Predict a layout's decode ms/token from a latency table (sum of per-block costs + overhead)."""
     try:
         table = LatencyTable.load(lut)
-        lo = _resolve_layout(layout)
+        lo = resolve_layout(layout)
         ctx = context if context is not None else table.contexts()[0]
         breakdown = table.breakdown(lo, ctx)
         best = None

@@ -284,14 +284,8 @@ def save_lut(lut: dict, path: str | Path) -> Path:
 
 def load_lut(path: str | Path) -> dict:
     """Read a table written by `save_lut` (ValueError if missing or malformed)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: latency table not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the latency table: {exc}") from None
-    LatencyTable.from_dict(data)
+    data = LatencyTable.read_json(path)
+    LatencyTable.from_dict(data)  # validates
     return data
 
 

@@ -123,16 +123,20 @@ class LatencyTable:
                    config=data.get("config"), version=version, size_curve=data.get("size_curve") or (),
                    element_bytes=data.get("element_bytes", 4))
 
-    @classmethod
-    def load(cls, path: str | Path) -> "LatencyTable":
+    @staticmethod
+    def read_json(path: str | Path) -> dict:
+        """The raw table data of a file (ValueError if missing or unreadable)."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            return json.loads(path.read_text())
         except FileNotFoundError:
             raise ValueError(f"{path}: latency table not found") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: cannot read the latency table: {exc}") from None
-        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyTable":
+        return cls.from_dict(cls.read_json(path))
 
     # ---- what the table covers ---------------------------------------------------------------------------
     @property

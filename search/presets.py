@@ -42,3 +42,16 @@ def get_preset(name: str, **overrides) -> Layout:
     if name not in _PRESETS:
         raise KeyError(f"unknown preset {name!r} (known: {', '.join(_PRESETS)})")
     return Layout.from_dict({"name": name, **_PRESETS[name], **overrides})
+
+
+def resolve_layout(spec: str) -> Layout:
+    """A preset name, or a path to a layout file (JSON or YAML)."""
+    from pathlib import Path
+
+    from search.layout import LayoutError, load_layout
+    if spec in _PRESETS:
+        return get_preset(spec)
+    path = Path(spec)
+    if path.suffix.lower() in (".json", ".yaml", ".yml") or path.exists():
+        return load_layout(path)
+    raise LayoutError("layout", f"{spec!r} is neither a preset ({', '.join(_PRESETS)}) nor a layout file")

@@ -16,13 +16,6 @@ CONFIGS = [(None, 0), (4, 0), (4, 3), (16, 0), (16, 3), (1, 2)]
 IDS = [f"W{w}-s{s}" for w, s in CONFIGS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add spin-wait overhead (badly so on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

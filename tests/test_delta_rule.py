@@ -15,13 +15,6 @@ TOL = {torch.float64: 1e-8, torch.float32: 2e-3}
 DTYPES = [torch.float64, torch.float32]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops: one intra-op thread is as fast, and does not collapse when other processes share the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
