@@ -112,13 +112,11 @@ class SearchEngine:
                 for outcome in executor.poll(timeout=0.5):
                     self._handle(outcome, strategy, executor)
             status = "completed" if self._count_done() >= config.budget else "queued"
-            if self.stop.is_set():
-                executor.cancel_all()
+            if self.stop.is_set():  # running evaluations are abandoned (shutdown below kills them) and rerun on resume
                 storage.reset_running(self.job_id)
                 status = "cancelled" if getattr(self.stop, "cancel", False) else "queued"
             storage.set_job_status(self.job_id, status)
         except BaseException as exc:
-            executor.cancel_all()
             storage.reset_running(self.job_id)
             storage.set_job_status(self.job_id, "queued" if isinstance(exc, KeyboardInterrupt) else "failed",
                                    error=None if isinstance(exc, KeyboardInterrupt) else repr(exc))

@@ -73,9 +73,6 @@ class Executor:
     def in_flight(self) -> list[int]:
         raise NotImplementedError
 
-    def cancel_all(self) -> None:
-        raise NotImplementedError
-
     def shutdown(self) -> None:
         raise NotImplementedError
 
@@ -106,9 +103,6 @@ class InlineExecutor(Executor):
 
     def in_flight(self) -> list[int]:
         return [task_id for task_id, _ in self.queue]
-
-    def cancel_all(self) -> None:
-        self.queue.clear()
 
     def shutdown(self) -> None:
         self.queue.clear()
@@ -193,13 +187,6 @@ class RayExecutor(Executor):
 
     def in_flight(self) -> list[int]:
         return [s.task_id for s in self.slots if s.task_id is not None] + [t for t, _ in self.pending]
-
-    def cancel_all(self) -> None:
-        self.pending.clear()
-        for slot in self.slots:
-            if slot.task_id is not None:
-                self.ray.kill(slot.actor, no_restart=True)
-                slot.actor, slot.task_id, slot.ref = self.make_actor(), None, None
 
     def shutdown(self) -> None:
         for slot in self.slots:

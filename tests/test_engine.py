@@ -130,3 +130,12 @@ def test_population_larger_than_the_space_is_refused():
                                                             "mixers": ["attention"]}})
     with pytest.raises(ValueError, match="population"):
         make_strategy("pareto-aging", config.build_space(), population_size=10_000)
+
+
+def test_warm_start_from_an_earlier_front(storage, tmp_path):
+    first = run_search(storage, tmp_path, budget=6)
+    front = {c.layout_hash for c in storage.candidates(first, on_front=True)}
+    second = run_search(storage, tmp_path, budget=len(front) + 1, warm_start_job=first, initial="random", seed=9)
+    first_layouts = {c.layout_hash for c in storage.candidates(second)[: len(front)]}
+    assert front <= first_layouts  # the front seeds the new population, its results reused
+    assert all(c.status == "reused" for c in storage.candidates(second) if c.layout_hash in front)

@@ -104,3 +104,41 @@ def test_kill_and_resume_inline(tmp_path, backend):
 def test_kill_and_resume_on_ray(tmp_path):
     with pg.migrated_url("sqlite", tmp_path) as url:
         kill_and_resume(tmp_path, url, executor="ray", workers=2)
+
+
+def raylets() -> int:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if "raylet" in line and "grep" not in line)
+
+
+def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path):
+    """SIGINT mid-evaluation: the run ends on its own, nothing is left running (no Ray processes either),
+    and `search resume` completes the budget."""
+    before = raylets()
+    with pg.migrated_url("sqlite", tmp_path) as url:
+        config = search_config(tmp_path, "ray", workers=2)
+        env = env_for(tmp_path)
+        proc = subprocess.Popen([HYBRIDNAS, "search", "run", str(config), "--db", url], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        storage = Storage(url)
+        try:
+            def running():
+                if proc.poll() is not None:
+                    raise AssertionError(proc.stdout.read().decode()[-2000:])
+                jobs = storage.list_jobs() if storage.schema_is_current() else []
+                return bool(jobs) and storage.candidate_counts(jobs[0].id).get("running", 0) >= 1
+            wait_for(running, what="a running evaluation")
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(120) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        job_id = storage.list_jobs()[0].id
+        assert storage.get_job(job_id).status == "queued"
+        assert storage.candidate_counts(job_id).get("running", 0) == 0
+        wait_for(lambda: raylets() <= before, timeout=30, what="Ray to shut down")
+        resumed = subprocess.run([HYBRIDNAS, "search", "resume", str(job_id), "--db", url], env=env, cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert storage.get_job(job_id).status == "completed"
+        storage.close()
