@@ -26,9 +26,12 @@ from search.strategies import make_strategy  # noqa: E402
 DATA = Path("benchmarks/data")
 RESULTS = Path("benchmarks/results")
 OBJECTIVES = ("val_bpb", "decode_ms")
-# (strategy, options): nsga2 with a population of 10-12 as the issue asks; aging with its defaults tuned below.
+# (strategy, options): nsga2 with a population of 12 (the issue asks for 10-12). pareto-aging's population and
+# tournament size were chosen on seeds 0-19 (a sweep over population 6/8/12 x tournament 2/3/4); the reported
+# replays use held-out seeds (SEED_OFFSET) for every strategy.
+SEED_OFFSET = 100
 STRATEGIES = {
-    "pareto-aging": {"population_size": 12, "sample_size": 4},
+    "pareto-aging": {"population_size": 6, "sample_size": 4},
     "nsga2": {"population_size": 12},
     "random": {},
 }
@@ -75,14 +78,14 @@ def main() -> None:
     upper = tuple(max(p[i] for p in points) for i in range(2))
     hv_space = HypervolumeSpace(OBJECTIVES, lower, upper)
     best = hv_space.hypervolume([points[i] for i in pareto_front(points)])
-    curves = {name: [replay(name, opts, seed, budget, table, hv_space) for seed in range(args.seeds)]
+    curves = {name: [replay(name, opts, SEED_OFFSET + seed, budget, table, hv_space) for seed in range(args.seeds)]
               for name, opts in STRATEGIES.items()}
     finals = {name: [c[-1] for c in runs] for name, runs in curves.items()}
     lines = ["# Search efficiency (replay against the exhaustively evaluated benchmark sub-space)", "",
              f"command: `.venv/bin/python benchmarks/search_efficiency.py --seeds {args.seeds} "
              f"--budget-fraction {args.budget_fraction}`", "",
              f"table: {len(table)} layouts evaluated on this CPU (`benchmarks/data/search_space_cpu*.csv`); "
-             f"budget {budget} evaluations; {args.seeds} seeds; objectives {', '.join(OBJECTIVES)} (minimized); "
+             f"budget {budget} evaluations; {args.seeds} seeds ({SEED_OFFSET}..{SEED_OFFSET + args.seeds - 1}); objectives {', '.join(OBJECTIVES)} (minimized); "
              f"hypervolume normalized to the table's bounds {dict(zip(OBJECTIVES, zip(lower, upper)))}, reference "
              f"point 1.1; the table's own Pareto front scores {best:.4f}.", "",
              "| strategy | options | final HV mean ± std | fraction of the best | Mann-Whitney vs random (one-sided p) |",

@@ -175,6 +175,34 @@ class SearchSpace:
     def sample_layout(self, rng: random.Random) -> Layout:
         return self.to_layout(self.sample(rng))
 
+    def _completions(self, stage: int, used: int) -> int:
+        """Number of ways to fill stages `stage..` when `used` operators are taken (memoised)."""
+        memo = self.__dict__.setdefault("_completions_memo", {})
+        key = (stage, used)
+        if key not in memo:
+            if stage == self.n_stages:
+                memo[key] = 1
+            else:
+                memo[key] = sum(self._completions(stage + 1, used + b.size * n)
+                                for b in self.block_types
+                                for n in range(1, (self.max_operators - used) // b.size + 1))
+        return memo[key]
+
+    def sample_uniform(self, rng: random.Random) -> Genome:
+        """A genome drawn uniformly from all genomes of the grammar (`sample` follows the paper's trimming
+        rule, which favours layouts near the operator limit; this one gives every genome the same chance)."""
+        stages, used = [], 0
+        for index in range(self.n_stages):
+            options = [(b, n) for b in self.block_types for n in range(1, (self.max_operators - used) // b.size + 1)]
+            weights = [self._completions(index + 1, used + b.size * n) for b, n in options]
+            block, n_blocks = rng.choices(options, weights=weights)[0]
+            stages.append(Stage(block, n_blocks))
+            used += block.size * n_blocks
+        return Genome(tuple(stages), rng.choice(self.widths))
+
+    def sample_uniform_layout(self, rng: random.Random) -> Layout:
+        return self.to_layout(self.sample_uniform(rng))
+
     # ---- genome <-> layout -------------------------------------------------------------------------------
     def _dims_for(self, width: int) -> dict[str, Any]:
         dims = {k: v for k, v in self.dims.items() if k != "kv_group"}

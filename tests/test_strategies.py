@@ -181,11 +181,28 @@ def test_failed_candidates_never_enter_population_or_front(name):
         assert all(states[h] == "FAIL" for h in failed)
 
 
-def test_aging_population_evicts_the_oldest():
-    strategy = make_strategy("pareto-aging", SPACE, seed=3, population_size=5, sample_size=2)
+def test_plain_aging_evicts_the_oldest():
+    strategy = make_strategy("pareto-aging", SPACE, seed=3, population_size=5, sample_size=2, protect_front=False)
     proposals = run(strategy, 12, batch=1)
     assert strategy.population == [p.hash for p in proposals[-5:]]
     assert strategy.state_dict()["ages"] == [4, 3, 2, 1, 0]
+
+
+def test_pareto_aging_evicts_the_oldest_member_off_the_front():
+    from search.pareto import pareto_front
+    strategy = make_strategy("pareto-aging", SPACE, seed=3, population_size=5, sample_size=2)
+    order = []
+    for _ in range(14):
+        (proposal,) = strategy.ask(1)
+        before = list(strategy.population)
+        strategy.tell(proposal.hash, objective(proposal.layout))
+        order.append(proposal.hash)
+        if len(before) == 5:  # full: exactly one member left, the oldest not on the front of the six
+            six = before + [proposal.hash]
+            front = set(pareto_front([strategy.objective_values(h) for h in six]))
+            expected = next((h for i, h in enumerate(six) if i not in front), six[0])
+            assert expected not in strategy.population
+            assert [h for h in six if h != expected] == strategy.population
 
 
 def test_initial_layouts_come_first_and_warm_start():

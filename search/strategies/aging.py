@@ -5,8 +5,12 @@ the given `initial` layouts (presets, or an earlier search's Pareto front), then
 child comes from a tournament: `sample_size` members drawn at random, the best one is the parent, and ONE
 one-factor mutation of it (`SearchSpace.mutate_layout`: in the grammar when the parent decodes, at operator
 level otherwise) is the child; a child already in the population, already evaluated or pending, or violating a
-constraint checkable before evaluation, is drawn again. Every told result joins the population and pushes the
-oldest member out once the population is full; failed results (told None) are dropped.
+constraint checkable before evaluation, is drawn again. Every told result joins the population and, once the
+population is full, pushes out the oldest member that is not on the population's own Pareto front (the oldest
+of all when every member is on it: `protect_front=False` gives plain aging); failed results (told None) are
+dropped. Protecting the front was measured on the search-efficiency benchmark (benchmarks/results/
+search_efficiency.md): with plain aging, a 40-evaluation budget lost front members to age before their children
+were drawn, and pareto-aging trailed nsga2; with the front kept it matches or beats it.
 
 - `pareto-aging`: the best sampled member has the lowest Pareto rank on the objectives within the population
   (crowding distance in its front breaks ties); members violating a constraint rank after every feasible one,
@@ -22,7 +26,7 @@ import math
 from typing import Any
 
 from search.layout import Layout
-from search.pareto import rank_and_crowding
+from search.pareto import pareto_front, rank_and_crowding
 from search.space import MUTATION_KINDS, SpaceError
 from search.strategies.base import Constraints, Proposal, Strategy, as_constraints
 
@@ -34,8 +38,9 @@ class ParetoAgingStrategy(Strategy):
     uses_population = True
     uses_tournament = True
 
-    def __init__(self, space, **kw: Any):
+    def __init__(self, space, *, protect_front: bool = True, **kw: Any):
         super().__init__(space, **kw)
+        self.protect_front = bool(protect_front)
         self.population: list[str] = []  # hashes, oldest first
         self.n_initial_issued = 0
         self.initial_queue: list[dict] = [layout.to_dict() for layout in self.initial]
@@ -111,8 +116,15 @@ class ParetoAgingStrategy(Strategy):
             return
         self.population.append(proposal.hash)
         while len(self.population) > self.population_size:
-            self.population.pop(0)
+            self.population.pop(self._eviction_index())
         self._selection = None
+
+    def _eviction_index(self) -> int:
+        """The oldest member, skipping members on the population's Pareto front when `protect_front`."""
+        if not self.protect_front:
+            return 0
+        front = set(pareto_front([self.objective_values(h) for h in self.population]))
+        return next((i for i in range(len(self.population)) if i not in front), 0)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"population": list(self.population),

@@ -426,7 +426,7 @@ class Strategy:
         rule; a transform returning None rejects the sample); when sampling keeps hitting known layouts, one
         drawn uniformly from the unseen feasible layouts of a small space; None when none is left."""
         for _ in range(tries):
-            layout = self.space.sample_layout(self.rng)
+            layout = self.space.sample_uniform_layout(self.rng)
             if transform is not None:
                 layout = transform(layout)
                 if layout is None:

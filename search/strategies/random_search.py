@@ -1,4 +1,4 @@
-"""`random`: uniform random layouts of the space (as `SearchSpace.sample` draws them), never one seen before and
+"""`random`: uniform random layouts of the space (as `SearchSpace.sample_uniform` draws them: every genome equally likely), never one seen before and
 never one violating a constraint checkable before evaluation. The floor every strategy must beat."""
 from __future__ import annotations
 
