@@ -88,6 +88,35 @@ def _as_layout(layout: Layout | dict | str) -> Layout:
     return Layout.from_dict(layout)
 
 
+def result_keys(layout: Layout | dict | str, proxy_config: Any = None, latency_config: Any = None, *,
+                data_config: Any = None, data_dir: str | Path | None = None, data_roots: tuple = (".",),
+                device: str | None = None) -> dict:
+    """The training and latency keys `evaluate` would give these inputs on this worker (cheap: the corpus is
+    cached per process), so a search can reuse stored results instead of evaluating again."""
+    from latency.profiler import (LatencyConfig, device_fingerprint, fingerprint_hash, resolve_dtype,
+                                  resolve_method)
+    from proxies.dataset import DataConfig
+    from proxies.train import ProxyConfig, resolve_device
+    layout = _as_layout(layout)
+    proxy_config = proxy_config if isinstance(proxy_config, ProxyConfig) else ProxyConfig.from_dict(proxy_config or {})
+    latency_config = (latency_config if isinstance(latency_config, LatencyConfig)
+                      else LatencyConfig(**(latency_config or {})))
+    data_config = data_config if isinstance(data_config, DataConfig) else DataConfig(**(data_config or {}))
+    data_dir = Path(data_dir or os.environ.get("HYBRIDNAS_DATA_DIR", ".hybridnas")).resolve()
+    torch_device = resolve_device(device)
+    data = _load_data(data_config, data_dir, data_roots)
+    fingerprint = device_fingerprint(torch_device, resolve_dtype(latency_config, torch_device),
+                                     resolve_method(latency_config, torch_device))
+    return {"training_key": training_key(layout, proxy_config.content_hash, data.fingerprint, torch_device.type,
+                                         _precision(proxy_config, torch_device)),
+            "latency_key": latency_key(layout, latency_config.content_hash, fingerprint_hash(fingerprint))}
+
+
+def _precision(proxy_config, torch_device) -> str:
+    bf16 = proxy_config.precision == "bf16" or (proxy_config.precision == "auto" and torch_device.type == "cuda")
+    return "bf16" if bf16 else "fp32"
+
+
 def evaluate(
     layout: Layout | dict | str,
     proxy_config: Any = None,
@@ -101,13 +130,13 @@ def evaluate(
     measure_latency: bool = True,
     save_artifacts: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
-    quiet_device: Callable[[], contextlib.AbstractContextManager] | None = None,
+    device_lock: Any = None,
     log_lines: int = 50,
 ) -> EvaluationResult:
     """Evaluate one candidate. Never raises for a failing candidate: failure is a result.
 
-    `quiet_device` is a context-manager factory held while latency is measured (the search passes a
-    per-node lock so nothing else trains on the device meanwhile)."""
+    `device_lock` (a `search.devicelock.DeviceLock`) is held shared while training and exclusive while
+    latency is measured, so that nothing trains on the node's devices during a measurement."""
     import torch
 
     from latency.profiler import LatencyConfig, fingerprint_hash, profile, resolve_dtype, resolve_method, device_fingerprint
@@ -139,14 +168,13 @@ def evaluate(
         data = _load_data(data_config, data_dir, data_roots)
         timings["data_s"] = time.perf_counter() - t0
         result.corpus_fingerprint = dict(data.fingerprint)
-        precision = ("bf16" if proxy_config.precision == "bf16" or
-                     (proxy_config.precision == "auto" and torch_device.type == "cuda") else "fp32")
         result.training_key = training_key(layout, proxy_config.content_hash, data.fingerprint,
-                                           torch_device.type, precision)
+                                           torch_device.type, _precision(proxy_config, torch_device))
         model = None
         if train:
             t0 = time.perf_counter()
-            train_result, model = train_proxy(layout, proxy_config, data, torch_device, progress)
+            with device_lock.shared() if device_lock is not None else contextlib.nullcontext():
+                train_result, model = train_proxy(layout, proxy_config, data, torch_device, progress)
             timings["train_s"] = time.perf_counter() - t0
             result.training = train_result.to_dict()
             if train_result.status != "completed":
@@ -173,7 +201,7 @@ def evaluate(
             result.device_fingerprint = device_fingerprint(torch_device, dtype, method)
             result.latency_key = latency_key(layout, latency_config.content_hash,
                                              fingerprint_hash(result.device_fingerprint))
-            with (quiet_device() if quiet_device is not None else contextlib.nullcontext()):
+            with device_lock.exclusive() if device_lock is not None else contextlib.nullcontext():
                 latency = profile(model, latency_config, torch_device)
             result.latency = latency.to_dict()
             result.device_fingerprint = latency.fingerprint
