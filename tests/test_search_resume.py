@@ -43,20 +43,30 @@ def wait_for(predicate, timeout=240, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def kill_and_resume(tmp_path, url, executor="inline", workers=1):
-    config = search_config(tmp_path, executor, workers=workers)
+def start_search(tmp_path, url, executor, workers):
+    """`hybridnas search run` in its own process group; returns (process, its env, a Storage, job counts)."""
     env = env_for(tmp_path)
+    config = search_config(tmp_path, executor, workers=workers)
     proc = subprocess.Popen([HYBRIDNAS, "search", "run", str(config), "--db", url], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     storage = Storage(url)
+
+    def counts() -> dict | None:
+        """The job's candidate counts by status (None before the job exists); fails if the run ended."""
+        if proc.poll() is not None:
+            raise AssertionError(f"search ended early: {proc.stdout.read().decode()[-2000:]}")
+        jobs = storage.list_jobs() if storage.schema_is_current() else []
+        return storage.candidate_counts(jobs[0].id) if jobs else None
+    return proc, env, storage, counts
+
+
+def kill_and_resume(tmp_path, url, executor="inline", workers=1):
+    proc, env, storage, job_counts = start_search(tmp_path, url, executor, workers)
     try:
         def mid_evaluation():
-            if proc.poll() is not None:
-                raise AssertionError(f"search ended early: {proc.stdout.read().decode()[-2000:]}")
-            jobs = storage.list_jobs() if storage.schema_is_current() else []
-            if not jobs:
+            counts = job_counts()
+            if counts is None:
                 return False
-            counts = storage.candidate_counts(jobs[0].id)
             return counts.get("completed", 0) + counts.get("reused", 0) >= 2 and counts.get("running", 0) >= 1
         wait_for(mid_evaluation, what="two completed evaluations and one running")
         job_id = storage.list_jobs()[0].id
@@ -116,18 +126,9 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path):
     and `search resume` completes the budget."""
     before = raylets()
     with pg.migrated_url("sqlite", tmp_path) as url:
-        config = search_config(tmp_path, "ray", workers=2)
-        env = env_for(tmp_path)
-        proc = subprocess.Popen([HYBRIDNAS, "search", "run", str(config), "--db", url], env=env, cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        storage = Storage(url)
+        proc, env, storage, job_counts = start_search(tmp_path, url, "ray", workers=2)
         try:
-            def running():
-                if proc.poll() is not None:
-                    raise AssertionError(proc.stdout.read().decode()[-2000:])
-                jobs = storage.list_jobs() if storage.schema_is_current() else []
-                return bool(jobs) and storage.candidate_counts(jobs[0].id).get("running", 0) >= 1
-            wait_for(running, what="a running evaluation")
+            wait_for(lambda: (job_counts() or {}).get("running", 0) >= 1, what="a running evaluation")
             proc.send_signal(signal.SIGINT)
             assert proc.wait(120) == 0
         finally:
