@@ -47,9 +47,18 @@ def load_table() -> dict[str, dict[str, float]]:
     return table
 
 
-def replay(name: str, options: dict, seed: int, budget: int, table: dict, hv_space: HypervolumeSpace) -> list[float]:
+def preset_layouts(table: dict) -> list:
+    """The known designs the engine seeds a search with (search.engine.initial_layouts), those in the table."""
+    from search.config import SearchConfig
+    from search.engine import initial_layouts
+    config = SearchConfig.model_validate({"space": {"preset": "benchmark"}, "executor": "inline"})
+    return [lo for lo in initial_layouts(config, benchmark_space(), None) if lo.content_hash in table]
+
+
+def replay(name: str, options: dict, seed: int, budget: int, table: dict, hv_space: HypervolumeSpace,
+           initial: list | None = None) -> list[float]:
     space = benchmark_space()
-    strategy = make_strategy(name, space, objectives=OBJECTIVES, seed=seed, **options)
+    strategy = make_strategy(name, space, objectives=OBJECTIVES, seed=seed, initial=initial or [], **options)
     tracker = HypervolumeTracker(hv_space)
     evaluated = 0
     while evaluated < budget:
@@ -68,6 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--budget-fraction", type=float, default=0.1)
+    parser.add_argument("--with-presets", action="store_true",
+                        help="seed every strategy with the engine's known designs (those in the table), as a real "
+                             "search does; the default replays start from random layouts only")
     args = parser.parse_args()
     from scipy.stats import mannwhitneyu
 
@@ -78,12 +90,15 @@ def main() -> None:
     upper = tuple(max(p[i] for p in points) for i in range(2))
     hv_space = HypervolumeSpace(OBJECTIVES, lower, upper)
     best = hv_space.hypervolume([points[i] for i in pareto_front(points)])
-    curves = {name: [replay(name, opts, SEED_OFFSET + seed, budget, table, hv_space) for seed in range(args.seeds)]
+    initial = preset_layouts(table) if args.with_presets else []
+    curves = {name: [replay(name, opts, SEED_OFFSET + seed, budget, table, hv_space, initial) for seed in range(args.seeds)]
               for name, opts in STRATEGIES.items()}
     finals = {name: [c[-1] for c in runs] for name, runs in curves.items()}
     lines = ["# Search efficiency (replay against the exhaustively evaluated benchmark sub-space)", "",
              f"command: `.venv/bin/python benchmarks/search_efficiency.py --seeds {args.seeds} "
-             f"--budget-fraction {args.budget_fraction}`", "",
+             f"--budget-fraction {args.budget_fraction}{' --with-presets' if args.with_presets else ''}`", "",
+             f"initial population: {'the known designs ' + ', '.join(lo.name for lo in initial) + ', then random' if initial else 'random layouts only'}",
+             "",
              f"table: {len(table)} layouts evaluated on this CPU (`benchmarks/data/search_space_cpu*.csv`); "
              f"budget {budget} evaluations; {args.seeds} seeds ({SEED_OFFSET}..{SEED_OFFSET + args.seeds - 1}); objectives {', '.join(OBJECTIVES)} (minimized); "
              f"hypervolume normalized to the table's bounds {dict(zip(OBJECTIVES, zip(lower, upper)))}, reference "
@@ -106,8 +121,9 @@ def main() -> None:
                                                   for runs in curves.values()) + " |")
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "search_efficiency.md").write_text(text)
-    (RESULTS / "search_efficiency.json").write_text(json.dumps({"budget": budget, "table_size": len(table),
+    stem = "search_efficiency_presets" if args.with_presets else "search_efficiency"
+    (RESULTS / f"{stem}.md").write_text(text)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"budget": budget, "table_size": len(table),
                                                                  "best_hv": best, "summary": summary}, indent=1))
     try:
         import matplotlib
@@ -123,7 +139,7 @@ def main() -> None:
         ax.set_title(f"search efficiency: {len(table)}-layout CPU sub-space, {args.seeds} seeds")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(RESULTS / "search_efficiency.png", dpi=110)
+        fig.savefig(RESULTS / f"{stem}.png", dpi=110)
     except ImportError:
         lines.append("(matplotlib not installed: no PNG)")
     print(text)
