@@ -67,7 +67,7 @@ class SearchEngine:
         job = storage.get_job(job_id)
         self.config = SearchConfig.model_validate(job.config)
         self.space = self.config.build_space()
-        self.vocab_size = 257  # the byte tokenizer; a BPE search counts with its own vocabulary below
+        self.default_vocab_size = 257  # the byte tokenizer, when a stored result does not say
         self.hv_space: HypervolumeSpace | None = None
         self._payloads: dict[int, dict] = {}  # candidate id -> what was sent (for retries)
 
@@ -168,7 +168,7 @@ class SearchEngine:
         latency = latency if latency is not None and latency.status == "completed" else None
         if training is not None and latency is not None:  # evaluated before (this or another search): reuse
             self._complete(cand, keys["training_key"], keys["latency_key"], training.val_bpb,
-                           latency.decode_ms, strategy, reused=True)
+                           latency.decode_ms, strategy, reused=True, trained_params=(training.result or {}).get("n_params"))
             return
         payload.update(train=training is None, measure_latency=latency is None, keys=keys)
         self.storage.mark_running(cand.id)
@@ -209,11 +209,14 @@ class SearchEngine:
             return
         training = self.storage.get_training_result(training_key)
         latency = self.storage.get_latency_result(latency_key)
-        self._complete(cand, training_key, latency_key, training.val_bpb, latency.decode_ms, strategy)
+        self._complete(cand, training_key, latency_key, training.val_bpb, latency.decode_ms, strategy,
+                       trained_params=(training.result or {}).get("n_params"))
 
-    def _complete(self, cand, training_key, latency_key, val_bpb, decode_ms, strategy, reused=False) -> None:
+    def _complete(self, cand, training_key, latency_key, val_bpb, decode_ms, strategy, reused=False,
+                  trained_params: int | None = None) -> None:
+        # The trained model's own count (its tokenizer's vocabulary); the analytic count with bytes otherwise.
         layout = Layout.from_dict(cand.layout)
-        n_params = count_parameters(layout, self.vocab_size).total
+        n_params = int(trained_params) if trained_params else count_parameters(layout, self.default_vocab_size).total
         values = {"val_bpb": val_bpb, "decode_ms": decode_ms, "n_params": float(n_params)}
         objectives = {name: values[name] for name in self.config.objectives}
         self.storage.complete_candidate(cand.id, training_key=training_key, latency_key=latency_key, val_bpb=val_bpb,

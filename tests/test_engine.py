@@ -43,6 +43,9 @@ def test_search_runs_to_budget_with_a_true_front(storage, tmp_path):
     history = [h.hypervolume for h in storage.hypervolume_history(job_id)]
     assert history and all(b >= a - 1e-12 for a, b in zip(history, history[1:]))
     assert any(c.mutation for c in cands)  # children were mutated from parents
+    from search.layout import Layout
+    from search.params import count_parameters
+    assert all(c.n_params == count_parameters(Layout.from_dict(c.layout), 257).total for c in done)  # bytes: 257
     assert any(c.parent_id for c in cands)
 
 
