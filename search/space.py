@@ -112,6 +112,11 @@ class SearchSpace:
             raise SpaceError("n_stages", "must be at least 1")
         if not self.widths or min(self.widths) <= 0:
             raise SpaceError("widths", "must be non-empty and positive")
+        from search.layout import DEFAULT_LIMITS
+        if max(self.widths) > DEFAULT_LIMITS.max_d_model:
+            raise SpaceError("widths", f"{max(self.widths)} exceeds the limit of {DEFAULT_LIMITS.max_d_model}")
+        if self.max_operators > DEFAULT_LIMITS.max_operators:
+            raise SpaceError("max_operators", f"{self.max_operators} exceeds the limit of {DEFAULT_LIMITS.max_operators}")
         if not self.block_types:
             raise SpaceError("ratios", "no block type can be formed (two-mixer ratios need two mixers)")
         if self.n_stages * min(b.size for b in self.block_types) > self.max_operators:

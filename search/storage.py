@@ -412,6 +412,16 @@ class Storage:
         with self._read() as conn:
             return [_record(JobRecord, row) for row in conn.execute(stmt)]
 
+    def queue(self, status: str | Iterable[str] | None = ("queued", "running"), kind: str | None = None,
+              limit: int | None = DEFAULT_PAGE, offset: int = 0) -> list[JobRecord]:
+        """Jobs in the order runners take them: running first, then by priority, then first in, first out."""
+        t = db.jobs
+        stmt = (select(*_columns(JobRecord, t)).where(*self._job_filters(status, kind))
+                .order_by((t.c.status == "running").desc(), t.c.priority.desc(), t.c.created_at.asc(), t.c.id.asc())
+                .offset(offset).limit(limit))
+        with self._read() as conn:
+            return [_record(JobRecord, row) for row in conn.execute(stmt)]
+
     def count_jobs(self, status: str | Iterable[str] | None = None, kind: str | None = None) -> int:
         stmt = select(func.count()).select_from(db.jobs).where(*self._job_filters(status, kind))
         with self._read() as conn:

@@ -107,6 +107,7 @@ def test_layout_outside_grammar_mutates_at_operator_level():
     ({"mixers": ("attention", "warp")}, "mixers"),
     ({"max_operators": 1}, "max_operators"),
     ({"widths": (100,)}, "widths"),
+    ({"widths": (10 ** 20,)}, "widths"),  # refused at once, not after dividing 10^18 heads
     ({"ratios": ((2, 0),)}, "ratios"),
 ])
 def test_bad_space_config(kw, field):

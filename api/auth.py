@@ -1,0 +1,116 @@
+"""Bearer-token auth for the coordinator API.
+
+Mutating routes need `Authorization: Bearer <token>`. The token comes from, in order:
+
+- the environment variable `HYBRIDNAS_TOKEN`;
+- else the file `<data_dir>/token`, generated at first start (`secrets.token_urlsafe(32)`) and written with mode
+  0600 (readable by its owner only). Its PATH is logged, never the token.
+
+Reads are public unless `HYBRIDNAS_REQUIRE_TOKEN_FOR_READS=true` (`/api/health` and `/api/ready` stay public for
+probes). These two settings are read here (pydantic-settings, prefix `HYBRIDNAS_`, as `api/settings.py`) so
+that `Settings` keeps only what the rest of the project shares. Tokens are compared in constant time
+(`hmac.compare_digest`, on UTF-8 bytes so a non-ASCII header is a plain mismatch, never an error).
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger("hybridnas.api.auth")
+
+TOKEN_FILE = "token"
+
+
+class AuthSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HYBRIDNAS_", env_file=".env", extra="ignore")
+
+    token: SecretStr | None = Field(None, description="the API bearer token (default: <data_dir>/token)")
+    require_token_for_reads: bool = Field(False, description="reads need the token too")
+
+
+@dataclass(frozen=True)
+class Auth:
+    token: str
+    require_token_for_reads: bool = False
+    token_path: Path | None = None  # where the token was read or written (None: from the environment)
+
+    def check(self, given: str | None) -> bool:
+        if not given:
+            return False
+        return hmac.compare_digest(given.encode("utf-8"), self.token.encode("utf-8"))
+
+
+def load_or_create_token(data_dir: Path) -> tuple[str, Path]:
+    """The token in `<data_dir>/token`, made (mode 0600) if missing or empty."""
+    path = Path(data_dir) / TOKEN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            os.chmod(path, 0o600)
+            log.warning("API token file %s was readable by others (mode %o): now 0600", path, mode)
+        token = path.read_text(encoding="utf-8").strip()
+        if token:
+            log.info("API token read from %s", path)
+            return token, path
+    token = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".{TOKEN_FILE}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the umask cannot widen it, but make the mode explicit
+        os.write(fd, (token + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    log.info("API token generated and written to %s (readable by its owner only)", path)
+    return token, path
+
+
+def build_auth(data_dir: Path, settings: AuthSettings | None = None) -> Auth:
+    settings = settings or AuthSettings()
+    if settings.token is not None and settings.token.get_secret_value().strip():
+        log.info("API token taken from HYBRIDNAS_TOKEN")
+        return Auth(settings.token.get_secret_value().strip(), settings.require_token_for_reads)
+    token, path = load_or_create_token(data_dir)
+    return Auth(token, settings.require_token_for_reads, path)
+
+
+_bearer = HTTPBearer(auto_error=False, description="HYBRIDNAS_TOKEN, or the token file in the data dir")
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _verify(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
+    auth: Auth = request.app.state.auth
+    if credentials is None:
+        raise _unauthorized("missing bearer token: send 'Authorization: Bearer <token>' (HYBRIDNAS_TOKEN, or the "
+                            "token file whose path the server logged at start)")
+    if not auth.check(credentials.credentials):
+        raise _unauthorized("invalid bearer token")
+
+
+def require_token(request: Request,
+                  credentials: BearerCredentials) -> None:
+    """Dependency of every mutating route."""
+    _verify(request, credentials)
+
+
+def require_read_token(request: Request,
+                       credentials: BearerCredentials) -> None:
+    """Dependency of read routes: a no-op unless HYBRIDNAS_REQUIRE_TOKEN_FOR_READS is set."""
+    if request.app.state.auth.require_token_for_reads:
+        _verify(request, credentials)

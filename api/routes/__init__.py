@@ -1,0 +1,4 @@
+"""The API's routers (thin: validation in api/schemas.py, state through search.storage.Storage)."""
+from api.routes import candidates, jobs, meta, searches
+
+ROUTERS = (meta.router, searches.router, candidates.router, jobs.router)
