@@ -375,7 +375,6 @@ class Attention(Operator):
         return self._out(o)
 
     def step(self, x: torch.Tensor, cache: dict, pos: torch.Tensor) -> torch.Tensor:
-        B = x.shape[0]
         pos = pos.reshape(()).to(device=x.device, dtype=torch.long)
         p1 = pos.reshape(1)
         q, k, v = self._qkv(x.unsqueeze(1), p1)  # (B, H|Hkv, 1, hd)

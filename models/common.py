@@ -26,16 +26,23 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm(x * silu(gate)) * weight, as in Mamba2's `RMSNormGated(norm_before_gate=False)`."""
+    """RMSNorm with a SiLU gate, in either order:
+    norm_before_gate=False: RMSNorm(x * silu(gate)) * weight   (Mamba2's `RMSNormGated`)
+    norm_before_gate=True:  RMSNorm(x) * weight * silu(gate)   (fla's `FusedRMSNormGated`, Gated DeltaNet)
+    """
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, norm_before_gate: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.norm_before_gate = eps, norm_before_gate
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         ct = torch.promote_types(dtype, torch.float32)
+        if self.norm_before_gate:
+            x32 = x.to(ct)
+            y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(ct)
+            return (y * F.silu(gate.to(ct))).to(dtype)
         x32 = x.to(ct) * F.silu(gate.to(ct))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return x32.to(dtype) * self.weight

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from models import kernels
 from models.base import Operator, state_dtype
-from models.common import RMSNorm, ShortConv
+from models.common import GatedRMSNorm, RMSNorm, ShortConv
 from models.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
 
 NORM_EPS = 1e-5       # fla's norm_eps default for both layers
@@ -33,22 +33,6 @@ def l2norm(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
     """fla's l2norm over the last dim, in at least float32, returned in x's dtype."""
     x32 = x.to(torch.promote_types(x.dtype, torch.float32))
     return (x32 * torch.rsqrt(x32.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-class FusedRMSNormGated(nn.Module):
-    """Norm-then-gate RMSNorm, as fla's FusedRMSNormGated(activation='swish'): rmsnorm(x) * weight * silu(g)."""
-
-    def __init__(self, dim: int, eps: float = NORM_EPS):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        ct = torch.promote_types(dtype, torch.float32)
-        x32 = x.to(ct)
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(ct)
-        return (y * F.silu(gate.to(ct))).to(dtype)
 
 
 _FLA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -70,6 +54,16 @@ class _DeltaNetBase(Operator):
         self.q_proj = nn.Linear(d_model, inner, bias=False)
         self.k_proj = nn.Linear(d_model, inner, bias=False)
         self.v_proj = nn.Linear(d_model, inner, bias=False)
+
+    def _build_convs_and_output(self, o_norm: nn.Module) -> None:
+        """The short convs on q, k, v, the per-head output norm and the output projection (in this order,
+        after each layer's own projections, so initialisation draws from the RNG in a fixed order)."""
+        inner = self.n_heads * self.head_dim
+        self.q_conv = ShortConv(inner, self.conv_size, bias=False, activation=True)
+        self.k_conv = ShortConv(inner, self.conv_size, bias=False, activation=True)
+        self.v_conv = ShortConv(inner, self.conv_size, bias=False, activation=True)
+        self.o_norm = o_norm
+        self.o_proj = nn.Linear(inner, self.d_model, bias=False)
 
     # -- backend ------------------------------------------------------------------------------------------
     def _kernels(self):
@@ -171,13 +165,8 @@ class DeltaNet(_DeltaNetBase):
     def __init__(self, d_model: int, n_heads: int, head_dim: int, conv_size: int = 4, chunk_size: int = 64,
                  backend: str = "auto"):
         super().__init__(d_model, n_heads, head_dim, conv_size, chunk_size, backend)
-        inner = n_heads * head_dim
         self.b_proj = nn.Linear(d_model, n_heads, bias=False)
-        self.q_conv = ShortConv(inner, conv_size, bias=False, activation=True)
-        self.k_conv = ShortConv(inner, conv_size, bias=False, activation=True)
-        self.v_conv = ShortConv(inner, conv_size, bias=False, activation=True)
-        self.o_norm = RMSNorm(head_dim, eps=NORM_EPS)
-        self.o_proj = nn.Linear(inner, d_model, bias=False)
+        self._build_convs_and_output(RMSNorm(head_dim, eps=NORM_EPS))
 
     def _kernels(self):
         return kernels.fla_delta_rule()
@@ -221,11 +210,7 @@ class GatedDeltaNet(_DeltaNetBase):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         self.dt_bias._no_weight_decay = True
         self.g_proj = nn.Linear(d_model, inner, bias=False)
-        self.q_conv = ShortConv(inner, conv_size, bias=False, activation=True)
-        self.k_conv = ShortConv(inner, conv_size, bias=False, activation=True)
-        self.v_conv = ShortConv(inner, conv_size, bias=False, activation=True)
-        self.o_norm = FusedRMSNormGated(head_dim, eps=NORM_EPS)
-        self.o_proj = nn.Linear(inner, d_model, bias=False)
+        self._build_convs_and_output(GatedRMSNorm(head_dim, eps=NORM_EPS, norm_before_gate=True))
 
     def _kernels(self):
         return kernels.fla_gated_delta_rule(need_backward=torch.is_grad_enabled())

@@ -246,11 +246,12 @@ def test_backend_selection_on_cpu(cls):
 
 def test_output_norm_conventions():
     # fla's FusedRMSNormGated (norm, then gate): rmsnorm(o) * weight * silu(gate); fla's l2norm eps 1e-6.
-    from models.deltanet import FusedRMSNormGated, l2norm
+    from models.common import GatedRMSNorm
+    from models.deltanet import l2norm
     gen = torch.Generator().manual_seed(8)
     o, gate = torch.randn(3, 4, 16, generator=gen, dtype=torch.float64), torch.randn(3, 4, 16, generator=gen,
                                                                                       dtype=torch.float64)
-    norm = FusedRMSNormGated(16).double()
+    norm = GatedRMSNorm(16, eps=1e-5, norm_before_gate=True).double()
     with torch.no_grad():
         norm.weight.copy_(torch.randn(16, generator=gen, dtype=torch.float64))
     expect = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight * gate * torch.sigmoid(gate)
