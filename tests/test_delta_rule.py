@@ -11,15 +11,7 @@ import torch.nn.functional as F
 from models.deltanet import DeltaNet, GatedDeltaNet
 from models.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
 
-TOL = {torch.float64: 1e-8, torch.float32: 2e-3}
-DTYPES = [torch.float64, torch.float32]
-
-
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from tests.numerics import DTYPES, TOL, rel
 
 
 def dr_inputs(b, T, h, dk, dv, dtype, seed, gated):

@@ -8,13 +8,7 @@ import torch.nn.functional as F
 from models.mamba2 import Mamba2
 from models.ops.ssd import ssd_chunked, ssd_recurrent, ssd_step
 
-TOL = {torch.float64: 1e-8, torch.float32: 2e-3}
-DTYPES = [torch.float64, torch.float32]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from tests.numerics import DTYPES, TOL, rel
 
 
 def ssd_inputs(b, T, h, p, g, n, dtype, seed):
