@@ -114,6 +114,7 @@ def _load_config_file(path: Path | None) -> dict:
     if path is None:
         return {}
     import json
+
     import yaml
     try:
         text = path.read_text()
@@ -185,8 +186,14 @@ def proxy_fidelity(
     report_only: bool = typer.Option(False, help="recompute the report from the existing table"),
 ) -> None:
     """Rank correlation of short- vs long-training val_bpb (resumes from OUT/runs.csv)."""
-    from proxies.fidelity import FidelityConfig, fidelity_report, read_rows, run_fidelity, write_report
     from api.demo import data_dir
+    from proxies.fidelity import (
+        FidelityConfig,
+        fidelity_report,
+        read_rows,
+        run_fidelity,
+        write_report,
+    )
     config = FidelityConfig(n_layouts=n_layouts, short_steps=short_steps, long_factor=long_factor, workers=workers,
                             lr=lr, warmup_fraction=warmup_fraction, seq_len=seq_len, eval_tokens=eval_tokens)
     command = "hybridnas proxy fidelity " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])

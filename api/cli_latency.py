@@ -69,7 +69,10 @@ def build_lut_cmd(
     device: str = typer.Option(None, help="cpu or cuda[:N] (default: cuda if available)"),
 ) -> None:
     """Measure per-operator decode ms/token at each width and context on this device; write the table."""
-    from latency.lut import build_lut, save_lut  # torch is imported here, not for `predict`
+    from latency.lut import (  # torch is imported here, not for `predict`
+        build_lut,
+        save_lut,
+    )
     from latency.profiler import LatencyConfig
 
     base_dims = {"head_dim": head_dim, "kv_group": kv_group, "mamba_head_dim": mamba_head_dim,

@@ -25,6 +25,7 @@ from api.schemas import (
     SearchDetail,
     SearchOut,
 )
+from api.submit import SubmitError, submit_search
 from search import db
 from search.db import CANDIDATE_STATUSES, JOB_STATUSES, utcnow
 from search.storage import JobRecord, Storage
@@ -76,25 +77,13 @@ def _transition(storage: Storage, job_id: int, allowed: tuple[str, ...], target:
 def create_search(body: SearchCreate, response: Response, storage: StorageDep,
                   idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200,
                                                                 pattern=r"^[\x21-\x7e]+$")] = None) -> SearchCreated:
-    config = body.search_config()
-    if body.warm_start_job is not None and storage.get_job(body.warm_start_job) is None:
-        raise RequestValidationError([{"loc": ("body", "warm_start_job"), "type": "value_error",
-                                       "msg": f"no search {body.warm_start_job} to warm-start from"}])
-    replayed = False
-    if idempotency_key is not None:
-        existing = storage.get_job_by_idempotency_key(idempotency_key)
-        if existing is not None:
-            job_id, replayed = existing.id, True
-        else:
-            job_id = storage.create_job("search", config, name=body.name, priority=body.priority,
-                                        budget=body.budget, idempotency_key=idempotency_key)
-    else:
-        job_id = storage.create_job("search", config, name=body.name, priority=body.priority, budget=body.budget)
-    job = storage.get_job(job_id)
-    assert job is not None
-    if idempotency_key is not None and (job.config != config or job.priority != body.priority
-                                        or job.kind != "search"):
-        raise HTTPException(409, detail="Idempotency-Key was already used for a different request")
+    try:
+        submitted = submit_search(storage, body, idempotency_key=idempotency_key)
+    except SubmitError as exc:
+        if exc.conflict:
+            raise HTTPException(409, detail=f"{exc.field} was {exc.reason}") from None
+        raise RequestValidationError([{"loc": ("body", exc.field), "type": "value_error", "msg": exc.reason}]) from None
+    job, replayed = submitted.job, submitted.replayed
     if replayed:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"

@@ -1,0 +1,42 @@
+"""Submitting a search: the one path the REST route, the scheduler and the demo share."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from api.schemas import SearchCreate
+from search.storage import JobRecord, Storage
+
+
+class SubmitError(ValueError):
+    """A submission refused for a reason the caller reports: `field` names the input, `conflict` means 409."""
+
+    def __init__(self, field: str, reason: str, conflict: bool = False):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason, self.conflict = field, reason, conflict
+
+
+@dataclass
+class Submitted:
+    job: JobRecord
+    replayed: bool  # an Idempotency-Key matched an earlier request: no new search
+
+
+def submit_search(storage: Storage, body: SearchCreate, *, idempotency_key: str | None = None,
+                  schedule_id: int | None = None) -> Submitted:
+    """Store a validated search config as a queued job (a runner takes it from the queue)."""
+    config = body.search_config()
+    if body.warm_start_job is not None and storage.get_job(body.warm_start_job) is None:
+        raise SubmitError("warm_start_job", f"no search {body.warm_start_job} to warm-start from")
+    replayed = False
+    existing = storage.get_job_by_idempotency_key(idempotency_key) if idempotency_key is not None else None
+    if existing is not None:
+        job_id, replayed = existing.id, True
+    else:
+        job_id = storage.create_job("search", config, name=body.name, priority=body.priority, budget=body.budget,
+                                    idempotency_key=idempotency_key, schedule_id=schedule_id)
+    job = storage.get_job(job_id)
+    assert job is not None
+    if idempotency_key is not None and (job.config != config or job.priority != body.priority
+                                        or job.kind != "search"):
+        raise SubmitError("Idempotency-Key", "already used for a different request", conflict=True)
+    return Submitted(job, replayed)
