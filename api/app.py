@@ -3,7 +3,8 @@
 Thin routes (`api/routes/`), request/response schemas (`api/schemas.py`) kept apart from the storage records,
 settings in one place (`api/settings.py`; auth's own in `api/auth.py`). OpenAPI at `/docs`.
 
-This slice stores jobs only (status `queued`); the job runner and the scheduler plug in later. Bad input is
+Beside the API, one process runs the job runner (`api/runner.py`) and the scheduler (`api/scheduler.py`) unless
+the settings turn them off (`HYBRIDNAS_RUNNERS=0`, `HYBRIDNAS_SCHEDULER=false`). Bad input is
 never a 500: validation errors are 422 with the field path and a message; unknown ids 404; a storage
 `ValueError` (an unknown status, say) 422; a `KeyError` from storage 404; `StorageError` and a database that
 cannot be reached 503.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -67,7 +69,11 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ValueError)
     async def _value_error(_request: Request, exc: ValueError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        # The same shape as a validation error, so clients parse one 422 format.
+        named = _NAMED_FIELD.match(str(exc))
+        field, msg = (named.group(1), named.group(2)) if named else ("", str(exc))
+        errors = [{"loc": field.split(".") if field else [], "field": field, "msg": msg, "type": "value_error"}]
+        return JSONResponse({"detail": errors, "message": f"{field or 'request'}: {msg}"}, status_code=422)
 
     @app.exception_handler(KeyError)
     async def _key_error(_request: Request, exc: KeyError) -> JSONResponse:
@@ -83,6 +89,87 @@ def _install_handlers(app: FastAPI) -> None:
         log.error("database error: %s", type(exc).__name__)
         return JSONResponse({"detail": "database unavailable, retry later"}, status_code=503,
                             headers={"Retry-After": "5"})
+
+
+class Background:
+    """What runs beside the API in one coordinator process: the job runner and the scheduler (each optional)."""
+
+    def __init__(self, runner: Any = None, scheduler: Any = None):
+        self.runner, self.scheduler = runner, scheduler
+        self._scheduler_stop = threading.Event()
+        self._scheduler_thread: threading.Thread | None = None
+
+    def start(self, interval_s: float) -> None:
+        if self.runner is not None:
+            self.runner.start()
+        if self.scheduler is not None:
+            self._scheduler_thread = threading.Thread(target=self.scheduler.run, args=(self._scheduler_stop,
+                                                                                       interval_s),
+                                                      name="hybridnas-scheduler", daemon=True)
+            self._scheduler_thread.start()
+
+    def stop(self) -> None:
+        self._scheduler_stop.set()  # first: no new jobs while the runner hands its jobs back
+        if self._scheduler_thread is not None:
+            self._scheduler_thread.join(30)
+        if self.runner is not None:
+            self.runner.stop()
+
+
+def start_background(settings: Settings, storage: Storage) -> Background:
+    runner = scheduler = None
+    if settings.runners > 0:
+        from api.runner import JobRunner
+        runner = JobRunner(storage, settings.resolved_data_dir(), slots=settings.runners,
+                           max_running=settings.max_running_jobs, lease_s=settings.lease_s, poll_s=settings.poll_s,
+                           ray_num_cpus=settings.ray_num_cpus)
+    if settings.scheduler:
+        from datetime import timedelta
+
+        from api.scheduler import Scheduler
+        scheduler = Scheduler(storage, grace=timedelta(seconds=settings.scheduler_grace_s))
+    background = Background(runner, scheduler)
+    background.start(settings.scheduler_interval_s)
+    return background
+
+
+class BodySizeLimit:
+    """Refuse request bodies over `max_bytes` with 413 before a route parses them (declared or streamed)."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(send)
+            return
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        response = JSONResponse({"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413)
+        await response({"type": "http"}, None, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
 
 
 def create_app(settings: Settings | None = None, storage: Storage | None = None, *,
@@ -101,9 +188,12 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None,
     async def lifespan(_app: FastAPI):
         if owns_storage:
             storage.create_schema()
+        background = start_background(settings, storage)
+        _app.state.runner = background.runner
         try:
             yield
         finally:
+            background.stop()  # graceful (SIGTERM under uvicorn): leases released, jobs back in the queue
             if owns_storage:
                 storage.close()
 
@@ -114,6 +204,7 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None,
     app.state.storage = storage
     app.state.auth = auth
     _install_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -88,13 +88,31 @@ def layouts_validate(path: Path = typer.Argument(..., help="a layout file (JSON 
 
 @app.command()
 def demo(
-    steps: int = typer.Option(30, help="training steps per scaled-down preset"),
-    decode_tokens: int = typer.Option(64, help="tokens decoded for the latency figure"),
-    search: bool = typer.Option(True, help="also run the demo search on local Ray"),
+    steps: int = typer.Option(30, help="training steps per scaled-down preset (with --presets)"),
+    decode_tokens: int = typer.Option(64, help="tokens decoded for the latency figure (with --presets)"),
+    presets: bool = typer.Option(False, help="also short-train and profile the scaled-down presets here"),
+    service: bool = typer.Option(True, help="run the search through the service (--no-service: in-process)"),
+    port: int = typer.Option(8000, help="the coordinator's port on 127.0.0.1"),
+    exit_when_done: bool = typer.Option(False, "--exit-when-done", help="stop the server when the search ends"),
 ) -> None:
-    """Count the presets, evaluate the scaled-down ones on the embedded corpus, then run a real search."""
+    """Count the presets, start the coordinator, submit a real search over REST and follow it."""
     from api.demo import run_demo
-    run_demo(console, steps=steps, decode_tokens=decode_tokens, search=search)
+    run_demo(console, steps=steps, decode_tokens=decode_tokens, presets=presets, service=service, port=port,
+             exit_when_done=exit_when_done)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="interface to listen on"),
+    port: int = typer.Option(8000, help="TCP port"),
+    data_dir: Path = typer.Option(None, help="data dir (default: HYBRIDNAS_DATA_DIR or ./.hybridnas)"),
+    runners: int = typer.Option(None, help="jobs this process runs at once (0: API only; default: settings)"),
+    scheduler: bool = typer.Option(None, "--scheduler/--no-scheduler", help="fire scheduled searches here"),
+    log_level: str = typer.Option("info", help="debug, info, warning, error"),
+) -> None:
+    """Start the coordinator: REST API (OpenAPI at /docs), job runner and scheduler."""
+    from api.serve import serve as run_server
+    run_server(host, port, data_dir, runners, scheduler, log_level)
 
 
 def main() -> None:  # pragma: no cover

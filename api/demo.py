@@ -1,14 +1,22 @@
-"""`make demo`: the project's main job on the embedded defaults, as far as the project goes today.
+"""`make demo`: the service on the embedded defaults.
 
-Builds every preset (the full Nemotron-Flash models only on the `meta` device, to count them), short-trains
-the scaled-down ones on the embedded corpus (the Python standard library's source, as bytes), and profiles
-their decode latency on this machine.
+Counts every preset (the full Nemotron-Flash models built on the `meta` device), starts the coordinator
+(`hybridnas serve`: SQLite under the data dir, a local Ray), submits a real pareto-aging search over REST,
+follows its evaluations through the polling feed, prints its Pareto front, and keeps the server up (Ctrl-C
+stops it; `--exit-when-done` returns when the search ends). `--presets` also short-trains the scaled-down
+presets on the embedded corpus (the Python standard library's source) and profiles them, in this process.
 """
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from search.params import count_parameters, format_count
@@ -29,7 +37,7 @@ DEMO_SEARCH = {
 
 
 def run_demo_search(console: Console) -> int:
-    """A real pareto-aging search on the embedded corpus through a local Ray, stored in the default database."""
+    """A real pareto-aging search on the embedded corpus through a local Ray, run in this process (no server)."""
     import json
 
     from api.search_cli import _storage, run_engine
@@ -43,7 +51,101 @@ def run_demo_search(console: Console) -> int:
     return job_id
 
 
-def run_demo(console: Console, steps: int = 30, decode_tokens: int = 64, search: bool = True) -> None:
+def start_service(console: Console, port: int) -> tuple[subprocess.Popen, str]:
+    """`hybridnas serve` on loopback in a child process (its log in the data dir); its base URL once ready."""
+    import httpx
+    base = f"http://127.0.0.1:{port}"
+    log_path = data_dir() / "serve.log"
+    log = open(log_path, "ab")  # noqa: SIM115 - the child keeps writing to it
+    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the coordinator exited ({proc.returncode}); see {log_path} (is port {port} taken? "
+                             "use --port)")
+        try:
+            if httpx.get(f"{base}/api/ready", timeout=2).status_code == 200:
+                console.print(f"coordinator up at {base} (OpenAPI: {base}/docs; log: {log_path})")
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.terminate()
+    raise SystemExit(f"the coordinator did not become ready in 120 s; see {log_path}")
+
+
+def api_token() -> str:
+    """HYBRIDNAS_TOKEN, else the token file the coordinator wrote in the data dir (never printed)."""
+    token = os.environ.get("HYBRIDNAS_TOKEN", "").strip()
+    return token or (data_dir() / "token").read_text().strip()
+
+
+def submit_and_follow(console: Console, base: str, body: dict) -> int:
+    """Submit a search over REST, follow its finished evaluations with the polling feed, print its front."""
+    import httpx
+    with httpx.Client(base_url=base, timeout=30) as client:
+        r = client.post("/api/searches", json=body, headers={"Authorization": f"Bearer {api_token()}"})
+        if r.status_code != 201:
+            raise SystemExit(f"POST /api/searches: {r.status_code} {r.text}")
+        job_id = r.json()["id"]
+        console.print(f"POST /api/searches -> search {job_id} ({body['strategy']}, budget {body['budget']}); "
+                      f"following GET /api/searches/{job_id}/evaluations")
+        cursor, status = None, "queued"
+        with Progress(TextColumn("search {task.fields[job]} ({task.fields[status]})"), BarColumn(),
+                      MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task("search", total=body["budget"], job=job_id, status=status)
+            while True:
+                feed = client.get(f"/api/searches/{job_id}/evaluations",
+                                  params={"limit": 50, **({"since": cursor} if cursor else {})}).json()
+                for c in feed["items"]:
+                    result = (f"val_bpb {c['val_bpb']:.3f}, decode {c['decode_ms']:.2f} ms/token"
+                              if c["val_bpb"] is not None else "failed")
+                    bar.console.print(f"  candidate {c['id']} ({c['status']}, generation {c['generation']}): {result}")
+                cursor, status = feed["next"], feed["status"]
+                bar.update(task, completed=feed["n_evaluations"], status=status)
+                if status in ("completed", "failed", "cancelled", "archived"):
+                    break
+                time.sleep(1.0)
+        front = client.get(f"/api/searches/{job_id}/pareto").json()
+    table = Table("id", "operators", "val_bpb", "decode ms/token", "params", "generation",
+                  title=f"search {job_id} ({status}): Pareto front (GET /api/searches/{job_id}/pareto)")
+    from search.layout import Layout
+    for c in front["items"]:
+        table.add_row(str(c["id"]), Layout.from_dict(client_layout(base, c["id"])).compact(), f"{c['val_bpb']:.4f}",
+                      f"{c['decode_ms']:.3f}", f"{c['n_params']:,}", str(c["generation"]))
+    console.print(table)
+    return job_id
+
+
+def client_layout(base: str, candidate_id: int) -> dict:
+    import httpx
+    return httpx.get(f"{base}/api/candidates/{candidate_id}/layout.json", timeout=30).json()
+
+
+def run_service_demo(console: Console, port: int = 8000, exit_when_done: bool = False) -> None:
+    """The service on the embedded defaults: start it, submit the demo search over REST, follow it, keep serving."""
+    console.rule("the coordinator: REST API + job runner on local Ray (SQLite under the data dir)")
+    proc, base = start_service(console, port)
+    try:
+        submit_and_follow(console, base, DEMO_SEARCH)
+        if exit_when_done:
+            return
+        console.print(f"serving at {base} (OpenAPI: {base}/docs); Ctrl-C stops")
+        proc.wait()
+    except KeyboardInterrupt:
+        console.print("stopping the coordinator")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # graceful: running jobs go back to the queue
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def run_demo(console: Console, steps: int = 30, decode_tokens: int = 64, presets: bool = False,
+             service: bool = True, port: int = 8000, exit_when_done: bool = False) -> None:
     import torch
 
     from models.hybrid import HybridLM
@@ -61,6 +163,16 @@ def run_demo(console: Console, steps: int = 30, decode_tokens: int = 64, search:
                       format_count(count.non_embedding))
     console.print(table)
 
+    if presets:
+        evaluate_presets(console, steps, decode_tokens)
+    if service:
+        run_service_demo(console, port, exit_when_done)
+    else:
+        console.rule("a pareto-aging search (val_bpb vs decode ms/token) on local Ray, no server")
+        run_demo_search(console)
+
+
+def evaluate_presets(console: Console, steps: int, decode_tokens: int) -> None:
     console.rule("scaled-down presets: evaluated end to end on the embedded corpus (this CPU)")
     from proxies.worker import evaluate
     proxy = dict(steps=steps, batch_size=8, seq_len=128, lr=3e-3, eval_tokens=16384, log_every=max(1, steps // 3))
@@ -83,6 +195,3 @@ def run_demo(console: Console, steps: int = 30, decode_tokens: int = 64, search:
         console.print(f"  {name}: val_bpb {train['val_bpb']:.3f}, {result.timings['total_s']:.1f} s")
     console.print(results)
     console.print(f"weights and tokenizers saved under {data_dir() / 'artifacts'}")
-    if search:
-        console.rule("a pareto-aging search (val_bpb vs decode ms/token) on local Ray")
-        run_demo_search(console)

@@ -1,7 +1,7 @@
 """Request and response bodies of the REST API (pydantic), kept apart from the storage records."""
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -120,12 +120,55 @@ class CandidateDetail(CandidateSummary):
     failure_reason: str | None
     traceback: str | None
     started_at: datetime | None
+    lineage: list[LineageItem] = Field(default_factory=list, description="ancestors, parent first")
+    children: list[int] = Field(default_factory=list, description="ids of candidates mutated from this one")
+    training: dict[str, Any] | None = Field(None, description="short-training metrics and curves")
+    latency: dict[str, Any] | None = Field(None, description="latency statistics")
+    device_fingerprint: dict[str, Any] | None = None
+    log_tail: list[str] = Field(default_factory=list, description="the worker's last log lines")
 
 
 class ParetoOut(BaseModel):
     search_id: int
     objectives: list[str]
     items: list[CandidateSummary]
+
+
+# The live feed's cursor: "<finished_at, UTC ISO-8601>Z~<candidate id>" (opaque to clients).
+CURSOR_PATTERN = r"^[0-9T:.\-]{10,40}Z~[0-9]{1,19}$"
+
+
+def make_cursor(finished_at: datetime, candidate_id: int) -> str:
+    return f"{finished_at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%S.%f')}Z~{candidate_id}"  # no "+": URL-safe
+
+
+def parse_cursor(cursor: str | None) -> tuple[datetime, int] | None:
+    """The (finished_at, id) of a cursor; ValueError (a 422) for one that does not parse."""
+    if cursor is None:
+        return None
+    at, _, candidate_id = cursor.rpartition("~")
+    try:
+        parsed = datetime.fromisoformat(at)
+    except ValueError:
+        raise ValueError(f"since: not a cursor this API returned ({cursor!r})") from None
+    return parsed, int(candidate_id)
+
+
+class EvaluationFeed(BaseModel):
+    search_id: int
+    status: str
+    n_evaluations: int
+    budget: int | None
+    items: list[CandidateSummary] = Field(description="finished after the cursor, oldest first")
+    next: str | None = Field(None, description="pass as `since` to get what finishes next")
+
+
+class LineageItem(BaseModel):
+    id: int
+    generation: int
+    mutation: dict[str, Any] | None
+    val_bpb: float | None
+    decode_ms: float | None
 
 
 class OperatorOut(BaseModel):

@@ -38,12 +38,15 @@ def _storage(db: str | None):
 def executor_factory(data_dir: Path):
     """Build the configured executor for a search (the engine calls this once per run)."""
     def make(config):
+        from api.settings import get_settings
         from search.executors import InlineExecutor, RayExecutor
         lock_dir = str(data_dir / "locks")
+        roots = tuple(str(p.expanduser().resolve()) for p in get_settings().data_roots)
         if config.executor == "inline":
-            return InlineExecutor(str(data_dir), threads=int(config.cpus_per_worker), lock_dir=lock_dir)
+            return InlineExecutor(str(data_dir), threads=int(config.cpus_per_worker), lock_dir=lock_dir,
+                                  data_roots=roots)
         return RayExecutor(str(data_dir), config.workers, config.cpus_per_worker, config.gpus_per_worker,
-                           config.timeout_s, lock_dir=lock_dir)
+                           config.timeout_s, lock_dir=lock_dir, data_roots=roots)
     return make
 
 

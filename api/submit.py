@@ -1,7 +1,9 @@
 """Submitting a search: the one path the REST route, the scheduler and the demo share."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from api.schemas import SearchCreate
 from search.storage import JobRecord, Storage
@@ -21,9 +23,33 @@ class Submitted:
     replayed: bool  # an Idempotency-Key matched an earlier request: no new search
 
 
+def check_data_paths(body: SearchCreate, data_roots: Sequence[Path]) -> SearchCreate:
+    """Corpus, tokenizer and latency-table paths must resolve inside the configured data roots (no `../` or link
+    escapes). The body back, with the latency table's path made absolute (the coordinator reads it)."""
+    from proxies.corpus import CorpusError, resolve_data_path
+    data = body.data
+    paths = [("data.corpus", data.corpus[3:] if data.corpus.startswith("hf:") else data.corpus)]
+    if data.tokenizer.startswith("file:"):
+        paths.append(("data.tokenizer", data.tokenizer[5:]))
+    if body.latency_lut:
+        paths.append(("latency_lut", body.latency_lut))
+    for field, raw in paths:
+        if field == "data.corpus" and raw == "stdlib":
+            continue
+        try:
+            resolved = resolve_data_path(raw, data_roots)
+        except CorpusError as exc:
+            raise SubmitError(field, str(exc)) from None
+        if field == "latency_lut":
+            body = body.model_copy(update={"latency_lut": str(resolved)})
+    return body
+
+
 def submit_search(storage: Storage, body: SearchCreate, *, idempotency_key: str | None = None,
-                  schedule_id: int | None = None) -> Submitted:
+                  schedule_id: int | None = None, data_roots: Sequence[Path] | None = None) -> Submitted:
     """Store a validated search config as a queued job (a runner takes it from the queue)."""
+    if data_roots is not None:
+        body = check_data_paths(body, data_roots)
     config = body.search_config()
     if body.warm_start_job is not None and storage.get_job(body.warm_start_job) is None:
         raise SubmitError("warm_start_job", f"no search {body.warm_start_job} to warm-start from")

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -40,6 +41,21 @@ class SpaceSettings(BaseModel):
         return SearchSpace(**settings)
 
 
+class DataSettings(BaseModel):
+    """Where the training text comes from (the worker's `proxies.dataset.DataConfig`). A corpus path must resolve
+    inside the configured data roots: the service checks it at submission, the worker again when it loads."""
+
+    model_config = ConfigDict(extra="forbid")
+    corpus: str = Field("stdlib", min_length=1, max_length=4096, pattern=r"^[^\x00]+$",
+                        description='"stdlib" (the embedded default), a file/folder/JSONL path, or "hf:PATH"')
+    text_field: str = Field("text", min_length=1, max_length=200, description="JSONL / datasets text column")
+    tokenizer: str = Field("bytes", max_length=4096, pattern=r"^(bytes|bpe:[0-9]{3,7}|file:[^\x00]+)$",
+                           description='"bytes", "bpe:VOCAB" or "file:PATH" (a tokenizer.json)')
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    split_seed: int = Field(0, ge=0, le=2**31 - 1)
+    min_val_tokens: int = Field(4096, ge=1, le=10**9)
+
+
 class Constraints(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_decode_ms: float | None = Field(None, gt=0)
@@ -51,7 +67,8 @@ class SearchConfig(BaseModel):
     name: str | None = Field(None, max_length=200)
     space: SpaceSettings = Field(default_factory=SpaceSettings)
     strategy: str = "pareto-aging"
-    strategy_options: dict[str, Any] = Field(default_factory=dict)
+    strategy_options: dict[str, Any] = Field(default_factory=dict, max_length=32,
+                                             description="the strategy's own settings (population_size, ...)")
     objectives: tuple[str, str] = ("val_bpb", "decode_ms")
     budget: int = Field(16, ge=1, le=100_000, description="evaluations (a reused result counts as one)")
     reused_counts: bool = True
@@ -63,13 +80,32 @@ class SearchConfig(BaseModel):
     proxy: dict[str, Any] = Field(default_factory=lambda: {"steps": 100})
     latency: dict[str, Any] = Field(default_factory=lambda: {"prompt_len": 128, "decode_tokens": 32, "repeats": 3,
                                                              "throughput": False})
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: DataSettings = Field(default_factory=DataSettings)
     executor: Literal["ray", "inline"] = "ray"
     workers: int = Field(2, ge=1, le=1024)
     cpus_per_worker: float = Field(1, gt=0, le=256)
     gpus_per_worker: float = Field(0, ge=0, le=8)
     timeout_s: float = Field(1800, gt=0, le=7 * 24 * 3600, description="per evaluation")
     max_retries: int = Field(1, ge=0, le=10)
+    latency_lut: str | None = Field(None, min_length=1, max_length=4096, pattern=r"^[^\x00]+$",
+                                    description="a latency table (`hybridnas latency build-lut`): the "
+                                                "latency-target strategy's width rule reads it")
+    hypervolume_bounds: dict[str, tuple[float, float]] | None = Field(
+        None, description="per objective [lower, upper] of the normalized hypervolume space (fixed for the "
+                          "search; searches compare only with equal bounds). Default: lower 0, upper 1.2 x the "
+                          "largest value in the initial population's results (the presets, by default)")
+
+    @field_validator("hypervolume_bounds")
+    @classmethod
+    def _bounds(cls, value):
+        if value is None:
+            return value
+        for name, (lower, upper) in value.items():
+            if name not in OBJECTIVES:
+                raise ValueError(f"unknown objective {name!r} (known: {', '.join(OBJECTIVES)})")
+            if not (math.isfinite(lower) and math.isfinite(upper) and upper > lower):
+                raise ValueError(f"{name}: need finite lower < upper, got [{lower}, {upper}]")
+        return value
 
     @field_validator("objectives")
     @classmethod
@@ -90,11 +126,30 @@ class SearchConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _bounds_cover_objectives(self):
+        if self.hypervolume_bounds is not None and set(self.hypervolume_bounds) != set(self.objectives):
+            raise ValueError(f"hypervolume_bounds: give exactly the objectives {list(self.objectives)}")
+        return self
+
+    @model_validator(mode="after")
     def _space_builds(self):
         try:
-            self.build_space()
+            space = self.build_space()
         except SpaceError as exc:
             raise ValueError(f"space.{exc.field}: {exc.reason}") from None
+        # The strategy is built once here so bad options (an unknown name, a population larger than the space,
+        # a budget no layout can meet) are refused at submission, not when a runner starts the search.
+        if self.strategy == "latency-target":  # its table is read when the search starts (a path check first)
+            if not self.latency_lut:
+                raise ValueError("latency_lut: the latency-target strategy needs a latency table (a file written "
+                                 "by `hybridnas latency build-lut`)")
+            return self
+        from search.strategies import make_strategy
+        try:
+            make_strategy(self.strategy, space, objectives=tuple(self.objectives), seed=self.seed,
+                          constraints=self.constraints.model_dump(), **self.strategy_options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"strategy_options: {exc}") from None
         return self
 
     def build_space(self) -> SearchSpace:

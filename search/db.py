@@ -50,7 +50,7 @@ JOB_TERMINAL_STATUSES = ("completed", "failed", "cancelled", "archived")
 CANDIDATE_STATUSES = ("pending", "running", "completed", "failed", "reused")
 CANDIDATE_DONE_STATUSES = ("completed", "reused")  # a result is there: may be on the Pareto front
 RESULT_STATUSES = ("completed", "failed")
-SCHEDULE_FIRE_STATUSES = ("fired", "missed", "skipped")
+SCHEDULE_FIRE_STATUSES = ("fired", "missed", "skipped", "failed")  # failed: the template no longer validates
 
 KEY_LENGTH = 128  # sha256 hex keys are 64 characters; room for other digests
 

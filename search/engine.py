@@ -59,8 +59,12 @@ def initial_layouts(config: SearchConfig, space, storage) -> list[Layout]:
 
 class SearchEngine:
     def __init__(self, storage, job_id: int, executor_factory: Callable[[SearchConfig], object],
-                 stop: threading.Event | None = None, on_progress: Callable[[Progress], None] | None = None):
+                 stop: threading.Event | None = None, on_progress: Callable[[Progress], None] | None = None,
+                 lease_owner: str | None = None):
         self.storage, self.job_id = storage, job_id
+        # Under a service runner's lease, status changes go through the lease: a runner that lost the job
+        # (cancelled, or taken over after its lease lapsed) writes no status.
+        self.lease_owner = lease_owner
         self.executor_factory = executor_factory
         self.stop = stop or threading.Event()
         self.on_progress = on_progress
@@ -74,9 +78,13 @@ class SearchEngine:
     # ---- strategy state ------------------------------------------------------------------------------------
     def _strategy(self):
         config = self.config
+        options = dict(config.strategy_options)
+        if config.latency_lut:
+            from search.latency_model import LatencyTable
+            options["latency_table"] = LatencyTable.load(config.latency_lut)
         strategy = make_strategy(config.strategy, self.space, objectives=tuple(config.objectives), seed=config.seed,
                                  initial=initial_layouts(config, self.space, self.storage),
-                                 constraints=config.constraints.model_dump(), **config.strategy_options)
+                                 constraints=config.constraints.model_dump(), **options)
         state = self.storage.load_strategy_state(self.job_id)
         if state:
             strategy.load_state_dict(state["strategy"])
@@ -96,7 +104,8 @@ class SearchEngine:
         requeued = storage.reset_running(self.job_id)  # in flight at a crash: rerun (attempts were counted)
         if requeued:
             log.info("resuming: %d evaluation(s) in flight at the stop go again", len(requeued))
-        storage.set_job_status(self.job_id, "running")
+        if self.lease_owner is None:
+            storage.set_job_status(self.job_id, "running")
         executor = self.executor_factory(config)
         cycle = config.cycle or executor.capacity
         try:
@@ -113,17 +122,26 @@ class SearchEngine:
                     self._handle(outcome, strategy, executor)
             status = "completed" if self._count_done() >= config.budget else "queued"
             if self.stop.is_set():  # running evaluations are abandoned (shutdown below kills them) and rerun on resume
+                if getattr(self.stop, "lost", False):  # another runner owns the job now: touch nothing of it
+                    return self._progress()
                 storage.reset_running(self.job_id)
                 status = "cancelled" if getattr(self.stop, "cancel", False) else "queued"
-            storage.set_job_status(self.job_id, status)
+            self._set_status(status)
         except BaseException as exc:
             storage.reset_running(self.job_id)
-            storage.set_job_status(self.job_id, "queued" if isinstance(exc, KeyboardInterrupt) else "failed",
-                                   error=None if isinstance(exc, KeyboardInterrupt) else repr(exc))
+            self._set_status("queued" if isinstance(exc, KeyboardInterrupt) else "failed",
+                             error=None if isinstance(exc, KeyboardInterrupt) else repr(exc))
             raise
         finally:
             executor.shutdown()
         return self._progress()
+
+    def _set_status(self, status: str, error: str | None = None) -> None:
+        if self.lease_owner is None:
+            self.storage.set_job_status(self.job_id, status, error=error)
+        elif not self.storage.release_job(self.job_id, self.lease_owner, status, error=error):
+            log.info("job %d: no longer held by %s; its status stays as others set it", self.job_id,
+                     self.lease_owner)
 
     def _count_done(self) -> int:
         counted = ("completed", "failed", "reused") if self.config.reused_counts else ("completed", "failed")
@@ -131,7 +149,7 @@ class SearchEngine:
 
     def _payload(self, layout_json: str, train: bool = True, measure_latency: bool = True) -> dict:
         c = self.config
-        return {"layout": layout_json, "proxy": c.proxy, "latency": c.latency, "data": c.data,
+        return {"layout": layout_json, "proxy": c.proxy, "latency": c.latency, "data": c.data.model_dump(),
                 "train": train, "measure_latency": measure_latency}
 
     def _fill(self, executor, strategy, room: int, cycle: int) -> None:
@@ -193,7 +211,8 @@ class SearchEngine:
         training_key, latency_key = payload.get("keys", {}).get("training_key"), payload.get("keys", {}).get("latency_key")
         if result.get("training") and result["training"].get("status") == "completed":
             self.storage.put_training_result(result["training_key"], layout_hash=cand.layout_hash,
-                                             val_bpb=result["training"]["val_bpb"], result=result["training"],
+                                             val_bpb=result["training"]["val_bpb"],
+                                             result={**result["training"], "log_tail": result.get("log_tail") or []},
                                              artifact_path=result.get("artifact_path"))
             training_key = result["training_key"]
         if result.get("latency"):
@@ -203,7 +222,9 @@ class SearchEngine:
                                             result=result["latency"])
             latency_key = result["latency_key"]
         if result["status"] != "completed":
-            self.storage.fail_candidate(cand.id, result.get("failure_reason"), result.get("traceback"))
+            tail = "\n".join(result.get("log_tail") or [])
+            details = (result.get("traceback") or "") + (f"\n--- worker log, last lines ---\n{tail}" if tail else "")
+            self.storage.fail_candidate(cand.id, result.get("failure_reason"), details or None)
             strategy.tell(cand.layout_hash, None)
             self._after_tell(strategy)
             return
@@ -232,6 +253,10 @@ class SearchEngine:
         n = self._count_done()
         hv = None
         if points:
+            if self.hv_space is None and self.config.hypervolume_bounds is not None:
+                bounds = [self.config.hypervolume_bounds[name] for name in self.config.objectives]
+                self.hv_space = HypervolumeSpace(tuple(self.config.objectives), tuple(b[0] for b in bounds),
+                                                 tuple(b[1] for b in bounds))
             if self.hv_space is None and len(points) >= min(self.config.budget, self._bounds_after()):
                 # Bounds fixed once, from the initial population's results, and stored with the history.
                 uppers = tuple(1.2 * max(p[i] for p in points) for i in range(2))

@@ -33,8 +33,10 @@ class EvaluationWorker:
     kernels stay loaded across candidates."""
 
     def __init__(self, data_dir: str, threads: int | None = None, lock_dir: str | None = None,
-                 device: str | None = None):
+                 device: str | None = None, data_roots: tuple[str, ...] | None = None):
         self.data_dir, self.device = data_dir, device
+        # Corpus paths must resolve inside these (absolute: a Ray worker's working folder is not the caller's).
+        self.data_roots = tuple(data_roots) if data_roots else (os.path.abspath("."),)
         self.worker = importlib.import_module(WORKER_MODULE)
         if threads:
             torch = importlib.import_module("torch")
@@ -47,12 +49,13 @@ class EvaluationWorker:
 
     def keys(self, payload: dict) -> dict:
         return self.worker.result_keys(payload["layout"], payload.get("proxy"), payload.get("latency"),
-                                       data_config=payload.get("data"), data_dir=self.data_dir, device=self.device)
+                                       data_config=payload.get("data"), data_dir=self.data_dir, device=self.device,
+                                       data_roots=self.data_roots)
 
     def evaluate(self, payload: dict) -> dict:
         result = self.worker.evaluate(payload["layout"], payload.get("proxy"), payload.get("latency"),
                                       data_config=payload.get("data"), data_dir=self.data_dir, device=self.device,
-                                      train=payload.get("train", True),
+                                      data_roots=self.data_roots, train=payload.get("train", True),
                                       measure_latency=payload.get("measure_latency", True),
                                       device_lock=self.lock)
         return result.to_dict()
@@ -81,9 +84,10 @@ class InlineExecutor(Executor):
     """Runs each evaluation in this process when polled (unit tests; a GPU machine without Ray).
     A timeout cannot interrupt in-process work: it is enforced by the proxy's own `timeout_s`."""
 
-    def __init__(self, data_dir: str, threads: int | None = None, lock_dir: str | None = None, device: str | None = None):
+    def __init__(self, data_dir: str, threads: int | None = None, lock_dir: str | None = None, device: str | None = None,
+                 data_roots: tuple[str, ...] | None = None):
         self.capacity = 1
-        self.worker = EvaluationWorker(data_dir, threads, lock_dir, device)
+        self.worker = EvaluationWorker(data_dir, threads, lock_dir, device, data_roots)
         self.queue: list[tuple[int, dict]] = []
 
     def keys(self, payload: dict) -> dict:
@@ -123,7 +127,8 @@ class RayExecutor(Executor):
     unless RAY_ADDRESS names a cluster to join."""
 
     def __init__(self, data_dir: str, workers: int, cpus_per_worker: float = 1, gpus_per_worker: float = 0,
-                 timeout_s: float = 1800, lock_dir: str | None = None, namespace: str = "hybridnas"):
+                 timeout_s: float = 1800, lock_dir: str | None = None, namespace: str = "hybridnas",
+                 data_roots: tuple[str, ...] | None = None):
         import ray
         self.ray = ray
         self.timeout_s = timeout_s
@@ -140,7 +145,8 @@ class RayExecutor(Executor):
             self.started_ray = True
         self.actor_class = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)(EvaluationWorker)
         threads = max(1, int(cpus_per_worker))
-        self.make_actor = lambda: self.actor_class.remote(data_dir, threads, lock_dir)
+        roots = tuple(data_roots) if data_roots else (os.path.abspath("."),)
+        self.make_actor = lambda: self.actor_class.remote(data_dir, threads, lock_dir, None, roots)
         self.slots = [_Slot(self.make_actor()) for _ in range(workers)]
         self.capacity = workers
         ray.get([slot.actor.ping.remote() for slot in self.slots])  # fail early if workers cannot start

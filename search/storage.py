@@ -58,6 +58,7 @@ from search.db import (
     RESULT_STATUSES,
     utcnow,
 )
+from search.storage_schedules import ScheduleFireRecord, ScheduleRecord, ScheduleStore  # noqa: F401 - re-exported
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -65,6 +66,8 @@ DEFAULT_PAGE = 100
 # Alembic's `context` and `op` are module-level proxies: one migration at a time per process. Across processes
 # the database serializes them (see migrations/env.py).
 _ALEMBIC_LOCK = threading.Lock()
+# pg_advisory_xact_lock key that serializes job claims (any constant unique to this application).
+_CLAIM_LOCK_ID = 0x68796272
 
 
 class StorageError(RuntimeError):
@@ -247,7 +250,7 @@ def _guard_fork(engine: Engine) -> None:
             raise exc.DisconnectionError("connection made in another process")
 
 
-class Storage:
+class Storage(ScheduleStore):
     """All search and service state in one SQL database (SQLite or PostgreSQL)."""
 
     def __init__(self, url: str, *, echo: bool = False):
@@ -465,6 +468,76 @@ class Storage:
         with self.transaction() as conn:
             return conn.execute(sa_delete(db.jobs).where(db.jobs.c.id == job_id)).rowcount > 0
 
+    # ---- leases: exactly one runner owns a running job
+
+    def claim_job(self, owner: str, lease_s: float, *, kinds: Iterable[str] = ("search",),
+                  max_running: int | None = None, job_id: int | None = None,
+                  now: datetime | None = None) -> JobRecord | None:
+        """Take the next job in queue order — a queued one, or a running one whose lease has expired (its owner
+        died) — for `owner`, leased until now + lease_s; None if there is none or `max_running` jobs already
+        hold live leases. With `job_id`, only that job.
+
+        Atomic across processes: the pick and the conditional UPDATE run in one transaction (SQLite: `BEGIN
+        IMMEDIATE` holds the write lock; PostgreSQL: a transaction-scoped advisory lock serializes claimers, so
+        the concurrency count cannot race, and `FOR UPDATE SKIP LOCKED` skips rows a cancel is writing), and
+        the UPDATE re-checks the lease, its row count saying whether the claim held.
+        """
+        from datetime import timedelta
+        t = db.jobs
+        now = now or utcnow()
+        expires = now + timedelta(seconds=float(lease_s))
+        takeable = ((t.c.status == "queued")
+                    | ((t.c.status == "running") & t.c.lease_expires_at.is_not(None) & (t.c.lease_expires_at < now)))
+        with self.transaction() as conn:
+            if not self.is_sqlite:
+                conn.execute(select(func.pg_advisory_xact_lock(_CLAIM_LOCK_ID)))
+            if max_running is not None:
+                live = conn.execute(select(func.count()).select_from(t).where(
+                    t.c.status == "running", t.c.lease_expires_at >= now)).scalar_one()
+                if live >= max_running:
+                    return None
+            stmt = select(t.c.id).where(takeable, t.c.kind.in_(list(kinds)))
+            if job_id is not None:
+                stmt = stmt.where(t.c.id == job_id)
+            stmt = stmt.order_by((t.c.status == "running").desc(), t.c.priority.desc(), t.c.created_at.asc(),
+                                 t.c.id.asc()).limit(1)
+            if not self.is_sqlite:
+                stmt = stmt.with_for_update(skip_locked=True)
+            picked = conn.execute(stmt).scalar_one_or_none()
+            if picked is None:
+                return None
+            claimed = conn.execute(update(t).where(t.c.id == picked, takeable).values(
+                status="running", lease_owner=owner, lease_expires_at=expires, heartbeat_at=now,
+                started_at=func.coalesce(t.c.started_at, literal(now, db.UTCDateTime())), finished_at=None,
+                error=None)).rowcount
+            if claimed != 1:
+                return None
+            row = conn.execute(select(*_columns(JobRecord, t)).where(t.c.id == picked)).first()
+        return _record(JobRecord, row)
+
+    def renew_lease(self, job_id: int, owner: str, lease_s: float, now: datetime | None = None) -> bool:
+        """The heartbeat: extend `owner`'s lease. False when the job is no longer running under this owner
+        (cancelled, or taken over after the lease lapsed): the owner must stop."""
+        from datetime import timedelta
+        t = db.jobs
+        now = now or utcnow()
+        with self.transaction() as conn:
+            return conn.execute(update(t).where(t.c.id == job_id, t.c.lease_owner == owner, t.c.status == "running")
+                                .values(lease_expires_at=now + timedelta(seconds=float(lease_s)),
+                                        heartbeat_at=now)).rowcount == 1
+
+    def release_job(self, job_id: int, owner: str, status: str, error: str | None = None) -> bool:
+        """End `owner`'s lease, setting the job's status (queued: another runner may take it at once). False,
+        writing nothing, when the owner had lost the job (cancelled or taken over)."""
+        _check(status, JOB_STATUSES, "job status")
+        t = db.jobs
+        values: dict[str, Any] = {"status": status, "error": error, "lease_owner": None, "lease_expires_at": None}
+        if status in JOB_TERMINAL_STATUSES and status != "archived":
+            values["finished_at"] = utcnow()
+        with self.transaction() as conn:
+            return conn.execute(update(t).where(t.c.id == job_id, t.c.lease_owner == owner, t.c.status == "running")
+                                .values(**values)).rowcount == 1
+
     def _update_one(self, table: Any, where: Any, values: dict, what: str) -> None:
         with self.transaction() as conn:
             if conn.execute(update(table).where(where).values(**values)).rowcount == 0:
@@ -580,6 +653,35 @@ class Storage:
         with self._read() as conn:
             counts.update({status: int(n) for status, n in conn.execute(stmt)})
         return counts
+
+    def finished_since(self, job_id: int, after: tuple[datetime, int] | None = None,
+                       limit: int = DEFAULT_PAGE) -> list[CandidateRecord]:
+        """Candidates that finished (completed, reused or failed) after the cursor (finished_at, id), in that
+        order: the live-progress feed. Pass the last item's (finished_at, id) to get the next ones."""
+        t = db.candidates
+        stmt = select(*_columns(CandidateRecord, t)).where(t.c.job_id == job_id, t.c.finished_at.is_not(None))
+        if after is not None:
+            at, last_id = after
+            stmt = stmt.where((t.c.finished_at > at) | ((t.c.finished_at == at) & (t.c.id > last_id)))
+        stmt = stmt.order_by(t.c.finished_at.asc(), t.c.id.asc()).limit(limit)
+        with self._read() as conn:
+            return [_record(CandidateRecord, row) for row in conn.execute(stmt)]
+
+    def lineage(self, candidate_id: int, max_depth: int = 100) -> list[CandidateRecord]:
+        """The candidate's ancestors, parent first, up to `max_depth` (parents are always older: no cycles)."""
+        out: list[CandidateRecord] = []
+        current = self.get_candidate(candidate_id)
+        while current is not None and current.parent_id is not None and len(out) < max_depth:
+            current = self.get_candidate(current.parent_id)
+            if current is not None:
+                out.append(current)
+        return out
+
+    def children(self, candidate_id: int, limit: int = DEFAULT_PAGE) -> list[CandidateRecord]:
+        t = db.candidates
+        stmt = select(*_columns(CandidateRecord, t)).where(t.c.parent_id == candidate_id).order_by(t.c.id).limit(limit)
+        with self._read() as conn:
+            return [_record(CandidateRecord, row) for row in conn.execute(stmt)]
 
     def _candidate_filters(self, job_id: int, status: str | Iterable[str] | None, on_front: bool | None) -> list:
         t = db.candidates

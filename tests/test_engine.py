@@ -142,3 +142,23 @@ def test_warm_start_from_an_earlier_front(storage, tmp_path):
     first_layouts = {c.layout_hash for c in storage.candidates(second)[: len(front)]}
     assert front <= first_layouts  # the front seeds the new population, its results reused
     assert all(c.status == "reused" for c in storage.candidates(second) if c.layout_hash in front)
+
+
+def test_hypervolume_bounds_from_the_config_are_used_from_the_first_result(storage, tmp_path):
+    bounds = {"val_bpb": [0.0, 20.0], "decode_ms": [0.0, 50.0]}
+    job_id = run_search(storage, tmp_path, budget=3, hypervolume_bounds=bounds)
+    history = storage.hypervolume_history(job_id)
+    assert [h.n_evaluations for h in history] == [1, 2, 3]  # from the first evaluation, not after a population
+    state = storage.load_strategy_state(job_id)["hypervolume_space"]
+    assert list(state["upper"]) == [20.0, 50.0] and list(state["lower"]) == [0.0, 0.0]
+    from search.pareto import HypervolumeSpace
+    done = storage.candidates(job_id, status=("completed", "reused"))
+    space = HypervolumeSpace(("val_bpb", "decode_ms"), (0.0, 0.0), (20.0, 50.0))
+    assert history[-1].hypervolume == pytest.approx(space.hypervolume([[c.val_bpb, c.decode_ms] for c in done]))
+
+
+def test_hypervolume_bounds_must_match_the_objectives():
+    with pytest.raises(ValidationError, match="hypervolume_bounds"):
+        SearchConfig.model_validate({**TINY, "hypervolume_bounds": {"val_bpb": [0, 1]}})
+    with pytest.raises(ValidationError, match="lower < upper"):
+        SearchConfig.model_validate({**TINY, "hypervolume_bounds": {"val_bpb": [1, 1], "decode_ms": [0, 1]}})

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 
 from api.auth import require_read_token
 from api.routes.deps import StorageDep, candidate_or_404
-from api.schemas import MAX_ID, CandidateDetail
+from api.schemas import MAX_ID, CandidateDetail, CandidateSummary, LineageItem
 
 router = APIRouter(prefix="/api/candidates", tags=["candidates"], dependencies=[Depends(require_read_token)])
 
@@ -18,7 +18,19 @@ CandidateId = Annotated[int, Path(ge=1, le=MAX_ID, description="the candidate's 
 @router.get("/{candidate_id}", response_model=CandidateDetail)
 def get_candidate(candidate_id: CandidateId, storage: StorageDep) -> CandidateDetail:
     c = candidate_or_404(storage, candidate_id)
-    return CandidateDetail(**{name: getattr(c, name) for name in CandidateDetail.model_fields})
+    base = {name: getattr(c, name) for name in CandidateSummary.model_fields}
+    training = storage.get_training_result(c.training_key) if c.training_key else None
+    latency = storage.get_latency_result(c.latency_key) if c.latency_key else None
+    training_result = dict(training.result or {}) if training is not None else None
+    log_tail = list((training_result or {}).pop("log_tail", None) or [])
+    return CandidateDetail(
+        **base, layout=c.layout, mutation=c.mutation, objectives=c.objectives, training_key=c.training_key,
+        latency_key=c.latency_key, failure_reason=c.failure_reason, traceback=c.traceback, started_at=c.started_at,
+        lineage=[LineageItem(id=a.id, generation=a.generation, mutation=a.mutation, val_bpb=a.val_bpb,
+                             decode_ms=a.decode_ms) for a in storage.lineage(c.id)],
+        children=[child.id for child in storage.children(c.id)],
+        training=training_result, latency=latency.result if latency is not None else None,
+        device_fingerprint=latency.device_fingerprint if latency is not None else None, log_tail=log_tail)
 
 
 @router.get("/{candidate_id}/layout.json", summary="The candidate's layout (loadable by `hybridnas layouts`)")

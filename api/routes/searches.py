@@ -1,12 +1,15 @@
-"""/api/searches: submit, list, inspect, cancel, archive, delete searches; their candidates and Pareto front.
+"""/api/searches: submit, list, inspect, cancel, resume, archive, delete searches; their candidates, Pareto
+fronts (CSV too) and the live feed of finished evaluations.
 
-No runner in this slice: a submitted search is stored as a queued job, which a runner (later) picks up.
+A submitted search is a queued job; a runner (`api/runner.py`) takes it from the queue.
 """
 from __future__ import annotations
 
+import csv
+import io
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import update
 
@@ -16,7 +19,9 @@ from api.schemas import (
     MAX_ID,
     MAX_OFFSET,
     MAX_PAGE,
+    CURSOR_PATTERN,
     CandidateSummary,
+    EvaluationFeed,
     JobOut,
     Page,
     ParetoOut,
@@ -24,10 +29,15 @@ from api.schemas import (
     SearchCreated,
     SearchDetail,
     SearchOut,
+    make_cursor,
+    parse_cursor,
 )
 from api.submit import SubmitError, submit_search
 from search import db
-from search.db import CANDIDATE_STATUSES, JOB_STATUSES, utcnow
+from search.config import OBJECTIVES
+from search.db import CANDIDATE_DONE_STATUSES, CANDIDATE_STATUSES, JOB_STATUSES, utcnow
+from search.layout import Layout
+from search.pareto import pareto_front
 from search.storage import JobRecord, Storage
 
 router = APIRouter(prefix="/api/searches", tags=["searches"])
@@ -74,11 +84,12 @@ def _transition(storage: Storage, job_id: int, allowed: tuple[str, ...], target:
 
 @router.post("", status_code=201, response_model=SearchCreated, dependencies=[Depends(require_token)],
              summary="Submit a search (queued)")
-def create_search(body: SearchCreate, response: Response, storage: StorageDep,
+def create_search(body: SearchCreate, request: Request, response: Response, storage: StorageDep,
                   idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200,
                                                                 pattern=r"^[\x21-\x7e]+$")] = None) -> SearchCreated:
     try:
-        submitted = submit_search(storage, body, idempotency_key=idempotency_key)
+        submitted = submit_search(storage, body, idempotency_key=idempotency_key,
+                                  data_roots=request.app.state.settings.data_roots)
     except SubmitError as exc:
         if exc.conflict:
             raise HTTPException(409, detail=f"{exc.field} was {exc.reason}") from None
@@ -153,11 +164,85 @@ def list_candidates(search_id: SearchId, storage: StorageDep, limit: Limit = 50,
                                   offset=offset)
 
 
-@router.get("/{search_id}/pareto", response_model=ParetoOut, dependencies=[Depends(require_read_token)],
-            summary="The materialized Pareto front for the search's own objectives")
-def pareto(search_id: SearchId, storage: StorageDep) -> ParetoOut:
+@router.post("/{search_id}/resume", response_model=SearchDetail, dependencies=[Depends(require_token)],
+             summary="Put a cancelled or failed search back in the queue (idempotent for a queued or running one)")
+def resume_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
     job = job_or_404(storage, search_id)
-    objectives = list(job.config.get("objectives") or ("val_bpb", "decode_ms"))
-    order = objectives[0] if objectives and objectives[0] in SORTABLE else "id"
-    front = storage.candidates(search_id, on_front=True, order_by=order)
+    if job.status not in ("queued", "running") and not _requeue(storage, search_id):
+        job = job_or_404(storage, search_id)
+        raise HTTPException(409, detail=f"search {search_id} is {job.status}: only a cancelled or failed search "
+                                        "can be resumed")
+    return _detail(storage, job_or_404(storage, search_id))
+
+
+def _requeue(storage: Storage, job_id: int) -> bool:
+    t = db.jobs
+    with storage.transaction() as conn:
+        stmt = (update(t).where(t.c.id == job_id, t.c.kind == "search", t.c.status.in_(("cancelled", "failed")))
+                .values(status="queued", finished_at=None, error=None, lease_owner=None, lease_expires_at=None))
+        return conn.execute(stmt).rowcount > 0
+
+
+Objective = Literal[OBJECTIVES]  # type: ignore[valid-type]
+
+
+def _front(storage: Storage, job: JobRecord, x: str | None, y: str | None) -> tuple[list[str], list]:
+    """The materialized front for the search's own objectives (an indexed read), else computed on request."""
+    own = list(job.config.get("objectives") or ("val_bpb", "decode_ms"))
+    chosen = [x or own[0], y or own[1]]
+    if chosen[0] == chosen[1]:
+        raise RequestValidationError([{"loc": ("query", "y"), "type": "value_error",
+                                       "msg": "the two objectives must differ"}])
+    if sorted(chosen) == sorted(own):
+        return chosen, storage.candidates(job.id, on_front=True, order_by=chosen[0])
+    done = [c for c in storage.candidates(job.id, status=CANDIDATE_DONE_STATUSES)
+            if getattr(c, chosen[0]) is not None and getattr(c, chosen[1]) is not None]
+    keep = pareto_front([[float(getattr(c, name)) for name in chosen] for c in done]) if done else []
+    return chosen, sorted((done[i] for i in keep), key=lambda c: (getattr(c, chosen[0]), c.id))
+
+
+AxisX = Annotated[Objective | None, Query(description="first objective (default: the search's own)")]
+AxisY = Annotated[Objective | None, Query(description="second objective (default: the search's own)")]
+
+
+@router.get("/{search_id}/pareto", response_model=ParetoOut, dependencies=[Depends(require_read_token)],
+            summary="The Pareto front (every objective minimized) for the search's objectives or a chosen pair")
+def pareto(search_id: SearchId, storage: StorageDep, x: AxisX = None, y: AxisY = None) -> ParetoOut:
+    job = job_or_404(storage, search_id)
+    objectives, front = _front(storage, job, x, y)
     return ParetoOut(search_id=search_id, objectives=objectives, items=[CandidateSummary.of(c) for c in front])
+
+
+@router.get("/{search_id}/pareto.csv", dependencies=[Depends(require_read_token)], response_class=Response,
+            responses={200: {"content": {"text/csv": {}}}}, summary="The Pareto front as CSV")
+def pareto_csv(search_id: SearchId, storage: StorageDep, x: AxisX = None, y: AxisY = None) -> Response:
+    job = job_or_404(storage, search_id)
+    objectives, front = _front(storage, job, x, y)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["candidate_id", "layout_hash", "operators", "d_model", "val_bpb", "decode_ms", "n_params",
+                     "generation", "parent_id", "status"])
+    for c in front:
+        layout = Layout.from_dict(c.layout)
+        writer.writerow([c.id, c.layout_hash, layout.compact(), layout.d_model, c.val_bpb, c.decode_ms, c.n_params,
+                         c.generation, c.parent_id if c.parent_id is not None else "", c.status])
+    return Response(buffer.getvalue(), media_type="text/csv", headers={
+        "Content-Disposition": f'attachment; filename="search-{search_id}-pareto-{"-".join(objectives)}.csv"'})
+
+
+@router.get("/{search_id}/evaluations", response_model=EvaluationFeed, dependencies=[Depends(require_read_token)],
+            summary="Live progress: evaluations finished after a cursor (poll with the returned `next`)")
+def evaluations(search_id: SearchId, storage: StorageDep, limit: Limit = 50,
+                since: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN,
+                                                   description="the `next` of the previous call; none: "
+                                                               "from the start")] = None) -> EvaluationFeed:
+    job = job_or_404(storage, search_id)
+    try:
+        after = parse_cursor(since)
+    except ValueError as exc:
+        raise RequestValidationError([{"loc": ("query", "since"), "type": "value_error",
+                                       "msg": str(exc).removeprefix("since: ")}]) from None
+    rows = storage.finished_since(search_id, after, limit=limit)
+    cursor = make_cursor(rows[-1].finished_at, rows[-1].id) if rows else since
+    return EvaluationFeed(search_id=search_id, status=job.status, n_evaluations=job.n_evaluations,
+                          budget=job.budget, items=[CandidateSummary.of(c) for c in rows], next=cursor)

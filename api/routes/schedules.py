@@ -1,0 +1,107 @@
+"""/api/schedules: cron schedules of searches (create, list, inspect, change, delete) and their fire records.
+
+The scheduler (api/scheduler.py) fires them; these routes only store them. Times are UTC, with the schedule's
+local time alongside where useful.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+
+from api.auth import require_read_token, require_token
+from api.routes.deps import StorageDep
+from api.schedule_schemas import FireOut, ScheduleCreate, ScheduleOut, SchedulePatch, template_json
+from api.scheduler import local_time, next_due_time
+from api.schemas import MAX_ID, MAX_OFFSET, MAX_PAGE, Page
+from search.db import SCHEDULE_FIRE_STATUSES, utcnow
+from search.storage import ScheduleRecord, Storage
+
+router = APIRouter(prefix="/api/schedules", tags=["schedules"])
+
+ScheduleId = Annotated[int, Path(ge=1, le=MAX_ID, description="the schedule's id")]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size (at most {MAX_PAGE})")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
+FireStatus = Literal[SCHEDULE_FIRE_STATUSES]  # type: ignore[valid-type]
+
+
+def _now(request: Request) -> datetime:
+    """The app's clock (`app.state.clock`, e.g. the scheduler's in tests), else the system clock."""
+    clock = getattr(request.app.state, "clock", None)
+    return clock() if clock is not None else utcnow()
+
+
+def _schedule_or_404(storage: Storage, schedule_id: int) -> ScheduleRecord:
+    schedule = storage.get_schedule(schedule_id)
+    if schedule is None:
+        raise HTTPException(404, detail=f"no schedule {schedule_id}")
+    return schedule
+
+
+def _out(schedule: ScheduleRecord, now: datetime) -> ScheduleOut:
+    if not schedule.enabled:
+        return ScheduleOut.of(schedule, None, None)
+    due = next_due_time(schedule.cron, schedule.timezone, max(now, schedule.cursor))
+    return ScheduleOut.of(schedule, due, None if due is None else local_time(due, schedule.timezone))
+
+
+@router.post("", status_code=201, response_model=ScheduleOut, dependencies=[Depends(require_token)],
+             summary="Create a schedule (its first due time is the first one after now)")
+def create_schedule(body: ScheduleCreate, request: Request, response: Response,
+                    storage: StorageDep) -> ScheduleOut:
+    now = _now(request)
+    schedule_id = storage.create_schedule(body.name, body.cron, template_json(body.template),
+                                          timezone=body.timezone, enabled=body.enabled, warm_start=body.warm_start,
+                                          priority=body.priority, created_at=now)
+    response.headers["Location"] = f"/api/schedules/{schedule_id}"
+    return _out(_schedule_or_404(storage, schedule_id), now)
+
+
+@router.get("", response_model=Page[ScheduleOut], dependencies=[Depends(require_read_token)],
+            summary="List schedules, oldest first")
+def list_schedules(request: Request, storage: StorageDep, limit: Limit = 50, offset: Offset = 0,
+                   enabled: bool | None = None) -> Page[ScheduleOut]:
+    now = _now(request)
+    rows = storage.list_schedules(enabled=enabled, limit=limit, offset=offset)
+    return Page[ScheduleOut](items=[_out(s, now) for s in rows], total=storage.count_schedules(enabled=enabled),
+                             limit=limit, offset=offset)
+
+
+@router.get("/{schedule_id}", response_model=ScheduleOut, dependencies=[Depends(require_read_token)],
+            summary="A schedule with its next due time (UTC and local)")
+def get_schedule(schedule_id: ScheduleId, request: Request, storage: StorageDep) -> ScheduleOut:
+    return _out(_schedule_or_404(storage, schedule_id), _now(request))
+
+
+@router.patch("/{schedule_id}", response_model=ScheduleOut, dependencies=[Depends(require_token)],
+              summary="Change some fields (a template replaces the whole template)")
+def patch_schedule(schedule_id: ScheduleId, body: SchedulePatch, request: Request,
+                   storage: StorageDep) -> ScheduleOut:
+    now = _now(request)
+    changes = body.changes()
+    if not changes:
+        return _out(_schedule_or_404(storage, schedule_id), now)
+    try:
+        schedule = storage.update_schedule(schedule_id, changes, now=now)
+    except KeyError:
+        raise HTTPException(404, detail=f"no schedule {schedule_id}") from None
+    return _out(schedule, now)
+
+
+@router.delete("/{schedule_id}", status_code=204, dependencies=[Depends(require_token)],
+               summary="Delete a schedule and its fire records (the searches it queued stay)")
+def delete_schedule(schedule_id: ScheduleId, storage: StorageDep) -> Response:
+    if not storage.delete_schedule(schedule_id):
+        raise HTTPException(404, detail=f"no schedule {schedule_id}")
+    return Response(status_code=204)
+
+
+@router.get("/{schedule_id}/fires", response_model=Page[FireOut], dependencies=[Depends(require_read_token)],
+            summary="A schedule's recorded due times (fired, missed, skipped, failed), newest first")
+def list_fires(schedule_id: ScheduleId, storage: StorageDep, limit: Limit = 50, offset: Offset = 0,
+               status: FireStatus | None = None) -> Page[FireOut]:
+    schedule = _schedule_or_404(storage, schedule_id)
+    fires = storage.list_fires(schedule_id, limit=limit, offset=offset, status=status)
+    return Page[FireOut](items=[FireOut.of(f, local_time(f.due_at, schedule.timezone)) for f in fires],
+                         total=storage.count_fires(schedule_id, status=status), limit=limit, offset=offset)

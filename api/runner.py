@@ -1,0 +1,201 @@
+"""Job runners: take jobs from the queue under a lease, run them, heartbeat, hand them back on shutdown.
+
+Exactly one runner owns a running job: `Storage.claim_job` takes it atomically with a lease that the owner's
+heartbeat renews every third of the lease. A runner whose heartbeat finds the job gone (cancelled over REST, or
+taken over after the lease lapsed) stops it. When an owner dies, its lease expires and any runner — another
+coordinator, or this one restarted — takes the job and resumes it under the engine's guarantee (nothing
+completed is lost; an evaluation in flight at the death runs again at most once).
+
+Sharing: at most `max_running_jobs` jobs run at once across every coordinator on the database (live leases are
+counted inside the claim), at most `runners` in this process; the queue order is priority, then first in,
+first out (`Storage.queue`). A running job is never pre-empted. Each search brings its own worker share
+(`workers` x `cpus_per_worker` / `gpus_per_worker` of its config) as Ray actors of its own; when the local Ray
+is full, a new search's actors wait for the running ones to finish.
+
+Job kinds plug in through `JOB_HANDLERS` (the studies issue adds its kinds there).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from search.storage import JobRecord, Storage
+
+log = logging.getLogger("hybridnas.runner")
+
+
+class StopEvent(threading.Event):
+    """The engine's stop signal, saying why: `cancel` (the job was cancelled) or `lost` (another runner owns
+    it now: write nothing more); neither means a shutdown (the job goes back to the queue)."""
+
+    cancel = False
+    lost = False
+
+
+@dataclass
+class JobContext:
+    storage: Storage
+    job: JobRecord
+    owner: str
+    stop: StopEvent
+    data_dir: Path
+    executor_factory: Callable
+
+
+def run_search(ctx: JobContext) -> None:
+    from search.engine import SearchEngine
+    SearchEngine(ctx.storage, ctx.job.id, ctx.executor_factory, stop=ctx.stop, lease_owner=ctx.owner).run()
+
+
+JOB_HANDLERS: dict[str, Callable[[JobContext], None]] = {"search": run_search}
+
+
+class _Ray:
+    """One local Ray per coordinator process, shared by its jobs (each job's executor must not shut it down)."""
+
+    def __init__(self, num_cpus: int | None):
+        self.num_cpus = num_cpus
+        self.lock = threading.Lock()
+        self.started = False
+
+    def ensure(self) -> None:
+        import ray
+        with self.lock:
+            if ray.is_initialized():
+                return
+            from search.executors import _project_root
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(address=os.environ["RAY_ADDRESS"], namespace="hybridnas", log_to_driver=False)
+            else:
+                ray.init(num_cpus=self.num_cpus or os.cpu_count() or 1, namespace="hybridnas",
+                         include_dashboard=False, log_to_driver=False,
+                         runtime_env={"env_vars": {"PYTHONPATH": _project_root()}})
+            self.started = True
+
+    def shutdown(self) -> None:
+        with self.lock:
+            if self.started:
+                import ray
+                ray.shutdown()
+                self.started = False
+
+
+class JobRunner:
+    """Runs up to `slots` jobs at once in threads of this process; `start()` / `stop()` from the service."""
+
+    def __init__(self, storage: Storage, data_dir: Path, *, slots: int = 1, max_running: int = 1,
+                 lease_s: float = 30.0, poll_s: float = 1.0, ray_num_cpus: int | None = None,
+                 executor_factory: Callable | None = None, owner: str | None = None):
+        self.storage, self.data_dir = storage, Path(data_dir)
+        self.slots, self.max_running = slots, max_running
+        self.lease_s, self.poll_s = lease_s, poll_s
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.ray = _Ray(ray_num_cpus)
+        self._executor_factory = executor_factory
+        self._stopping = threading.Event()
+        self._active: dict[int, tuple[threading.Thread, StopEvent]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # ---- the executor a search gets: Ray shared by this process's jobs, or the config's inline executor
+    def executor_factory(self, config):
+        if self._executor_factory is not None:
+            return self._executor_factory(config)
+        from api.search_cli import executor_factory
+        if config.executor == "ray":
+            self.ray.ensure()
+        return executor_factory(self.data_dir)(config)
+
+    # ---- lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="hybridnas-runner", daemon=True)
+        self._thread.start()
+        log.info("runner %s: up to %d job(s) here, %d across coordinators", self.owner, self.slots,
+                 self.max_running)
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Graceful: take no more work; running jobs stop, their in-flight evaluations go back to pending and
+        the jobs back to the queue with their leases released (another coordinator may take them at once)."""
+        self._stopping.set()
+        with self._lock:
+            active = list(self._active.values())
+        for _thread, stop in active:
+            stop.set()
+        for thread, _stop in active:
+            thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.ray.shutdown()
+
+    @property
+    def running_jobs(self) -> list[int]:
+        with self._lock:
+            return [job_id for job_id, (thread, _) in self._active.items() if thread.is_alive()]
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                while self.poll_once() is not None:  # fill every free slot before sleeping
+                    pass
+            except Exception:  # the database may be restarting: log, and look again at the next poll
+                log.exception("runner %s: polling the queue failed", self.owner)
+            self._stopping.wait(self.poll_s)
+
+    def poll_once(self) -> JobRecord | None:
+        """Claim one job if a slot is free and start it in a thread; the job, or None."""
+        with self._lock:
+            self._active = {k: v for k, v in self._active.items() if v[0].is_alive()}
+            if self._stopping.is_set() or len(self._active) >= self.slots:
+                return None
+        job = self.storage.claim_job(self.owner, self.lease_s, kinds=tuple(JOB_HANDLERS),
+                                     max_running=self.max_running)
+        if job is None:
+            return None
+        stop = StopEvent()
+        thread = threading.Thread(target=self._run, args=(job, stop), name=f"hybridnas-job-{job.id}", daemon=True)
+        with self._lock:
+            self._active[job.id] = (thread, stop)
+        thread.start()
+        return job
+
+    def _run(self, job: JobRecord, stop: StopEvent) -> None:
+        log.info("job %d (%s): taken by %s", job.id, job.kind, self.owner)
+        beat_done = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(job.id, stop, beat_done), daemon=True,
+                                     name=f"hybridnas-heartbeat-{job.id}")
+        heartbeat.start()
+        ctx = JobContext(self.storage, job, self.owner, stop, self.data_dir, self.executor_factory)
+        try:
+            JOB_HANDLERS[job.kind](ctx)
+        except Exception as exc:  # the engine recorded the failure under the lease; make sure it is released
+            log.exception("job %d failed", job.id)
+            self.storage.release_job(job.id, self.owner, "failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            beat_done.set()
+            heartbeat.join()
+        log.info("job %d: %s", job.id, (self.storage.get_job(job.id) or job).status)
+
+    def _heartbeat(self, job_id: int, stop: StopEvent, done: threading.Event) -> None:
+        while not done.wait(self.lease_s / 3):
+            try:
+                held = self.storage.renew_lease(job_id, self.owner, self.lease_s)
+            except Exception:  # database unreachable: try again next beat (the lease may still hold)
+                log.warning("job %d: heartbeat failed; retrying", job_id, exc_info=True)
+                continue
+            if not held:
+                job = self.storage.get_job(job_id)
+                if job is not None and job.status == "cancelled":
+                    stop.cancel = True
+                    log.info("job %d: cancelled; stopping", job_id)
+                else:
+                    stop.lost = True
+                    log.warning("job %d: lease lost to %s; stopping without writing", job_id,
+                                job.lease_owner if job else None)
+                stop.set()
+                return
