@@ -659,6 +659,8 @@ def test_list_and_fires_are_paginated(client, api_storage, api_clock):
     (_body(template={"strategy": "nope"}), "template.strategy"),
     (_body(template={"bogus": 1}), "template.bogus"),
     (_body(template={"priority": 5}), "template.priority"),
+    (_body(template={"data": {"corpus": "../../../etc"}}), "template.data.corpus"),
+    (_body(template={"data": {"tokenizer": "file:/etc/passwd"}}), "template.data.tokenizer"),
     (_body(name=""), "name"),
     (_body(name="n" * 201), "name"),
     (_body(priority=10_000), "priority"),
@@ -676,6 +678,7 @@ def test_patch_validates_and_unknown_ids_are_404(client):
     sid = client.post("/api/schedules", json=_body(), headers=AUTH).json()["id"]
     for body, field in (({"cron": "nope"}, "cron"), ({"timezone": "Nowhere/Land"}, "timezone"),
                         ({"template": {"budget": -1}}, "template.budget"), ({"enabled": None}, "enabled"),
+                        ({"template": {"data": {"corpus": "/etc"}}}, "template.data.corpus"),
                         ({"name": None}, "name"), ({"id": 5}, "id")):
         r = client.patch(f"/api/schedules/{sid}", json=body, headers=AUTH)
         assert r.status_code == 422 and field in _fields(r), (body, r.json())

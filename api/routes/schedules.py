@@ -9,12 +9,14 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 
 from api.auth import require_read_token, require_token
 from api.routes.deps import StorageDep
 from api.schedule_schemas import FireOut, ScheduleCreate, ScheduleOut, SchedulePatch, template_json
 from api.scheduler import local_time, next_due_time
-from api.schemas import MAX_ID, MAX_OFFSET, MAX_PAGE, Page
+from api.schemas import MAX_ID, MAX_OFFSET, MAX_PAGE, Page, SearchCreate
+from api.submit import SubmitError, check_data_paths
 from search.db import SCHEDULE_FIRE_STATUSES, utcnow
 from search.storage import ScheduleRecord, Storage
 
@@ -24,6 +26,15 @@ ScheduleId = Annotated[int, Path(ge=1, le=MAX_ID, description="the schedule's id
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size (at most {MAX_PAGE})")]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
 FireStatus = Literal[SCHEDULE_FIRE_STATUSES]  # type: ignore[valid-type]
+
+
+def _checked_template(request: Request, template: SearchCreate, field: str = "template") -> SearchCreate:
+    """The template's data paths resolve inside the data roots (as for POST /api/searches)."""
+    try:
+        return check_data_paths(template, request.app.state.settings.data_roots)
+    except SubmitError as exc:
+        raise RequestValidationError([{"loc": ("body", field, *exc.field.split(".")), "type": "value_error",
+                                       "msg": exc.reason}]) from None
 
 
 def _now(request: Request) -> datetime:
@@ -51,7 +62,8 @@ def _out(schedule: ScheduleRecord, now: datetime) -> ScheduleOut:
 def create_schedule(body: ScheduleCreate, request: Request, response: Response,
                     storage: StorageDep) -> ScheduleOut:
     now = _now(request)
-    schedule_id = storage.create_schedule(body.name, body.cron, template_json(body.template),
+    template = _checked_template(request, body.template)
+    schedule_id = storage.create_schedule(body.name, body.cron, template_json(template),
                                           timezone=body.timezone, enabled=body.enabled, warm_start=body.warm_start,
                                           priority=body.priority, created_at=now)
     response.headers["Location"] = f"/api/schedules/{schedule_id}"
@@ -80,6 +92,8 @@ def patch_schedule(schedule_id: ScheduleId, body: SchedulePatch, request: Reques
                    storage: StorageDep) -> ScheduleOut:
     now = _now(request)
     changes = body.changes()
+    if body.template is not None:
+        changes["template"] = template_json(_checked_template(request, body.template))
     if not changes:
         return _out(_schedule_or_404(storage, schedule_id), now)
     try:
