@@ -30,6 +30,62 @@ from search.storage import JobRecord, Storage
 log = logging.getLogger("hybridnas.runner")
 
 
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "-"
+
+
+def owner_id(prefix: str = "") -> str:
+    """A lease owner's name: host, pid and pid namespace (so a process can tell whether a lease's owner is a
+    dead process of its own machine), plus a random part (so a reused pid is another owner)."""
+    return f"{prefix}{socket.gethostname()}:{os.getpid()}:{_pid_namespace()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_dead_here(owner: str | None) -> bool:
+    """True only when the owner was a process of this host and pid namespace that no longer exists: its job
+    can be taken at once instead of after its lease lapses. Anything uncertain is False (wait for the lease)."""
+    if not owner:
+        return False
+    parts = owner.split(":")
+    if len(parts) < 4 or not parts[-3].isdigit():
+        return False
+    host, pid, namespace = parts[-4].split("cli@")[-1], int(parts[-3]), parts[-2]
+    if host != socket.gethostname() or namespace != _pid_namespace() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def keep_lease(storage: Storage, job_id: int, owner: str, lease_s: float, stop: StopEvent,
+               done: threading.Event) -> None:
+    """The heartbeat: renew the lease every third of it until `done`; if the job is gone from this owner,
+    tell the engine why (cancelled, or lost) and stop it."""
+    while not done.wait(lease_s / 3):
+        try:
+            held = storage.renew_lease(job_id, owner, lease_s)
+        except Exception:  # database unreachable: try again next beat (the lease may still hold)
+            log.warning("job %d: heartbeat failed; retrying", job_id, exc_info=True)
+            continue
+        if not held:
+            job = storage.get_job(job_id)
+            if job is not None and job.status == "cancelled":
+                stop.cancel = True
+                log.info("job %d: cancelled; stopping", job_id)
+            else:
+                stop.lost = True
+                log.warning("job %d: lease lost to %s; stopping without writing", job_id,
+                            job.lease_owner if job else None)
+            stop.set()
+            return
+
+
 class StopEvent(threading.Event):
     """The engine's stop signal, saying why: `cancel` (the job was cancelled) or `lost` (another runner owns
     it now: write nothing more); neither means a shutdown (the job goes back to the queue)."""
@@ -95,7 +151,7 @@ class JobRunner:
         self.storage, self.data_dir = storage, Path(data_dir)
         self.slots, self.max_running = slots, max_running
         self.lease_s, self.poll_s = lease_s, poll_s
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = owner or owner_id()
         self.ray = _Ray(ray_num_cpus)
         self._executor_factory = executor_factory
         self._stopping = threading.Event()
@@ -153,8 +209,8 @@ class JobRunner:
             self._active = {k: v for k, v in self._active.items() if v[0].is_alive()}
             if self._stopping.is_set() or len(self._active) >= self.slots:
                 return None
-        job = self.storage.claim_job(self.owner, self.lease_s, kinds=tuple(JOB_HANDLERS),
-                                     max_running=self.max_running)
+        job = self._take_from_dead_owner() or self.storage.claim_job(
+            self.owner, self.lease_s, kinds=tuple(JOB_HANDLERS), max_running=self.max_running)
         if job is None:
             return None
         stop = StopEvent()
@@ -164,11 +220,24 @@ class JobRunner:
         thread.start()
         return job
 
+    def _take_from_dead_owner(self) -> JobRecord | None:
+        """A running job whose owner was a process of this machine that is gone (this coordinator before a
+        crash, a killed `hybridnas search run`): taken at once rather than after its lease lapses."""
+        for job in self.storage.list_jobs(status="running", limit=None):
+            if job.kind in JOB_HANDLERS and owner_is_dead_here(job.lease_owner):
+                taken = self.storage.claim_job(self.owner, self.lease_s, kinds=tuple(JOB_HANDLERS), job_id=job.id,
+                                               takeover_from=job.lease_owner, max_running=self.max_running)
+                if taken is not None:
+                    log.info("job %d: its owner %s died on this machine; taken over", job.id, job.lease_owner)
+                    return taken
+        return None
+
     def _run(self, job: JobRecord, stop: StopEvent) -> None:
         log.info("job %d (%s): taken by %s", job.id, job.kind, self.owner)
         beat_done = threading.Event()
-        heartbeat = threading.Thread(target=self._heartbeat, args=(job.id, stop, beat_done), daemon=True,
-                                     name=f"hybridnas-heartbeat-{job.id}")
+        heartbeat = threading.Thread(target=keep_lease, args=(self.storage, job.id, self.owner, self.lease_s, stop,
+                                                              beat_done),
+                                     daemon=True, name=f"hybridnas-heartbeat-{job.id}")
         heartbeat.start()
         ctx = JobContext(self.storage, job, self.owner, stop, self.data_dir, self.executor_factory)
         try:
@@ -181,21 +250,3 @@ class JobRunner:
             heartbeat.join()
         log.info("job %d: %s", job.id, (self.storage.get_job(job.id) or job).status)
 
-    def _heartbeat(self, job_id: int, stop: StopEvent, done: threading.Event) -> None:
-        while not done.wait(self.lease_s / 3):
-            try:
-                held = self.storage.renew_lease(job_id, self.owner, self.lease_s)
-            except Exception:  # database unreachable: try again next beat (the lease may still hold)
-                log.warning("job %d: heartbeat failed; retrying", job_id, exc_info=True)
-                continue
-            if not held:
-                job = self.storage.get_job(job_id)
-                if job is not None and job.status == "cancelled":
-                    stop.cancel = True
-                    log.info("job %d: cancelled; stopping", job_id)
-                else:
-                    stop.lost = True
-                    log.warning("job %d: lease lost to %s; stopping without writing", job_id,
-                                job.lease_owner if job else None)
-                stop.set()
-                return

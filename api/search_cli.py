@@ -71,9 +71,33 @@ def load_search_config(path: Path):
         raise typer.Exit(2)
 
 
+CLI_LEASE_S = 30.0
+
+
+def take_job(storage, job_id: int) -> str:
+    """Take the job under a lease for this command (as a service runner would), so a coordinator on the same
+    database never runs it at the same time. A job held by a process of this machine that died (a killed
+    `search run`, a crashed coordinator) is taken at once; one held by a live owner elsewhere is refused."""
+    from api.runner import owner_id, owner_is_dead_here
+    owner = owner_id("cli@")
+    job = storage.get_job(job_id)
+    takeover = job.lease_owner if job.status == "running" and (job.lease_owner is None
+                                                                or owner_is_dead_here(job.lease_owner)) else None
+    if job.status not in ("queued", "running"):
+        storage.set_job_status(job_id, "queued")  # cancelled or failed: resuming puts it back
+    if storage.claim_job(owner, CLI_LEASE_S, kinds=(job.kind,), job_id=job_id, takeover_from=takeover) is None:
+        job = storage.get_job(job_id)
+        err.print(f"[red]search {job_id} is {job.status} under {job.lease_owner} (lease until "
+                  f"{job.lease_expires_at:%H:%M:%S} UTC): stop it there, or wait for the lease to lapse[/red]")
+        raise typer.Exit(1)
+    return owner
+
+
 def run_engine(storage, job_id: int, data_dir: Path) -> None:
+    from api.runner import StopEvent, keep_lease
     from search.engine import SearchEngine
-    stop = threading.Event()
+    owner = take_job(storage, job_id)
+    stop = StopEvent()
     previous = signal.getsignal(signal.SIGINT)
 
     def on_sigint(signum, frame):  # first Ctrl-C: stop cleanly; the state stays resumable
@@ -82,18 +106,27 @@ def run_engine(storage, job_id: int, data_dir: Path) -> None:
         stop.set()
     signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGTERM, on_sigint)
+    beat_done = threading.Event()
+    heartbeat = threading.Thread(target=keep_lease, args=(storage, job_id, owner, CLI_LEASE_S, stop, beat_done),
+                                 daemon=True)
+    heartbeat.start()
     job = storage.get_job(job_id)
-    with Progress(TextColumn("search {task.fields[job]}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("failed {task.fields[failed]} reused {task.fields[reused]} HV {task.fields[hv]}"),
-                  TimeElapsedColumn(), console=err) as bar:
-        task = bar.add_task("search", total=job.budget, job=job_id, failed=0, reused=0, hv="-")
+    try:
+        with Progress(TextColumn("search {task.fields[job]}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("failed {task.fields[failed]} reused {task.fields[reused]} HV {task.fields[hv]}"),
+                      TimeElapsedColumn(), console=err) as bar:
+            task = bar.add_task("search", total=job.budget, job=job_id, failed=0, reused=0, hv="-")
 
-        def on_progress(p):
-            bar.update(task, completed=p.n_evaluations, failed=p.n_failed, reused=p.n_reused,
-                       hv=f"{p.hypervolume:.4f}" if p.hypervolume is not None else "-")
-        engine = SearchEngine(storage, job_id, executor_factory(data_dir), stop=stop, on_progress=on_progress)
-        engine.run()
-    signal.signal(signal.SIGINT, previous)
+            def on_progress(p):
+                bar.update(task, completed=p.n_evaluations, failed=p.n_failed, reused=p.n_reused,
+                           hv=f"{p.hypervolume:.4f}" if p.hypervolume is not None else "-")
+            engine = SearchEngine(storage, job_id, executor_factory(data_dir), stop=stop, on_progress=on_progress,
+                                  lease_owner=owner)
+            engine.run()
+    finally:
+        beat_done.set()
+        heartbeat.join()
+        signal.signal(signal.SIGINT, previous)
     print_front(storage, job_id)
 
 

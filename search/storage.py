@@ -471,11 +471,13 @@ class Storage(ScheduleStore):
     # ---- leases: exactly one runner owns a running job
 
     def claim_job(self, owner: str, lease_s: float, *, kinds: Iterable[str] = ("search",),
-                  max_running: int | None = None, job_id: int | None = None,
+                  max_running: int | None = None, job_id: int | None = None, takeover_from: str | None = None,
                   now: datetime | None = None) -> JobRecord | None:
         """Take the next job in queue order — a queued one, or a running one whose lease has expired (its owner
         died) — for `owner`, leased until now + lease_s; None if there is none or `max_running` jobs already
-        hold live leases. With `job_id`, only that job.
+        hold live leases. With `job_id`, only that job. `takeover_from` also takes a running job from that owner
+        whatever its lease says (the caller knows the owner is dead), or one with no lease at all (a search the
+        command line started before leases existed).
 
         Atomic across processes: the pick and the conditional UPDATE run in one transaction (SQLite: `BEGIN
         IMMEDIATE` holds the write lock; PostgreSQL: a transaction-scoped advisory lock serializes claimers, so
@@ -488,12 +490,16 @@ class Storage(ScheduleStore):
         expires = now + timedelta(seconds=float(lease_s))
         takeable = ((t.c.status == "queued")
                     | ((t.c.status == "running") & t.c.lease_expires_at.is_not(None) & (t.c.lease_expires_at < now)))
+        if takeover_from is not None:
+            takeable = takeable | ((t.c.status == "running")
+                                   & ((t.c.lease_owner == takeover_from) | t.c.lease_owner.is_(None)))
         with self.transaction() as conn:
             if not self.is_sqlite:
                 conn.execute(select(func.pg_advisory_xact_lock(_CLAIM_LOCK_ID)))
             if max_running is not None:
                 live = conn.execute(select(func.count()).select_from(t).where(
-                    t.c.status == "running", t.c.lease_expires_at >= now)).scalar_one()
+                    t.c.status == "running", t.c.lease_expires_at >= now,
+                    t.c.lease_owner != (takeover_from or ""))).scalar_one()
                 if live >= max_running:
                     return None
             stmt = select(t.c.id).where(takeable, t.c.kind.in_(list(kinds)))

@@ -2,6 +2,7 @@
 queue order, heartbeats, takeover of a dead owner's job, cancellation reaching the running engine, graceful
 stop handing the job back."""
 import json
+import os
 import threading
 import time
 from datetime import timedelta
@@ -137,3 +138,27 @@ def test_a_runner_takes_over_a_dead_owners_job_and_finishes_it(storage, tmp_path
 def test_kinds_without_a_handler_stay_queued(storage, kind):
     storage.create_job(kind, {})
     assert storage.claim_job("r", 30, kinds=("search",)) is None
+
+
+def test_a_dead_owner_of_this_machine_is_taken_over_at_once_a_live_one_is_not(storage, tmp_path):
+    import socket
+    import subprocess
+
+    from api.runner import _pid_namespace, owner_is_dead_here
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead_owner = f"{socket.gethostname()}:{gone.pid}:{_pid_namespace()}:deadbeef"
+    live_owner = f"{socket.gethostname()}:{os.getppid()}:{_pid_namespace()}:cafecafe"  # our parent lives
+    elsewhere = f"another-host:{gone.pid}:{_pid_namespace()}:0badf00d"
+    assert owner_is_dead_here(dead_owner) and not owner_is_dead_here(live_owner)
+    assert not owner_is_dead_here(elsewhere) and not owner_is_dead_here("free-form-owner")
+    jobs = {}
+    for owner in (dead_owner, live_owner, elsewhere):
+        jobs[owner] = make_job(storage)
+        assert storage.claim_job(owner, 3600, job_id=jobs[owner]).lease_owner == owner  # an hour-long lease
+    runner = inline_runner(storage, tmp_path, lease_s=30, max_running=5)
+    taken = runner._take_from_dead_owner()
+    assert taken is not None and taken.id == jobs[dead_owner] and taken.lease_owner == runner.owner
+    assert runner._take_from_dead_owner() is None  # the live and the foreign owners keep theirs
+    assert storage.get_job(jobs[live_owner]).lease_owner == live_owner
+    assert storage.get_job(jobs[elsewhere]).lease_owner == elsewhere

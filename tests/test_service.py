@@ -1,7 +1,8 @@
 """The coordinator as users run it: `hybridnas serve` (uvicorn) in a subprocess, on SQLite and PostgreSQL.
 
-- kill -9 the coordinator mid-evaluation, start it again: after the lease lapses the job resumes under the
-  engine's guarantee (nothing completed lost, an in-flight evaluation rerun at most once, no key twice);
+- kill -9 the coordinator mid-evaluation, start it again: the job resumes under the engine's guarantee
+  (nothing completed lost, an in-flight evaluation rerun at most once, no key twice) — at once, since the dead
+  owner was a process of this machine (`owner_is_dead_here`); a coordinator elsewhere would wait for the lease;
 - SIGTERM: the server exits cleanly, the job goes back to the queue with its lease released and nothing left
   running; the next coordinator takes it at once and finishes it.
 """
