@@ -79,6 +79,15 @@ def _install_handlers(app: FastAPI) -> None:
     async def _key_error(_request: Request, exc: KeyError) -> JSONResponse:
         return JSONResponse({"detail": str(exc.args[0]) if exc.args else "not found"}, status_code=404)
 
+    @app.exception_handler(sa_exc.DataError)
+    async def _out_of_range(_request: Request, exc: sa_exc.DataError) -> JSONResponse:
+        # A value the database refuses (a number out of a column's range): bad input that slipped past the
+        # schemas, never a 500.
+        log.warning("database refused a value: %s", type(exc.orig).__name__ if exc.orig else type(exc).__name__)
+        return JSONResponse({"detail": [{"loc": [], "field": "", "msg": "a value is out of the range the database "
+                                         "accepts", "type": "value_error"}],
+                             "message": "a value is out of range"}, status_code=422)
+
     @app.exception_handler(StorageError)
     async def _storage_error(_request: Request, exc: StorageError) -> JSONResponse:
         log.error("storage error: %s", exc)

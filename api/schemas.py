@@ -14,7 +14,7 @@ T = TypeVar("T")
 MAX_PAGE = 200
 MAX_OFFSET = 1_000_000_000
 MAX_DIM = 1 << 20  # any width, count or dimension in a submitted space
-MAX_ID = 2**63 - 1  # SQL BIGINT: larger ids would overflow the driver, so they are 422s, not 500s
+MAX_ID = 2**31 - 1  # the id columns are SQL INTEGER: larger ids would overflow on PostgreSQL (422, not 500)
 
 
 class SearchCreate(SearchConfig):
@@ -135,7 +135,7 @@ class ParetoOut(BaseModel):
 
 
 # The live feed's cursor: "<finished_at, UTC ISO-8601>Z~<candidate id>" (opaque to clients).
-CURSOR_PATTERN = r"^[0-9T:.\-]{10,40}Z~[0-9]{1,19}$"
+CURSOR_PATTERN = r"^[0-9T:.\-]{10,40}Z~[0-9]{1,10}$"
 
 
 def make_cursor(finished_at: datetime, candidate_id: int) -> str:
@@ -151,6 +151,8 @@ def parse_cursor(cursor: str | None) -> tuple[datetime, int] | None:
         parsed = datetime.fromisoformat(at)
     except ValueError:
         raise ValueError(f"since: not a cursor this API returned ({cursor!r})") from None
+    if not candidate_id.isdigit() or int(candidate_id) > MAX_ID:
+        raise ValueError(f"since: not a cursor this API returned ({cursor!r})")
     return parsed, int(candidate_id)
 
 

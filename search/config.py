@@ -74,9 +74,9 @@ class SearchConfig(BaseModel):
     reused_counts: bool = True
     cycle: int | None = Field(None, ge=1, le=1024, description="children proposed per cycle (default: workers)")
     initial: Literal["presets", "random"] = "presets"
-    warm_start_job: int | None = Field(None, ge=1, description="start from this search's Pareto front")
+    warm_start_job: int | None = Field(None, ge=1, le=2**31 - 1, description="start from this search's Pareto front")
     constraints: Constraints = Field(default_factory=Constraints)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds every random choice (numpy takes < 2**32)")
     proxy: dict[str, Any] = Field(default_factory=lambda: {"steps": 100})
     latency: dict[str, Any] = Field(default_factory=lambda: {"prompt_len": 128, "decode_tokens": 32, "repeats": 3,
                                                              "throughput": False})

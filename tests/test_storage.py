@@ -44,30 +44,6 @@ def test_naive_datetimes_are_refused():
 # ---------------------------------------------------------------------------------------------- migrations
 
 
-def test_migrations_upgrade_and_downgrade(db_url):
-    from alembic.autogenerate import compare_metadata
-    from alembic.runtime.migration import MigrationContext
-
-    store = Storage(db_url)
-    try:
-        assert store.schema_revision() is None
-        store.create_schema()
-        assert store.schema_revision() == store.head_revision() and store.schema_is_current()
-        assert set(inspect(store.engine).get_table_names()) == TABLES | {"alembic_version"}
-        with store.engine.connect() as conn:  # the migration and the models agree
-            diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}),
-                                     db.Base.metadata)
-        assert diffs == []
-        store.create_schema()  # idempotent
-        store.downgrade_schema("base")
-        assert store.schema_revision() is None
-        assert set(inspect(store.engine).get_table_names()) <= {"alembic_version"}
-        store.create_schema()
-        assert store.schema_is_current()
-    finally:
-        store.close()
-
-
 def test_concurrent_create_schema(db_url):
     stores = [Storage(db_url) for _ in range(3)]
     errors: list[BaseException] = []
