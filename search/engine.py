@@ -101,6 +101,7 @@ class SearchEngine:
     def run(self) -> Progress:
         storage, config = self.storage, self.config
         strategy = self._strategy()
+        self._rebuild_front()  # a crash between a result and its front update must not leave it off the front
         requeued = storage.reset_running(self.job_id)  # in flight at a crash: rerun (attempts were counted)
         if requeued:
             log.info("resuming: %d evaluation(s) in flight at the stop go again", len(requeued))
@@ -243,26 +244,42 @@ class SearchEngine:
         self.storage.complete_candidate(cand.id, training_key=training_key, latency_key=latency_key, val_bpb=val_bpb,
                                         decode_ms=decode_ms, n_params=n_params, objectives=objectives, reused=reused)
         strategy.tell(cand.layout_hash, objectives)
-        self._after_tell(strategy)
+        self._after_tell(strategy, completed_id=cand.id)
 
-    def _after_tell(self, strategy) -> None:
+    def _rebuild_front(self) -> None:
         done = self.storage.candidates(self.job_id, status=("completed", "reused"))
-        points = [[c.objectives[name] for name in self.config.objectives] for c in done]
-        front = pareto_front(points) if points else []
-        self.storage.set_front(self.job_id, [done[i].id for i in front])
+        if done:
+            keep = pareto_front([[c.objectives[name] for name in self.config.objectives] for c in done])
+            self.storage.set_front(self.job_id, [done[i].id for i in keep])
+
+    def _after_tell(self, strategy, completed_id: int | None = None) -> None:
+        """Update the materialized front incrementally (the new result against the current front: the front of
+        all results is the front of the old front plus the new point), then record hypervolume and progress. The
+        cost does not grow with the number of candidates, so a 10,000-candidate search stays cheap."""
+        names = self.config.objectives
+        front = self.storage.candidates(self.job_id, status=("completed", "reused"), on_front=True)
+        if completed_id is not None:
+            pool = [*front, self.storage.get_candidate(completed_id)]
+            keep = pareto_front([[c.objectives[name] for name in names] for c in pool])
+            front = [pool[i] for i in keep]
+            self.storage.set_front(self.job_id, [c.id for c in front])
+        points = [[c.objectives[name] for name in names] for c in front]
         n = self._count_done()
         hv = None
         if points:
             if self.hv_space is None and self.config.hypervolume_bounds is not None:
-                bounds = [self.config.hypervolume_bounds[name] for name in self.config.objectives]
-                self.hv_space = HypervolumeSpace(tuple(self.config.objectives), tuple(b[0] for b in bounds),
+                bounds = [self.config.hypervolume_bounds[name] for name in names]
+                self.hv_space = HypervolumeSpace(tuple(names), tuple(b[0] for b in bounds),
                                                  tuple(b[1] for b in bounds))
-            if self.hv_space is None and len(points) >= min(self.config.budget, self._bounds_after()):
-                # Bounds fixed once, from the initial population's results, and stored with the history.
-                uppers = tuple(1.2 * max(p[i] for p in points) for i in range(2))
-                self.hv_space = HypervolumeSpace(tuple(self.config.objectives), (0.0, 0.0), uppers)
+            if self.hv_space is None:
+                done = self.storage.candidates(self.job_id, status=("completed", "reused"))
+                if len(done) >= min(self.config.budget, self._bounds_after()):
+                    # Bounds fixed once, from the initial population's results, and stored with the history.
+                    all_points = [[c.objectives[name] for name in names] for c in done]
+                    uppers = tuple(1.2 * max(p[i] for p in all_points) for i in range(2))
+                    self.hv_space = HypervolumeSpace(tuple(names), (0.0, 0.0), uppers)
             if self.hv_space is not None:
-                hv = self.hv_space.hypervolume(points)
+                hv = self.hv_space.hypervolume(points)  # the front's hypervolume is that of every result
                 self.storage.record_hypervolume(self.job_id, n, hv)
         self.storage.update_progress(self.job_id, n)
         self._save_state(strategy)

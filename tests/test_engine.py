@@ -162,3 +162,13 @@ def test_hypervolume_bounds_must_match_the_objectives():
         SearchConfig.model_validate({**TINY, "hypervolume_bounds": {"val_bpb": [0, 1]}})
     with pytest.raises(ValidationError, match="lower < upper"):
         SearchConfig.model_validate({**TINY, "hypervolume_bounds": {"val_bpb": [1, 1], "decode_ms": [0, 1]}})
+
+
+def test_resume_rebuilds_a_front_a_crash_left_stale(storage, tmp_path):
+    job_id = run_search(storage, tmp_path, budget=4)
+    expected = {c.id for c in storage.candidates(job_id, on_front=True)}
+    storage.set_front(job_id, [])  # as if the process died between a result and its front update
+    storage.set_job_status(job_id, "queued")
+    data_dir = str(tmp_path / "data")
+    SearchEngine(storage, job_id, lambda c: InlineExecutor(data_dir, threads=1)).run()
+    assert {c.id for c in storage.candidates(job_id, on_front=True)} == expected and expected
