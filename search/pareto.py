@@ -1,4 +1,5 @@
-"""Pareto utilities for the search: non-dominated sorting, crowding distance, and hypervolume.
+"""Pareto utilities for the search: non-dominated sorting, crowding distance, hypervolume and hypervolume
+contributions (the parent-selection criterion of `pareto-aging`).
 
 Every objective is MINIMIZED; to maximize one, negate it before it reaches these functions.
 
@@ -118,6 +119,61 @@ def rank_and_crowding(points: Sequence[Point]) -> tuple[list[int], list[float]]:
         for i, d in zip(members, crowding_distance(points, members)):
             crowd[i] = d
     return ranks, crowd
+
+
+def hypervolume_contributions(points: Sequence[Point], reference: Sequence[float]) -> list[float]:
+    """Exclusive hypervolume contribution of every point: hv(points) - hv(points without it), up to `reference`
+    (same units as the points, minimization), by `moocore.hv_contributions`. Dominated points, duplicated
+    points (removing one copy loses nothing) and points not strictly better than the reference in every
+    objective contribute 0 and do not reduce the others' contributions."""
+    rows = _as_points(points)
+    ref = tuple(float(v) for v in reference)
+    if rows and len(ref) != len(rows[0]):
+        raise ValueError(f"reference has {len(ref)} values for {len(rows[0])} objectives")
+    if not all(math.isfinite(v) for v in ref):
+        raise ValueError(f"reference must be finite, got {ref}")
+    inside = [i for i, row in enumerate(rows) if all(math.isfinite(v) and v < r for v, r in zip(row, ref))]
+    out = [0.0] * len(rows)
+    if not inside:
+        return out
+    if len(ref) == 1:  # moocore needs two objectives or more: the best value owns the segment to the next one
+        values = sorted(rows[i][0] for i in inside)
+        best = values[0]
+        if len(values) == 1 or values[1] > best:
+            nxt = values[1] if len(values) > 1 else ref[0]
+            out[next(i for i in inside if rows[i][0] == best)] = nxt - best
+        return out
+    import moocore
+    import numpy as np
+    contributions = moocore.hv_contributions(np.asarray([rows[i] for i in inside], dtype=float),
+                                             ref=np.asarray(ref, dtype=float))
+    for i, c in zip(inside, contributions):
+        out[i] = max(0.0, float(c))
+    return out
+
+
+def rank_and_contribution(points: Sequence[Point], reference: float = 1.1) -> tuple[list[int], list[float]]:
+    """Pareto rank and hypervolume contribution (within the point's own front) of every point: the
+    hypervolume counterpart of `rank_and_crowding`, as SMS-EMOA ranks its population. Contributions are
+    computed in the space normalized by the points' own per-objective min and max (an objective whose values
+    are all equal normalizes to 0), with the reference point at `reference` normalized units per objective
+    (1.1: the worst value of each objective still contributes a thin slab)."""
+    rows = _as_points(points)
+    ranks = non_dominated_sort(rows)
+    if not rows:
+        return ranks, []
+    n_obj = len(rows[0])
+    lower = [min(r[m] for r in rows) for m in range(n_obj)]
+    span = [max(r[m] for r in rows) - lower[m] for m in range(n_obj)]
+    normalized = [tuple((r[m] - lower[m]) / span[m] if span[m] > 0 and math.isfinite(span[m]) else 0.0
+                        for m in range(n_obj)) for r in rows]
+    contribution = [0.0] * len(rows)
+    for rank in set(ranks):
+        members = [i for i, r in enumerate(ranks) if r == rank]
+        values = hypervolume_contributions([normalized[i] for i in members], (float(reference),) * n_obj)
+        for i, c in zip(members, values):
+            contribution[i] = c
+    return ranks, contribution
 
 
 # ---- hypervolume ---------------------------------------------------------------------------------------------

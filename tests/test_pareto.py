@@ -7,8 +7,9 @@ import random
 
 import pytest
 
-from search.pareto import (HypervolumeSpace, HypervolumeTracker, crowding_distance, dominates, non_dominated_sort,
-                           pareto_front, rank_and_crowding, same_bounds)
+from search.pareto import (HypervolumeSpace, HypervolumeTracker, crowding_distance, dominates,
+                           hypervolume_contributions, non_dominated_sort, pareto_front, rank_and_contribution,
+                           rank_and_crowding, same_bounds)
 
 
 def brute_dominates(a, b):
@@ -104,6 +105,53 @@ def test_hypervolume_3d_matches_exact_grid():
         cells = sum(1 for cell in itertools.product(range(10), repeat=3)
                     if any(all(p[m] <= cell[m] for m in range(3)) for p in points))
         assert space.hypervolume(points) == pytest.approx(cells / 1000)
+
+
+def test_hypervolume_contributions_by_hand_and_by_removal():
+    ref = (1.1, 1.1)
+    # the knee holds most of the area; the extremes only thin slabs along the reference point
+    points = [(0.0, 1.0), (0.1, 0.1), (1.0, 0.0)]
+    assert hypervolume_contributions(points, ref) == pytest.approx([0.1 * 0.1, 0.9 * 0.9, 0.1 * 0.1])
+    # dominated, duplicated and outside-the-reference points contribute 0 and leave the others unchanged
+    more = points + [(0.5, 0.5), (0.1, 0.1), (1.2, 0.05), (float("inf"), 0.0)]
+    got = hypervolume_contributions(more, ref)
+    assert got[0] == pytest.approx(0.01) and got[2] == pytest.approx(0.01)
+    assert got[1] == got[3] == got[4] == got[5] == got[6] == 0.0  # the knee is duplicated: no exclusive area
+    # = hv(front) - hv(front without the point) for front members, 0 for dominated points (which do not stand
+    # in for a removed member), on random point sets in 2 and 3 objectives
+    rng = random.Random(11)
+    for dims in (2, 3):
+        space = HypervolumeSpace(tuple("abc"[:dims]), (0.0,) * dims, (1.0,) * dims)
+        for _ in range(5):
+            pts = [tuple(rng.random() for _ in range(dims)) for _ in range(rng.randint(1, 9))]
+            front = [pts[i] for i in pareto_front(pts)]
+            whole = space.hypervolume(front)
+            expected = [whole - space.hypervolume([q for q in front if q != p]) if p in front else 0.0 for p in pts]
+            assert hypervolume_contributions(pts, (1.1,) * dims) == pytest.approx(expected, abs=1e-12)
+    # one objective: the best value owns the segment up to the next value (or the reference)
+    assert hypervolume_contributions([(0.5,), (0.2,), (0.9,)], (1.0,)) == pytest.approx([0.0, 0.3, 0.0])
+    assert hypervolume_contributions([(0.2,), (0.2,)], (1.0,)) == [0.0, 0.0]
+    assert hypervolume_contributions([], ref) == []
+    with pytest.raises(ValueError, match="reference"):
+        hypervolume_contributions(points, (1.1,))
+
+
+def test_rank_and_contribution_normalizes_by_the_points_own_range():
+    # the same shape as the hand example, in raw units: (bpb, ms) with very different scales
+    points = [(3.0, 30.0), (3.1, 12.0), (4.0, 10.0), (3.6, 25.0), (4.2, 40.0)]
+    ranks, contribution = rank_and_contribution(points)
+    assert ranks == non_dominated_sort(points) == [0, 0, 0, 1, 2]
+    lo, span = (3.0, 10.0), (1.2, 30.0)
+    norm = [((b - lo[0]) / span[0], (m - lo[1]) / span[1]) for b, m in points]
+    assert contribution[:3] == pytest.approx(hypervolume_contributions(norm[:3], (1.1, 1.1)))
+    assert contribution[3] == pytest.approx((1.1 - norm[3][0]) * (1.1 - norm[3][1]))  # alone in its front
+    assert max(range(3), key=lambda i: contribution[i]) == 1  # the knee, where crowding favours the extremes
+    crowd = rank_and_crowding(points)[1]
+    assert crowd[0] == crowd[2] == math.inf and crowd[1] < math.inf
+    # an objective whose values are all equal normalizes to 0; no points, no contributions
+    assert rank_and_contribution([(1.0, 5.0), (2.0, 5.0)]) == ([0, 1], [pytest.approx(1.1 * 1.1),
+                                                                      pytest.approx(0.1 * 1.1)])
+    assert rank_and_contribution([]) == ([], [])
 
 
 def test_space_serializes_and_compares_bounds():

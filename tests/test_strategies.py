@@ -205,6 +205,98 @@ def test_pareto_aging_evicts_the_oldest_member_off_the_front():
             assert [h for h in six if h != expected] == strategy.population
 
 
+def _population_of(values: list, **kw):
+    """A pareto-aging strategy whose whole population (sampled entirely by every tournament) has these objective
+    values, in this order."""
+    strategy = make_strategy("pareto-aging", SPACE, seed=0, population_size=len(values), sample_size=len(values),
+                             **kw)
+    first = strategy.ask(len(values))
+    for p, (bpb, ms) in zip(first, values):
+        strategy.tell(p.hash, {"val_bpb": bpb, "decode_ms": ms})
+    return strategy, [p.hash for p in first]
+
+
+def test_hypervolume_selection_picks_the_knee_of_the_front():
+    # a front of three: two extremes and the knee, plus a dominated member; in (bpb, ms) normalized by the
+    # population's ranges the knee holds most of the area (0.66 of 1.1^2), each extreme a thin slab
+    values = [(3.0, 30.0), (3.1, 12.0), (4.0, 10.0), (3.6, 25.0)]
+    strategy, hashes = _population_of(values)
+    assert strategy.selection == "hypervolume"
+    keys = strategy._selection_keys()
+    assert keys[hashes[3]][1] == 1  # the dominated member ranks after the front
+    assert strategy._tournament() == hashes[1]
+    assert {p.parent_hash for p in strategy.ask(3)} == {hashes[1]}
+    # crowding distance (the rule before) gives both extremes infinite distance: the knee is never the parent
+    crowding, hashes = _population_of(values, selection="crowding")
+    assert crowding._tournament() in {hashes[0], hashes[2]}
+    assert hashes[1] not in {p.parent_hash for p in crowding.ask(3)}
+    with pytest.raises(ValueError, match="selection"):
+        make_strategy("pareto-aging", SPACE, selection="hv")
+
+
+def test_mutation_mix_adapts_to_successes_and_keeps_every_kind():
+    strategy, hashes = _population_of([(3.0, 30.0), (3.1, 12.0), (4.0, 10.0)])
+    assert strategy.mutation_kinds == ("operator", "ratio", "blocks", "width")  # one FFN count: no "ffn"
+    assert strategy.mutation_weights() == pytest.approx(dict.fromkeys(strategy.mutation_kinds, 0.25))
+    strategy.mutation_outcomes = [["width", 1]] * 8 + [["operator", 0]] * 8
+    # rates (1 + wins) / (2 + trials): width 0.9, operator 0.1, ratio and blocks 0.5 (no trials), sum 2.0;
+    # weights 0.8 x rate / 2.0 + 0.2 / 4
+    expected = {"operator": 0.09, "ratio": 0.25, "blocks": 0.25, "width": 0.41}
+    assert strategy.mutation_weights() == pytest.approx(expected)
+    parent = strategy.layout_of(hashes[1])
+    kinds = [strategy._mutate(parent)[1].kind for _ in range(400)]
+    assert kinds.count("width") > 2 * kinds.count("operator") > 0 and kinds.count("ratio") > 0
+    assert set(kinds) == set(strategy.mutation_kinds)
+    # the paper's uniform mix when adaptation is off: nothing is recorded, every kind equally likely
+    plain, _ = _population_of([(3.0, 30.0), (3.1, 12.0), (4.0, 10.0)], adapt_mutations=False)
+    run(plain, 12)
+    assert plain.mutation_outcomes == [] and set(plain.mutation_weights().values()) == {0.25}
+    with pytest.raises(ValueError, match="mutation_window"):
+        make_strategy("pareto-aging", SPACE, mutation_window=0)
+    with pytest.raises(ValueError, match="mutation_exploration"):
+        make_strategy("pareto-aging", SPACE, mutation_exploration=1.5)
+    with pytest.raises(ValueError, match="adapt_mutations"):
+        make_strategy("latency-target", SPACE, **settings("latency-target"), adapt_mutations=True)
+    assert not make_strategy("latency-target", SPACE, **settings("latency-target")).adapt_mutations
+
+
+def test_mutation_outcomes_credit_children_that_enter_the_front():
+    strategy, hashes = _population_of([(3.0, 30.0), (3.1, 12.0), (4.0, 10.0)], mutation_window=3)
+    told = []
+    for result in ({"val_bpb": 2.9, "decode_ms": 9.0},    # dominates the whole population: a success
+                   {"val_bpb": 5.0, "decode_ms": 50.0},   # dominated: no success
+                   {"val_bpb": 2.9, "decode_ms": 9.0},    # equal to a member: no success
+                   None,                                  # failed: no success
+                   {"val_bpb": 3.05, "decode_ms": 8.5}):  # a new trade-off: a success
+        (child,) = strategy.ask(1)
+        strategy.tell(child.hash, result)
+        told.append([child.mutation["kind"], 0])
+    told[0][1] = told[4][1] = 1
+    assert strategy.mutation_outcomes == told[-3:]  # the window keeps the last 3
+    # a child violating a measured constraint is no success either
+    limited, _ = _population_of([(3.0, 30.0), (3.1, 12.0), (4.0, 10.0)], constraints=Constraints(max_decode_ms=35.0))
+    (child,) = limited.ask(1)
+    limited.tell(child.hash, {"val_bpb": 2.0, "decode_ms": 40.0})
+    assert limited.mutation_outcomes == [[child.mutation["kind"], 0]]
+
+
+def test_pareto_aging_resume_restores_the_mutation_mix():
+    uninterrupted, log = make_strategy("pareto-aging", SPACE, **settings("pareto-aging", seed=9)), []
+    _drive(uninterrupted, 16, log)
+    state = json.loads(json.dumps(uninterrupted.state_dict()))
+    assert len(state["mutation_outcomes"]) > 5 and any(s for _, s in state["mutation_outcomes"])
+    resumed = make_strategy("pareto-aging", SPACE, **settings("pareto-aging", seed=9))
+    resumed.load_state_dict(state)
+    assert resumed.mutation_weights() == uninterrupted.mutation_weights() != \
+        make_strategy("pareto-aging", SPACE, **settings("pareto-aging", seed=9)).mutation_weights()
+    assert [p.hash for p in resumed.ask(4)] == [p.hash for p in uninterrupted.ask(4)]
+    # a state saved before the adaptive mix (no outcomes) still loads: the mix starts uniform
+    old = {k: v for k, v in state.items() if k != "mutation_outcomes"}
+    older = make_strategy("pareto-aging", SPACE, **settings("pareto-aging", seed=9))
+    older.load_state_dict(old)
+    assert older.mutation_outcomes == [] and older.ask(2)
+
+
 def test_initial_layouts_come_first_and_warm_start():
     initial = [SPACE.sample_layout(__import__("random").Random(s)) for s in range(3)]
     initial.append(get_preset("nemotron-flash-1b-mini"))  # outside the grammar: operator-level mutations
