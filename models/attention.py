@@ -34,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Operator
-from .common import apply_rope, rope_frequencies
+from .common import (apply_rope_reference, cached_arange, cached_cat, rope_compute_dtype, rope_cos_sin,
+                     rope_frequencies, rope_rotate, rope_signed_frequencies, rope_table)
 
 log = logging.getLogger("hybridnas.attention")
 
@@ -167,7 +168,8 @@ class Attention(Operator):
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
-        # Not a buffer: `model.to(bfloat16)` must not round the frequencies. One float64 copy per device.
+        # Not a buffer: `model.to(bfloat16)` must not round the frequencies. The cos/sin rows come from a table
+        # shared by every module with these frequencies (`models.common.rope_table`, per device and dtype).
         self._inv_freq = {"cpu": rope_frequencies(head_dim, rope_base)} if rope else {}
 
     @property
@@ -179,22 +181,53 @@ class Attention(Operator):
         return d_model * head_dim * (2 * n_heads + 2 * n_kv_heads)
 
     # ---- projections -------------------------------------------------------------------------------------
-    def _inv_freq_on(self, device) -> torch.Tensor:
-        key = str(device)
-        if key not in self._inv_freq:
-            self._inv_freq[key] = self._inv_freq["cpu"].to(device)
-        return self._inv_freq[key]
+    def _rope_rows(self, start: int, T: int, x: torch.Tensor) -> torch.Tensor:
+        """RoPE rotation rows (T, 2, hd) of positions start .. start+T-1 (a slice of the table: no kernel)."""
+        table = rope_table(self._inv_freq["cpu"], start + T, x.device, rope_compute_dtype(x.dtype))
+        return table[start:start + T]
 
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
-        """x (B, T, d) -> q (B, H, T, hd), k, v (B, Hkv, T, hd), RoPE applied at `positions` (T,)."""
+    def _qkv(self, x: torch.Tensor, start: int):
+        """x (B, T, d) -> q (B, H, T, hd), k, v (B, Hkv, T, hd), RoPE applied at positions start .. start+T-1."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.rope:
-            inv_freq = self._inv_freq_on(x.device)
-            q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)
+            cs = self._rope_rows(start, T, x)
+            q, k = rope_rotate(q, cs), rope_rotate(k, cs)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _qkv_step(self, x: torch.Tensor, p1: torch.Tensor, cache: dict):
+        """One token x (B, d) at the device position p1 (1,) -> q (B, H, 1, hd), k, v (B, Hkv, 1, hd).
+
+        With autograd off (decode): one GEMM on the concatenated q/k/v weights (cached) and one rotation of q and
+        k together. The RoPE rows: full attention indexes the table (positions < the cache length); sliding
+        window computes them from the position (unbounded)."""
+        B = x.shape[0]
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        cs = None
+        if self.rope:
+            ct = rope_compute_dtype(x.dtype)
+            if self.window is None:
+                cs = rope_table(self._inv_freq["cpu"], cache["k"].shape[2], x.device, ct).index_select(0, p1)
+            else:
+                cs = rope_cos_sin(p1, rope_signed_frequencies(self._inv_freq["cpu"], x.device, ct))
+        if torch.is_grad_enabled():
+            x = x.unsqueeze(1)
+            q = self.q_proj(x).view(B, 1, H, hd)
+            k = self.k_proj(x).view(B, 1, Hkv, hd)
+            v = self.v_proj(x).view(B, 1, Hkv, hd)
+            if cs is not None:
+                q, k = rope_rotate(q, cs), rope_rotate(k, cs)
+        else:
+            w = cached_cat(self, "qkv", (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+            qkv = F.linear(x, w)  # (B, (H + 2 Hkv) hd)
+            nqk = (H + Hkv) * hd
+            qk = qkv[:, :nqk].view(B, 1, H + Hkv, hd)
+            v = qkv[:, nqk:].view(B, 1, Hkv, hd)
+            if cs is not None:
+                qk = rope_rotate(qk, cs)
+            q, k = qk[:, :, :H], qk[:, :, H:]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:
@@ -352,8 +385,8 @@ class Attention(Operator):
             end = start + T
             kk = cache["k"][:, :, :end].to(q.dtype)
             vv = cache["v"][:, :, :end].to(q.dtype)
-            mask = (torch.arange(end, device=q.device)[None, :]
-                    <= torch.arange(start, end, device=q.device)[:, None])
+            ar = cached_arange(end, q.device)
+            mask = ar[None, :] <= ar[start:, None]
             return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
 
@@ -361,8 +394,7 @@ class Attention(Operator):
     def forward(self, x: torch.Tensor, cache: dict | None = None, start: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         start = int(start)
-        positions = torch.arange(start, start + T, device=x.device)
-        q, k, v = self._qkv(x, positions)
+        q, k, v = self._qkv(x, start)
         if self.window is None:
             if cache is not None:
                 cache["k"][:, :, start:start + T] = k.to(cache["k"].dtype)
@@ -377,7 +409,7 @@ class Attention(Operator):
     def step(self, x: torch.Tensor, cache: dict, pos: torch.Tensor) -> torch.Tensor:
         pos = pos.reshape(()).to(device=x.device, dtype=torch.long)
         p1 = pos.reshape(1)
-        q, k, v = self._qkv(x.unsqueeze(1), p1)  # (B, H|Hkv, 1, hd)
+        q, k, v = self._qkv_step(x, p1, cache)  # (B, H|Hkv, 1, hd)
         gqa = self.n_heads != self.n_kv_heads
         if self.window is None:
             cache["k"].index_copy_(2, p1, k.to(cache["k"].dtype))
@@ -385,7 +417,7 @@ class Attention(Operator):
             if x.is_cuda:
                 # static shape over the whole buffer, no host sync (CUDA-graph capturable)
                 kk, vv = cache["k"].to(q.dtype), cache["v"].to(q.dtype)
-                mask = torch.arange(kk.shape[2], device=x.device) <= pos
+                mask = cached_arange(kk.shape[2], x.device) <= pos
                 o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask.view(1, 1, 1, -1), scale=self.scale,
                                                    enable_gqa=gqa)
             else:
@@ -410,8 +442,14 @@ class Attention(Operator):
         B, T, _ = x.shape
         dtype = x.dtype
         ct = torch.promote_types(dtype, torch.float32)
-        q, k, v = self._qkv(x, torch.arange(T, device=x.device))
-        q, k, v = q.to(ct), k.to(ct), v.to(ct)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.rope:  # the plain RoPE (the model uses the table: `_qkv`)
+            positions = torch.arange(T, device=x.device)
+            q = apply_rope_reference(q, positions, self._inv_freq["cpu"])
+            k = apply_rope_reference(k, positions, self._inv_freq["cpu"])
+        q, k, v = (t.transpose(1, 2).to(ct) for t in (q, k, v))
         G = self.n_heads // self.n_kv_heads
         k = k.repeat_interleave(G, dim=1)
         v = v.repeat_interleave(G, dim=1)

@@ -22,9 +22,22 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from models.common import drop_cat_cache
+
 
 class Operator(nn.Module):
     backend: str = "torch"
+
+    def _apply(self, fn, *args, **kwargs):
+        # `.to()`, `.cuda()`, `.half()`, ...: drop weights cached for decode (`models.common.cached_cat`).
+        drop_cat_cache(self)
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        # pickling / deepcopy: the decode caches are rebuilt on demand, not carried
+        state = self.__dict__.copy()
+        state.pop("_cat_cache", None)
+        return state
 
     def forward(self, x: torch.Tensor, cache: dict | None = None, start: int = 0) -> torch.Tensor:
         raise NotImplementedError

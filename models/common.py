@@ -1,6 +1,9 @@
-"""Building blocks shared by the operators: norms, the causal depthwise short convolution, RoPE.
+"""Building blocks shared by the operators: norms, the causal depthwise short convolution, RoPE, and the
+cached concatenation of weights that lets a decode step run one GEMM where training runs several.
 
 Every operator module in `models/` implements the same three-method interface (see `models/base.py`).
+Fast paths here have their plain-torch reference beside them (`rms_norm_reference`, `apply_rope_reference`),
+and the tests hold them equal.
 """
 from __future__ import annotations
 
@@ -18,11 +21,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 at least: bf16 rsqrt loses too much.
-        dtype = x.dtype
-        x32 = x.to(torch.promote_types(dtype, torch.float32))
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x32.to(dtype) * self.weight
+        if self.weight.dtype == x.dtype:
+            # One fused kernel on CUDA (the composite on CPU). It normalises in float32 at least, like the
+            # reference, and multiplies by the weight before the single rounding to x's dtype (the reference
+            # rounds before and after the weight: in bf16/fp16 the two differ by at most about one ulp).
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.forward_reference(x)  # mixed dtypes: the reference's type promotion
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm_reference(x, self.weight, self.eps)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Plain-torch RMSNorm over the last dim: normalise in at least float32 (bf16 rsqrt loses too much), round
+    to x's dtype, times `weight` (result dtype: x's and weight's promoted)."""
+    dtype = x.dtype
+    x32 = x.to(torch.promote_types(dtype, torch.float32))
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return x32.to(dtype) if weight is None else x32.to(dtype) * weight
 
 
 class GatedRMSNorm(nn.Module):
@@ -37,6 +53,17 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        # F.rms_norm on the float32 (at least) tensor: the same arithmetic as `forward_reference`, fewer kernels.
+        dtype = x.dtype
+        ct = torch.promote_types(dtype, torch.float32)
+        D = x.shape[-1]
+        if self.norm_before_gate:
+            y = F.rms_norm(x.to(ct), (D,), self.weight.to(ct), self.eps)
+            return (y * F.silu(gate.to(ct))).to(dtype)
+        y = F.rms_norm(x.to(ct) * F.silu(gate.to(ct)), (D,), None, self.eps)
+        return y.to(dtype) * self.weight
+
+    def forward_reference(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         ct = torch.promote_types(dtype, torch.float32)
         if self.norm_before_gate:
@@ -88,21 +115,38 @@ class ShortConv(nn.Module):
 
     def step(self, x: torch.Tensor, conv_state: torch.Tensor) -> torch.Tensor:
         # x: (B, C) one token; conv_state (B, C, size-1) updated in place (roll left, append x).
-        window = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (B, C, size)
-        conv_state.copy_(window[:, :, 1:])
-        y = (window * self.weight.squeeze(1).to(x.dtype)).sum(-1)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return F.silu(y) if self.activation else y
+        return short_conv_step(x, conv_state, self.weight.squeeze(1), self.bias, self.activation)
 
+
+def short_conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    activation: bool) -> torch.Tensor:
+    """One token of a causal depthwise conv: x (B, C), conv_state (B, C, size-1) rolled in place, weight (C, size).
+    Also runs several ShortConvs as one, on concatenated channels (`models.deltanet` does for q, k, v)."""
+    window = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (B, C, size)
+    conv_state.copy_(window[:, :, 1:])
+    y = (window * weight.to(x.dtype)).sum(-1)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return F.silu(y) if activation else y
+
+
+# --------------------------------------------------------------------------------------------------------
+# RoPE
+# --------------------------------------------------------------------------------------------------------
 
 def rope_frequencies(head_dim: int, base: float = 10000.0) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (rotate-half convention). x: (B, T, H, hd); positions: (T,) or (B, T) long."""
-    ct = torch.promote_types(x.dtype, torch.float32)
+def rope_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """RoPE angles, cos/sin and the rotation are computed in at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def apply_rope_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention), the plain reference. x: (B, T, H, hd); positions: (T,) or (B, T)
+    long; inv_freq (hd/2,) float64. Angles = position * inv_freq in the compute dtype (float32 for bf16/fp32 x)."""
+    ct = rope_compute_dtype(x.dtype)
     angles = positions.to(ct).unsqueeze(-1) * inv_freq.to(device=x.device, dtype=ct)  # (..., T, hd/2)
     if angles.dim() == 2:
         angles = angles.unsqueeze(0)
@@ -112,3 +156,122 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor)
     half = x32.shape[-1] // 2
     rotated = torch.cat([-x32[..., half:], x32[..., :half]], -1)
     return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+_ROPE_FREQS: dict[tuple, torch.Tensor] = {}
+_ROPE_TABLES: dict[tuple, list[torch.Tensor]] = {}
+ROPE_TABLE_MIN = 1024
+
+
+def _rope_key(inv_freq: torch.Tensor, device, dtype: torch.dtype) -> tuple:
+    return (tuple(inv_freq.tolist()), str(torch.device(device)), dtype)
+
+
+def rope_signed_frequencies(inv_freq: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """[-inv_freq | inv_freq] (hd,) in `dtype` on `device`, made once (a captured CUDA graph may hold it)."""
+    key = _rope_key(inv_freq, device, dtype)
+    f = _ROPE_FREQS.get(key)
+    if f is None:
+        with torch.no_grad(), torch.inference_mode(False):
+            f = inv_freq.to(device=device, dtype=dtype)
+            f = _ROPE_FREQS[key] = torch.cat([-f, f])
+    return f
+
+
+def rope_cos_sin(positions: torch.Tensor, signed_freq: torch.Tensor) -> torch.Tensor:
+    """Rows of the rotation at `positions` (any shape P, long): (*P, 2, hd) in signed_freq's dtype, row 0 =
+    [cos | cos], row 1 = [-sin | sin] of the angles position * inv_freq (computed as `apply_rope_reference`
+    does). `signed_freq` from `rope_signed_frequencies`.
+
+    The sign sits in the frequencies: sin(-a) = -sin(a), cos(-a) = cos(a) and (-f) * p = -(f * p) exactly, so
+    the values are the reference's. Used to build the table, and directly from a device position where no
+    table bound holds (sliding-window decode: positions are unbounded)."""
+    angles = positions.to(signed_freq.dtype).unsqueeze(-1) * signed_freq  # (*P, hd)
+    return torch.stack([angles.cos(), angles.sin()], -2)
+
+
+def rope_table(inv_freq: torch.Tensor, length: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """`rope_cos_sin` at positions 0 .. L-1 for some L >= length: (L, 2, hd) in `dtype` on `device`.
+
+    Computed once per (frequencies, device, dtype) and grown (to a power of two) when a longer one is needed.
+    Not a module buffer on purpose: `model.to(torch.bfloat16)` must not round it, and state dicts and parameter
+    counts stay as they are. Shorter tables are kept, never freed, so that a captured CUDA graph holding one
+    stays valid."""
+    key = _rope_key(inv_freq, device, dtype)
+    tables = _ROPE_TABLES.setdefault(key, [])
+    if tables and tables[-1].shape[0] >= length:
+        return tables[-1]
+    n = max(ROPE_TABLE_MIN, 1 << max(0, int(length) - 1).bit_length())
+    signed = rope_signed_frequencies(inv_freq, device, dtype)
+    with torch.no_grad(), torch.inference_mode(False):
+        table = rope_cos_sin(torch.arange(n, device=device), signed)
+    tables.append(table)
+    return table
+
+
+def rope_rotate(x: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """Apply the rotation rows `cs` (T, 2, hd) (from `rope_table` / `rope_cos_sin`) to x (B, T, H, hd).
+
+    x * [cos|cos] + [x2|x1] * [-sin|sin] (the reference's x * cos + [-x2|x1] * sin, the sign moved, exactly),
+    products in cs's dtype, the sum of the two rounded to x's dtype: one cat, one mul, one sum, one cast."""
+    half = x.shape[-1] // 2
+    xr = torch.cat([x, x[..., half:], x[..., :half]], -1).unflatten(-1, (2, -1))  # (B, T, H, 2, hd)
+    return (xr * cs.unsqueeze(-3)).sum(-2).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """As `apply_rope_reference` (positions (T,) long), through `rope_cos_sin` + `rope_rotate`."""
+    signed = rope_signed_frequencies(inv_freq, x.device, rope_compute_dtype(x.dtype))
+    return rope_rotate(x, rope_cos_sin(positions, signed))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Cached helpers for the decode step
+# --------------------------------------------------------------------------------------------------------
+
+_ARANGES: dict[str, list[torch.Tensor]] = {}
+
+
+def cached_arange(n: int, device) -> torch.Tensor:
+    """torch.arange(n) (long) on `device`: a view of one table per device, grown to a power of two when needed.
+    Shorter tables are kept, never freed (a captured CUDA graph may hold one)."""
+    n = int(n)
+    tables = _ARANGES.setdefault(str(torch.device(device)), [])
+    if not tables or tables[-1].shape[0] < n:
+        size = max(ROPE_TABLE_MIN, 1 << max(0, n - 1).bit_length())
+        with torch.no_grad(), torch.inference_mode(False):
+            tables.append(torch.arange(size, device=device))
+    return tables[-1][:n]
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def cached_cat(owner: nn.Module, name: str, tensors, dim: int = 0) -> torch.Tensor:
+    """torch.cat(tensors, dim) of `owner`'s weights, computed once and reused while none of them changes.
+
+    For inference (autograd off) only: e.g. the q, k, v projection weights as one matrix, so that a decode step
+    runs one GEMM. The cache is refreshed when a tensor is modified in place (its version counter moves: an
+    optimizer step, `load_state_dict`, weight normalization) or replaced (another data pointer: `.to()`,
+    `param.data = ...`); the sources are held, so a freed weight's address cannot come back under a new
+    tensor unnoticed. `Operator._apply` (every `.to()`, `.cuda()`, `.half()`) drops the cache. Not a buffer: no
+    change to state dicts or parameter counts."""
+    tensors = tuple(tensors)
+    sig = tuple((t.data_ptr(), _version(t), t.dtype, t.device, t.shape) for t in tensors)
+    store = owner.__dict__.setdefault("_cat_cache", {})
+    hit = store.get(name)
+    if hit is not None and hit[0] == sig and all(v[1] is not None for v in sig):
+        return hit[1]
+    with torch.no_grad():
+        sources = tuple(t.detach() for t in tensors)
+        out = torch.cat(sources, dim)
+    store[name] = (sig, out, sources)
+    return out
+
+
+def drop_cat_cache(owner: nn.Module) -> None:
+    owner.__dict__.pop("_cat_cache", None)

@@ -10,9 +10,17 @@ GatedDeltaNet = fla.layers.GatedDeltaNet(expand_v=1, use_gate=True, use_short_co
 The mixing itself is `models.ops.delta_rule` on the torch path and fla's `chunk_*delta_rule` kernels on the
 fla path (CUDA only; never imported on the CPU path). Both take q, k already L2-normalised by this module
 (fla's l2norm: x / sqrt(sum x^2 + 1e-6)), scale = 1/sqrt(head_dim), state (B, H, K, V) in the state dtype.
+
+The decode step (`step`), with autograd off, runs every projection that reads x as one GEMM (cached
+concatenated weights) and the q, k, v short convs as one (their cache states are views of one buffer), and on
+CUDA the mixing as ONE fla kernel, `fused_recurrent_gated_delta_rule` (forward only; for DeltaNet with no gate):
+the q/k L2 norm, beta's sigmoid and Gated DeltaNet's decay -exp(A_log) * softplus(a + dt_bias) are computed
+inside it. The torch step (`delta_rule_step`) is the reference beside it and mixes whenever the kernel is not
+taken (autograd on, CPU, float64, backend "torch", or the kernel raised once: logged, torch from then on).
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -21,7 +29,7 @@ import torch.nn.functional as F
 
 from models import kernels
 from models.base import Operator, state_dtype
-from models.common import GatedRMSNorm, RMSNorm, ShortConv
+from models.common import GatedRMSNorm, RMSNorm, ShortConv, cached_cat, short_conv_step
 from models.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
 
 NORM_EPS = 1e-5       # fla's norm_eps default for both layers
@@ -36,6 +44,25 @@ def l2norm(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
 
 
 _FLA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+log = logging.getLogger("hybridnas.deltanet")
+_fla_step_failed = False  # set (process-wide) if the fused recurrent kernel raised once: torch steps from then on
+
+
+def joint_conv_state(cache: dict) -> torch.Tensor | None:
+    """The (B, 3C, size-1) buffer whose channel blocks are cache["q_conv"], ["k_conv"], ["v_conv"] (as
+    `init_cache` makes them), or None if they are separate tensors."""
+    q, k, v = cache["q_conv"], cache["k_conv"], cache["v_conv"]
+    base = q._base
+    if base is None or k._base is not base or v._base is not base or not base.is_contiguous():
+        return None
+    B, C, S = q.shape
+    if tuple(base.shape) != (B, 3 * C, S) or k.shape != q.shape or v.shape != q.shape:
+        return None
+    step = C * S * base.element_size()
+    p = base.data_ptr()
+    if (q.data_ptr(), k.data_ptr(), v.data_ptr()) != (p, p + step, p + 2 * step):
+        return None
+    return base
 
 
 class _DeltaNetBase(Operator):
@@ -98,29 +125,65 @@ class _DeltaNetBase(Operator):
         q, k, v = (t.reshape(B, T, H, hd) for t in (q, k, v))
         return l2norm(q), l2norm(k), v
 
-    def _qkv_step(self, x: torch.Tensor, cache: dict):
+    def _in_projections(self) -> tuple[nn.Linear, ...]:
+        """Every projection that reads x, in the order of the decode step's one GEMM (q, k, v first)."""
+        raise NotImplementedError
+
+    def _step_inputs(self, x: torch.Tensor, cache: dict):
+        """One token x (B, d) -> q, k, v (B, H, hd) after the short convs (not normalised) and the raw outputs of
+        the other projections (`_in_projections()[3:]`), each (B, out). Updates the conv states in place."""
         B = x.shape[0]
         H, hd = self.n_heads, self.head_dim
-        q = self.q_conv.step(self.q_proj(x), cache["q_conv"])
-        k = self.k_conv.step(self.k_proj(x), cache["k_conv"])
-        v = self.v_conv.step(self.v_proj(x), cache["v_conv"])
-        q, k, v = (t.reshape(B, H, hd) for t in (q, k, v))
-        return l2norm(q), l2norm(k), v
+        inner = H * hd
+        projs = self._in_projections()
+        if torch.is_grad_enabled():
+            q = self.q_conv.step(self.q_proj(x), cache["q_conv"])
+            k = self.k_conv.step(self.k_proj(x), cache["k_conv"])
+            v = self.v_conv.step(self.v_proj(x), cache["v_conv"])
+            rest = [p(x) for p in projs[3:]]
+        else:
+            z = F.linear(x, cached_cat(self, "in_proj", (p.weight for p in projs)))
+            qkv, *rest = z.split([3 * inner] + [p.out_features for p in projs[3:]], dim=-1)
+            joint = joint_conv_state(cache)
+            if joint is not None:  # the three convs as one, on the concatenated channels
+                convs = (self.q_conv, self.k_conv, self.v_conv)
+                w = cached_cat(self, "conv", (c.weight for c in convs)).squeeze(1)
+                q, k, v = short_conv_step(qkv, joint, w, None, True).split(inner, dim=-1)
+            else:
+                q = self.q_conv.step(qkv[:, :inner], cache["q_conv"])
+                k = self.k_conv.step(qkv[:, inner:2 * inner], cache["k_conv"])
+                v = self.v_conv.step(qkv[:, 2 * inner:], cache["v_conv"])
+        return q.reshape(B, H, hd), k.reshape(B, H, hd), v.reshape(B, H, hd), rest
+
+    def _step_kernel(self, x: torch.Tensor, cache: dict):
+        """fla's fused recurrent kernel for this decode step, or None for the torch step."""
+        if (self.backend == "torch" or _fla_step_failed or not x.is_cuda or x.dtype not in _FLA_DTYPES
+                or torch.is_grad_enabled() or cache["state"].dtype != torch.float32):
+            return None
+        return kernels.fla_recurrent_step()
+
+    def _fla_step(self, kern, q, k, v, rest, state: torch.Tensor) -> torch.Tensor:
+        """The fused recurrent kernel on one token: q, k (B, H, K) un-normalised, v (B, H, V), the raw b (and a)
+        projections; state (B, H, K, V) float32 updated. Returns o (B, H, V) in v's dtype."""
+        raise NotImplementedError
 
     def _beta_g(self, x: torch.Tensor):
         raise NotImplementedError
 
-    def _out(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _out(self, o: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def _fla_mix(self, kern, q, k, v, beta, g, initial_state, want_state: bool):
         raise NotImplementedError
 
     def init_cache(self, batch: int, max_len: int, device, dtype) -> dict:
+        # One buffer for the three conv states (views, same bytes): the decode step runs the convs as one.
+        inner = self.n_heads * self.head_dim
+        conv = torch.zeros(batch, 3 * inner, self.conv_size - 1, device=device, dtype=dtype)
         return {
-            "q_conv": self.q_conv.init_state(batch, device, dtype),
-            "k_conv": self.k_conv.init_state(batch, device, dtype),
-            "v_conv": self.v_conv.init_state(batch, device, dtype),
+            "q_conv": conv[:, :inner],
+            "k_conv": conv[:, inner:2 * inner],
+            "v_conv": conv[:, 2 * inner:],
             "state": torch.zeros(batch, self.n_heads, self.head_dim, self.head_dim, device=device,
                                  dtype=state_dtype(dtype)),
         }
@@ -143,12 +206,28 @@ class _DeltaNetBase(Operator):
         return self._out(o, x)
 
     def step(self, x: torch.Tensor, cache: dict, pos: torch.Tensor) -> torch.Tensor:
-        # One token: the torch recurrence (static shapes, in-place state, no host sync; CUDA-graph capturable).
-        q, k, v = self._qkv_step(x, cache)
-        beta, g = self._beta_g(x)
-        o = delta_rule_step(q, k, v, beta, cache["state"], g)
-        self.last_backend = "torch"
-        return self._out(o.unsqueeze(1), x.unsqueeze(1)).squeeze(1)
+        # One token (static shapes, in-place state, no host sync; CUDA-graph capturable).
+        global _fla_step_failed
+        q, k, v, rest = self._step_inputs(x, cache)
+        kern = self._step_kernel(x, cache)
+        o = None
+        if kern is not None:
+            try:
+                o = self._fla_step(kern, q, k, v, rest, cache["state"])
+                self.last_backend = "fla"
+            except Exception as exc:
+                if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                    raise
+                msg = (str(exc).strip().splitlines() or [""])[0][:200]
+                log.warning("fla fused recurrent decode step failed (%s: %s): decode steps use the torch "
+                            "recurrence from now on", type(exc).__name__, msg)
+                _fla_step_failed = True
+        if o is None:
+            beta, g = self._gates(*rest)
+            o = delta_rule_step(l2norm(q), l2norm(k), v, beta, cache["state"], g)
+            self.last_backend = "torch"
+        gate = rest[0] if self.gated else None
+        return self._out(o.unsqueeze(1), x.unsqueeze(1), None if gate is None else gate.unsqueeze(1)).squeeze(1)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same function, token by token with the recurrent reference (differentiable, no cache)."""
@@ -171,10 +250,25 @@ class DeltaNet(_DeltaNetBase):
     def _kernels(self):
         return kernels.fla_delta_rule()
 
-    def _beta_g(self, x):
-        return self.b_proj(x).sigmoid(), None
+    def _in_projections(self):
+        return self.q_proj, self.k_proj, self.v_proj, self.b_proj
 
-    def _out(self, o, x):
+    def _gates(self, b):
+        return b.sigmoid(), None
+
+    def _beta_g(self, x):
+        return self._gates(self.b_proj(x))
+
+    def _fla_step(self, kern, q, k, v, rest, state):
+        (b,) = rest
+        B, H, hd = q.shape
+        o, ht = kern(q=q.view(B, 1, H, hd), k=k.view(B, 1, H, hd), v=v.reshape(B, 1, H, -1),
+                     beta=b.view(B, 1, H), scale=hd ** -0.5, initial_state=state, output_final_state=True,
+                     use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+        state.copy_(ht)
+        return o.view(B, H, -1)
+
+    def _out(self, o, x, gate=None):
         o = self.o_norm(o)
         return self.o_proj(o.reshape(*o.shape[:-2], -1))
 
@@ -215,15 +309,32 @@ class GatedDeltaNet(_DeltaNetBase):
     def _kernels(self):
         return kernels.fla_gated_delta_rule(need_backward=torch.is_grad_enabled())
 
-    def _beta_g(self, x):
-        beta = self.b_proj(x).sigmoid()
-        ct = state_dtype(x.dtype)
-        a = self.a_proj(x).to(ct)
-        g = -self.A_log.to(ct).exp() * F.softplus(a + self.dt_bias.to(ct))
+    def _in_projections(self):
+        return self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.b_proj, self.a_proj
+
+    def _gates(self, gate, b, a):
+        beta = b.sigmoid()
+        ct = state_dtype(a.dtype)
+        g = -self.A_log.to(ct).exp() * F.softplus(a.to(ct) + self.dt_bias.to(ct))
         return beta, g
 
-    def _out(self, o, x):
-        gate = self.g_proj(x)
+    def _beta_g(self, x):
+        return self._gates(None, self.b_proj(x), self.a_proj(x))
+
+    def _fla_step(self, kern, q, k, v, rest, state):
+        _gate, b, a = rest
+        B, H, hd = q.shape
+        # The decay from the raw a inside the kernel: g = -exp(A_log) * softplus(a + dt_bias), in float32.
+        o, ht = kern(q=q.view(B, 1, H, hd), k=k.view(B, 1, H, hd), v=v.reshape(B, 1, H, -1), g=a.view(B, 1, H),
+                     beta=b.view(B, 1, H), scale=hd ** -0.5, initial_state=state, output_final_state=True,
+                     use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log,
+                     dt_bias=self.dt_bias, use_beta_sigmoid_in_kernel=True)
+        state.copy_(ht)
+        return o.view(B, H, -1)
+
+    def _out(self, o, x, gate=None):
+        if gate is None:
+            gate = self.g_proj(x)
         o = self.o_norm(o, gate.reshape(*gate.shape[:-1], self.n_heads, self.head_dim))
         return self.o_proj(o.reshape(*o.shape[:-2], -1))
 

@@ -1,4 +1,5 @@
-"""SwiGLU feed-forward block: y = down(silu(gate(x)) * up(x)). Stateless; implements the Operator interface."""
+"""SwiGLU feed-forward block: y = down(silu(gate(x)) * up(x)). Stateless; implements the Operator interface.
+The decode step (autograd off) runs gate and up as one GEMM."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Operator
+from .common import cached_cat
 
 
 class SwiGLU(Operator):
@@ -23,7 +25,12 @@ class SwiGLU(Operator):
         return self._mlp(x)
 
     def step(self, x: torch.Tensor, cache: dict, pos: torch.Tensor) -> torch.Tensor:
-        return self._mlp(x)
+        if torch.is_grad_enabled():
+            return self._mlp(x)
+        # Decode (autograd off): gate and up as one GEMM on their concatenated weights (cached).
+        w = cached_cat(self, "gate_up", (self.gate_proj.weight, self.up_proj.weight))
+        gate, up = F.linear(x, w).split(self.hidden, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
     def init_cache(self, batch: int, max_len: int, device, dtype) -> dict:
         return {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import logging
 import sys
 import types
@@ -64,6 +65,35 @@ def fla_gated_delta_rule(need_backward: bool = True):
                     "training uses the pure-torch chunked path", triton.__version__)
         return None
     return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+
+STEP_KERNEL_ARGS = ("g", "beta", "scale", "initial_state", "output_final_state", "use_qk_l2norm_in_kernel",
+                    "use_gate_in_kernel", "A_log", "dt_bias", "use_beta_sigmoid_in_kernel")
+
+
+@functools.cache
+def fla_recurrent_step():
+    """fla's `fused_recurrent_gated_delta_rule` for the one-token decode step of DeltaNet (g=None) and Gated
+    DeltaNet, or None. Forward only (its backward is not implemented), so no Hopper/Triton restriction applies.
+    Needs the fla >= 0.6 arguments that put the q/k L2 norm, beta's sigmoid and the gated decay in the kernel."""
+    if not cuda_ready():
+        return None
+    try:
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+    except Exception as exc:
+        log.warning("fla fused recurrent kernel unavailable (%s): DeltaNet decode steps use the torch recurrence",
+                    exc)
+        return None
+    try:
+        params = inspect.signature(fused_recurrent_gated_delta_rule).parameters
+    except (TypeError, ValueError):
+        params = {}
+    missing = [name for name in STEP_KERNEL_ARGS if name not in params]
+    if missing:
+        log.warning("fla fused_recurrent_gated_delta_rule lacks %s: DeltaNet decode steps use the torch recurrence",
+                    ", ".join(missing))
+        return None
+    return fused_recurrent_gated_delta_rule
 
 
 @functools.cache

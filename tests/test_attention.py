@@ -240,3 +240,116 @@ def test_swiglu_forward_matches_step(dtype):
     assert rel_err(y, ref) <= TOL[dtype]
     y.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in f.parameters())
+
+
+# ---- RoPE table and the decode step's fused projections -------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-14), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("start", [0, 5, 3000])
+def test_rope_table_matches_reference(dtype, tol, start):
+    """The table path (rope_table rows + rope_rotate) == the plain reference, within the compute dtype's rounding;
+    the rows computed directly from a position (sliding-window decode) == the table's."""
+    from models.common import (apply_rope, apply_rope_reference, rope_compute_dtype, rope_cos_sin,
+                               rope_frequencies, rope_rotate, rope_signed_frequencies, rope_table)
+    T, hd = 37, 16
+    inv_freq = rope_frequencies(hd, 10000.0)
+    x = torch.randn(2, T, 3, hd, generator=torch.Generator().manual_seed(start), dtype=torch.float64).to(dtype)
+    positions = torch.arange(start, start + T)
+    ref = apply_rope_reference(x, positions, inv_freq)
+    ct = rope_compute_dtype(dtype)
+    table = rope_table(inv_freq, start + T, "cpu", ct)
+    assert table.dtype == ct and table.shape[0] >= start + T and table.shape[1:] == (2, hd)
+    got = rope_rotate(x, table[start:start + T])
+    assert got.dtype == dtype
+    assert rel_err(got.double(), ref.double()) <= tol
+    assert rel_err(apply_rope(x, positions, inv_freq).double(), ref.double()) <= tol
+    direct = rope_cos_sin(positions, rope_signed_frequencies(inv_freq, "cpu", ct))
+    assert (direct - table[start:start + T]).abs().max() <= (1e-14 if ct == torch.float64 else 1e-6)
+
+
+def test_rope_table_grows_and_keeps_shorter_tables():
+    from models.common import _ROPE_TABLES, _rope_key, rope_frequencies, rope_table
+    inv_freq = rope_frequencies(12, 777.0)
+    short = rope_table(inv_freq, 10, "cpu", torch.float32)
+    assert rope_table(inv_freq, 900, "cpu", torch.float32) is short  # long enough already
+    longer = rope_table(inv_freq, 5000, "cpu", torch.float32)
+    assert longer.shape[0] >= 5000 and torch.equal(longer[:short.shape[0]], short)
+    assert any(t is short for t in _ROPE_TABLES[_rope_key(inv_freq, "cpu", torch.float32)])
+
+
+def test_rope_state_dict_and_dtype_unchanged():
+    """The table is no buffer: state dicts and parameters are as before, `.to(bfloat16)` does not round it."""
+    m = Attention(D, H, HKV, HD)
+    keys = set(m.state_dict())
+    assert keys == {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"}
+    x = rand_x(1, 5, torch.float32, seed=1)
+    with torch.no_grad():
+        m(x)
+        cache = m.init_cache(1, 8, "cpu", torch.float32)
+        m(x, cache)
+        m.step(x[:, 0], cache, torch.tensor(5))
+    assert set(m.state_dict()) == keys and not list(m.buffers())
+    assert m._inv_freq["cpu"].dtype == torch.float64
+    m = m.to(torch.bfloat16)
+    assert m._inv_freq["cpu"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("window,n_sink", CONFIGS, ids=IDS)
+def test_step_without_grad_matches_forward(window, n_sink, dtype):
+    """The decode path (autograd off: one GEMM on the cached q/k/v weights, q and k rotated together) == the
+    parallel forward == the step with autograd on (three projections)."""
+    m = make(window, n_sink, dtype, seed=12)
+    B, T = 2, 29
+    x = rand_x(B, T, dtype, seed=13)
+    y = m(x)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        cache = m.init_cache(B, T, x.device, dtype)
+        with ctx():
+            ys = torch.stack([m.step(x[:, t], cache, torch.tensor(t)) for t in range(T)], 1)
+        assert rel_err(ys, y) <= TOL[dtype], (ctx.__name__, rel_err(ys, y))
+    assert "qkv" in m._cat_cache
+    cache = m.init_cache(B, T, x.device, dtype)
+    ys_grad = torch.stack([m.step(x[:, t], cache, torch.tensor(t)) for t in range(T)], 1)
+    assert ys_grad.requires_grad
+    assert rel_err(ys, ys_grad) <= TOL[dtype]
+
+
+def test_step_without_grad_follows_weight_changes():
+    """The cached q/k/v concatenation is rebuilt after in-place updates, load_state_dict and dtype moves."""
+    dtype = torch.float64
+    m = make(None, 0, dtype, seed=14)
+    x = rand_x(1, 6, dtype, seed=15)
+
+    def decode(module, dt=dtype):
+        cache = module.init_cache(1, 6, "cpu", dt)
+        with torch.no_grad():
+            return torch.stack([module.step(x[:, t].to(dt), cache, torch.tensor(t)) for t in range(6)], 1)
+
+    decode(m)
+    with torch.no_grad():
+        m.k_proj.weight.mul_(0.5)  # in place, as an optimizer step or weight normalization
+    assert rel_err(decode(m), m(x)) <= TOL[dtype]
+    other = make(None, 0, dtype, seed=99)
+    m.load_state_dict(other.state_dict())
+    assert rel_err(decode(m), other(x)) <= TOL[dtype]
+    m.q_proj.weight.data = other.q_proj.weight.data * 2  # replaced
+    assert rel_err(decode(m), m(x)) <= TOL[dtype]
+    m32 = m.float()
+    assert rel_err(decode(m32, torch.float32), m32(x.float())) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_swiglu_step_without_grad_matches_forward(dtype):
+    torch.manual_seed(1)
+    f = SwiGLU(D, 56).to(dtype)
+    x = rand_x(3, 11, dtype, seed=5)
+    y = f(x)
+    with torch.no_grad():
+        ys = torch.stack([f.step(x[:, t], {}, torch.tensor(t)) for t in range(11)], 1)
+    assert "gate_up" in f._cat_cache
+    assert rel_err(ys, y) <= TOL[dtype]
+    with torch.no_grad():
+        f.up_proj.weight.mul_(-1.0)
+        ys2 = torch.stack([f.step(x[:, t], {}, torch.tensor(t)) for t in range(11)], 1)
+    assert rel_err(ys2, f(x)) <= TOL[dtype] and rel_err(ys2, ys) > 0.5

@@ -249,3 +249,193 @@ def test_output_norm_conventions():
     expect = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight * gate * torch.sigmoid(gate)
     assert rel(norm(o, gate), expect) <= 1e-12
     assert rel(l2norm(o), o / torch.sqrt(o.pow(2).sum(-1, keepdim=True) + 1e-6)) <= 1e-12
+
+
+# ---- the decode step: fused projections, joint convs, the fla kernel path -------------------------------------
+
+def _steps(m, x, cache, start=0):
+    return torch.stack([m.step(x[:, t], cache, torch.tensor(start + t)) for t in range(x.shape[1])], 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cls", CLASSES)
+def test_step_without_grad_matches_forward(cls, dtype):
+    """Autograd off (decode): one GEMM on the cached concatenated input weights and the three short convs as one
+    (on the joint conv buffer of `init_cache`) == the parallel forward == the step with autograd on."""
+    from models.deltanet import joint_conv_state
+    m = make(cls, dtype, seed=11)
+    x = xs(2, 23, dtype, 12)
+    y = m(x)
+    cache = m.init_cache(2, 32, x.device, dtype)
+    joint = joint_conv_state(cache)
+    assert joint is not None and joint.shape == (2, 3 * H * HD, CONV - 1)
+    with torch.no_grad():
+        ys = _steps(m, x, cache)
+    assert m.last_backend == "torch" and "in_proj" in m._cat_cache and "conv" in m._cat_cache
+    assert rel(ys, y) <= TOL[dtype]
+    # separate conv-state tensors (a cache not made by init_cache): the convs run one by one, same result
+    cache = {k: v.clone() for k, v in m.init_cache(2, 32, x.device, dtype).items()}
+    assert joint_conv_state(cache) is None
+    with torch.inference_mode():
+        ys2 = _steps(m, x, cache)
+    assert rel(ys2, y) <= TOL[dtype]
+    # a prefix by the parallel form into the joint buffer, the rest by decode steps
+    cache = m.init_cache(2, 32, x.device, dtype)
+    with torch.no_grad():
+        y1 = m(x[:, :9], cache)
+        ys3 = _steps(m, x[:, 9:], cache, start=9)
+    assert joint_conv_state(cache) is not None
+    assert rel(torch.cat([y1, ys3], 1), y) <= TOL[dtype]
+
+
+def test_cache_bytes_unchanged_by_the_joint_conv_buffer():
+    m = make(DeltaNet, torch.float32)
+    cache = m.init_cache(3, 16, "cpu", torch.float32)
+    nbytes = sum(t.numel() * t.element_size() for t in cache.values())
+    assert nbytes == (3 * 3 * H * HD * (CONV - 1) + 3 * H * HD * HD) * 4
+
+
+def fake_fused_recurrent_gated_delta_rule(q, k, v, g=None, gk=None, gv=None, beta=None, scale=None,
+                                          initial_state=None, output_final_state=False,
+                                          use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, A_log=None,
+                                          dt_bias=None, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False,
+                                          state_v_first=False, cu_seqlens=None):
+    """fla 0.6.0's fused_recurrent_gated_delta_rule forward, transcribed from its Triton kernel into torch
+    (float32 math; q, k (B, T, H, K), v (B, T, H, V), g and beta (B, T, H), state (B, H, K, V)): the CPU tests
+    check that the module hands the kernel the right arguments."""
+    assert gk is None and gv is None and cu_seqlens is None and not allow_neg_eigval and not state_v_first
+    assert q.dim() == 4 and beta.shape == q.shape[:3] and initial_state.dtype == torch.float32
+    h = initial_state.float().clone()
+    outs = []
+    for t in range(q.shape[1]):
+        bq, bk, bv = q[:, t].float(), k[:, t].float(), v[:, t].float()
+        if use_qk_l2norm_in_kernel:
+            bq = bq / torch.sqrt((bq * bq).sum(-1, keepdim=True) + 1e-6)
+            bk = bk / torch.sqrt((bk * bk).sum(-1, keepdim=True) + 1e-6)
+        bq = bq * scale
+        b = beta[:, t].float()
+        if use_beta_sigmoid_in_kernel:
+            b = torch.sigmoid(b)
+        if g is not None:
+            bg = g[:, t].float()
+            if use_gate_in_kernel:
+                if dt_bias is not None:
+                    bg = bg + dt_bias.float()
+                bg = -torch.exp(A_log.float()) * F.softplus(bg)
+            h = h * torch.exp(bg)[..., None, None]
+        bv = b[..., None] * (bv - torch.einsum("bhkv,bhk->bhv", h, bk))
+        h = h + bk[..., :, None] * bv[..., None, :]
+        outs.append(torch.einsum("bhkv,bhk->bhv", h, bq).to(v.dtype))
+    return torch.stack(outs, 1), (h if output_final_state else None)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_fla_step_arguments_on_cpu(cls, monkeypatch):
+    """The fla decode path's plumbing, on CPU: with a torch transcription of the kernel in its place, the decode
+    steps equal the torch steps (and the parallel forward), and the state is carried in place."""
+    dtype = torch.float32
+    m = make(cls, dtype, seed=13)
+    calls = []
+
+    def kernel(**kw):
+        calls.append(kw)
+        return fake_fused_recurrent_gated_delta_rule(**kw)
+
+    monkeypatch.setattr(m, "_step_kernel", lambda x, cache: None if torch.is_grad_enabled() else kernel)
+    x = xs(2, 21, dtype, 14)
+    y = m(x)
+    cache = m.init_cache(2, 32, x.device, dtype)
+    state_ptr = cache["state"].data_ptr()
+    with torch.no_grad():
+        ys = _steps(m, x, cache)
+    assert m.last_backend == "fla" and len(calls) == 21 and cache["state"].data_ptr() == state_ptr
+    assert calls[0].get("use_gate_in_kernel", False) is cls.gated and (calls[0].get("g") is not None) is cls.gated
+    assert rel(ys, y) <= TOL[dtype]
+    cache_t = m.init_cache(2, 32, x.device, dtype)
+    ys_t = _steps(m, x, cache_t)  # autograd on: the torch step
+    assert m.last_backend == "torch"
+    assert rel(ys, ys_t) <= TOL[dtype] and rel(cache["state"], cache_t["state"]) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_fla_step_failure_falls_back_to_torch(cls, monkeypatch, caplog):
+    import models.deltanet as dn
+    monkeypatch.setattr(dn, "_fla_step_failed", False)
+    m = make(cls, torch.float32, seed=15)
+
+    def broken(**kw):
+        raise RuntimeError("triton says no")
+
+    monkeypatch.setattr(m, "_step_kernel", lambda x, cache: None if dn._fla_step_failed else broken)
+    x = xs(1, 6, torch.float32, 16)
+    y = m(x)
+    cache = m.init_cache(1, 8, x.device, torch.float32)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="hybridnas.deltanet"):
+        ys = _steps(m, x, cache)
+    assert dn._fla_step_failed and m.last_backend == "torch"
+    assert "triton says no" in caplog.text
+    assert rel(ys, y) <= TOL[torch.float32]
+
+
+def _fla_step_ready():
+    if not torch.cuda.is_available():
+        return False
+    from models import kernels
+    return kernels.fla_recurrent_step() is not None
+
+
+@pytest.mark.skipif(not _fla_step_ready(), reason="needs CUDA and fla's fused recurrent kernel")
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("cls", CLASSES)
+def test_fla_step_matches_torch_step_cuda(cls, dtype, tol, batch):
+    """GPU: the fla decode step (one fused recurrent kernel) == the torch step (backend='torch', same weights),
+    outputs and state, over 24 steps from the state of a 37-token prefill (torch path: no chunk-kernel
+    autotuning); and the same steps replayed from one CUDA graph."""
+    import copy
+    torch.manual_seed(17)
+    d, h, hd = 256, 4, 64
+    m = cls(d, h, hd, conv_size=CONV, backend="auto").to("cuda", dtype).eval()
+    ref = copy.deepcopy(m)
+    ref.backend = "torch"
+    x = torch.randn(batch, 61, d, device="cuda", dtype=torch.float32).to(dtype)
+    outs = {}
+    with torch.no_grad():
+        cache0 = ref.init_cache(batch, 64, "cuda", dtype)
+        ref(x[:, :37], cache0)
+
+        def fresh(mod):
+            cache = mod.init_cache(batch, 64, "cuda", dtype)  # the joint conv buffer, filled in place
+            for key, t in cache.items():
+                t.copy_(cache0[key])
+            return cache
+
+        for name, mod in (("fla", m), ("torch", ref)):
+            cache = fresh(mod)
+            ys = _steps(mod, x[:, 37:], cache, start=37)
+            outs[name] = (ys, cache["state"].clone(), mod.last_backend)
+        assert outs["fla"][2] == "fla" and outs["torch"][2] == "torch"
+        assert rel(outs["fla"][0], outs["torch"][0]) <= tol
+        assert rel(outs["fla"][1], outs["torch"][1]) <= tol
+        # one CUDA graph of a step (warmed up first), replayed: the same as the eager fla steps
+        cache = fresh(m)
+        tok = x[:, 37].clone()
+        pos = torch.tensor(37, device="cuda")
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                m.step(tok, cache, pos)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = m.step(tok, cache, pos)
+        for key, t in cache.items():
+            t.copy_(cache0[key])
+        ys = []
+        for t in range(37, 61):
+            tok.copy_(x[:, t])
+            graph.replay()
+            ys.append(out.clone())
+        torch.cuda.synchronize()
+        assert rel(torch.stack(ys, 1), outs["fla"][0]) <= 1e-6

@@ -126,3 +126,90 @@ def test_weight_norm_refuses_an_unknown_matrix():
     model.blocks[0].op.mystery = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="mystery"):
         weight_norm_axes(model)
+
+
+# ---- the decode path with autograd off (fused projections, RoPE table, fused RMSNorm) -------------------------
+
+@pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-8), (torch.float32, 2e-3)])
+def test_decode_without_grad_equals_parallel_forward(dtype, tol, ctx):
+    torch.manual_seed(5)
+    model = HybridLM(small_layout(meta_tokens=3, tied_embeddings=False), 61).to(dtype)
+    tokens = torch.randint(0, 61, (2, 21))
+    reference = model(tokens)
+    keys, n_params = set(model.state_dict()), model.num_parameters()
+    with ctx():
+        caches = model.init_cache(2, 21)
+        first = model.prefill(tokens[:, :8], caches)
+        position = torch.tensor(model.next_position(0, 8))
+        decoded = []
+        for t in range(8, 21):
+            decoded.append(model.decode_step(tokens[:, t], caches, position))
+            position += 1
+    got = torch.cat([first, torch.stack(decoded, 1)], dim=1)
+    err = (got - reference).abs().max() / reference.abs().max()
+    assert err <= tol, float(err)
+    # nothing added to the state dict, the parameters or the buffers
+    assert set(model.state_dict()) == keys and model.num_parameters() == n_params and not list(model.buffers())
+
+
+def test_decode_follows_training_updates():
+    """Weights cached for decode are refreshed after an optimizer step and weight normalization."""
+    torch.manual_seed(6)
+    model = HybridLM(small_layout(), 61).double()
+    tokens = torch.randint(0, 61, (1, 12))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def decode_logits():
+        with torch.no_grad():
+            caches = model.init_cache(1, 12)
+            model.prefill(tokens[:, :4], caches)
+            pos = torch.tensor(model.next_position(0, 4))
+            out = []
+            for t in range(4, 12):
+                out.append(model.decode_step(tokens[:, t], caches, pos))
+                pos += 1
+        return torch.stack(out, 1)
+
+    for _ in range(2):
+        before = decode_logits()
+        nn.functional.cross_entropy(model(tokens).reshape(-1, 61), tokens.roll(-1, 1).reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+        normalize_weights(model)
+        after = decode_logits()
+        assert (after - before).abs().max() > 1e-6
+        assert torch.allclose(after, model(tokens)[:, 4:], atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-14), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_rms_norms_match_their_references(dtype, tol):
+    """F.rms_norm paths == the plain references (bf16: one rounding instead of two, within an ulp); gradients."""
+    from models.common import GatedRMSNorm, RMSNorm
+    gen = torch.Generator().manual_seed(7)
+    x = (3 * torch.randn(4, 5, 48, generator=gen, dtype=torch.float64)).to(dtype)
+    gate = torch.randn(4, 5, 48, generator=gen, dtype=torch.float64).to(dtype)
+    norms = [RMSNorm(48, eps=1e-6), GatedRMSNorm(48, eps=1e-5), GatedRMSNorm(48, eps=1e-5, norm_before_gate=True)]
+    for norm in norms:
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.5 * torch.randn(48, generator=gen, dtype=torch.float64))
+        norm.to(dtype)
+        args = (x,) if isinstance(norm, RMSNorm) else (x, gate)
+        got, ref = norm(*args), norm.forward_reference(*args)
+        assert got.dtype == ref.dtype == dtype
+        err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err <= tol, (type(norm).__name__, err)
+    if dtype != torch.bfloat16:
+        norm = RMSNorm(48).to(dtype)
+        xg = x.clone().requires_grad_()
+        grads = []
+        for fn in (norm.forward, norm.forward_reference):
+            norm.zero_grad()
+            xg.grad = None
+            (fn(xg) * gate).sum().backward()
+            grads.append((xg.grad.clone(), norm.weight.grad.clone()))
+        for a, b in zip(*grads):
+            assert ((a - b).norm() / b.norm()).item() <= 10 * tol
+    # mixed dtypes keep the reference's type promotion
+    norm = RMSNorm(48).double()
+    assert norm(x.float()).dtype == torch.float64
