@@ -90,7 +90,30 @@ class SearchEngine:
             strategy.load_state_dict(state["strategy"])
             if state.get("hypervolume_space"):
                 self.hv_space = HypervolumeSpace.from_dict(state["hypervolume_space"])
+            self._reconcile(strategy)
         return strategy
+
+    def _reconcile(self, strategy) -> None:
+        """After a crash, bring the strategy and the database back in step. The state is saved before the
+        proposals are stored (so a stored candidate is always known to the strategy), and results are stored
+        before the strategy hears of them; a kill between the two steps leaves a proposal the database lacks
+        (stored now) or a result the strategy missed (told now)."""
+        changed = False
+        for layout_hash, proposal in list(strategy.pending.items()):
+            cand = self.storage.find_candidate(self.job_id, layout_hash)
+            if cand is None:
+                self.storage.add_candidate(self.job_id, proposal.layout.to_json(None), layout_hash,
+                                           parent_id=self._candidate_id(proposal.parent_hash),
+                                           generation=proposal.generation, mutation=proposal.mutation)
+            elif cand.status in ("completed", "reused"):
+                strategy.tell(layout_hash, cand.objectives)
+                changed = True
+            elif cand.status == "failed":
+                strategy.tell(layout_hash, None)
+                changed = True
+        if changed:
+            log.info("resuming: the strategy heard of results stored just before the stop")
+        self._save_state(strategy)
 
     def _save_state(self, strategy) -> None:
         self.storage.save_strategy_state(self.job_id, {
@@ -158,12 +181,18 @@ class SearchEngine:
         if len(pending) < room:
             # Ask for exactly what is stored: a proposal dropped here would stay pending in the strategy.
             proposals = strategy.ask(min(cycle, room - len(pending)))
+            # The asks are part of the state, saved BEFORE the candidates are stored: a resumed strategy must
+            # know every stored candidate, or its restored random state would propose one again.
+            self._save_state(strategy)
+            known = {c.id for c in pending}
             for p in proposals:
                 cid = self.storage.add_candidate(self.job_id, p.layout.to_json(None), p.layout.content_hash,
                                                  parent_id=self._candidate_id(p.parent_hash),
                                                  generation=p.generation, mutation=p.mutation)
-                pending.append(self.storage.get_candidate(cid))
-            self._save_state(strategy)  # the asks are part of the state: a resumed strategy knows them
+                cand = self.storage.get_candidate(cid)
+                if cid not in known and cand.status == "pending":
+                    known.add(cid)
+                    pending.append(cand)
         for cand in pending:
             self._dispatch(cand, executor, strategy)
 

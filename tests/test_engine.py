@@ -172,3 +172,55 @@ def test_resume_rebuilds_a_front_a_crash_left_stale(storage, tmp_path):
     data_dir = str(tmp_path / "data")
     SearchEngine(storage, job_id, lambda c: InlineExecutor(data_dir, threads=1)).run()
     assert {c.id for c in storage.candidates(job_id, on_front=True)} == expected and expected
+
+
+@pytest.mark.parametrize("window", ["after_save_before_store", "while_saving", "after_store_before_tell"])
+def test_a_stop_inside_either_crash_window_resumes_without_repeating_anything(storage, tmp_path, monkeypatch,
+                                                                              window):
+    """The two places a kill can split the strategy from the database: proposals saved but not stored yet,
+    and a result stored but not told yet. Resuming must neither re-propose nor re-tell anything."""
+    from search.strategies.base import Strategy
+    config = SearchConfig.model_validate({**TINY, "budget": 6, "workers": 1})
+    job_id = storage.create_job("search", json.loads(config.model_dump_json()), budget=6)
+    data_dir = str(tmp_path / "data")
+    calls = {"n": 0}
+    if window == "after_save_before_store":
+        real = type(storage).add_candidate
+
+        def add_candidate(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 5:  # the state holding this proposal is saved; the candidate is not stored yet
+                raise KeyboardInterrupt
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(type(storage), "add_candidate", add_candidate)
+    elif window == "while_saving":
+        real_save = type(storage).save_strategy_state
+
+        def save_strategy_state(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 4:  # a kill as the state is written: it never lands
+                raise KeyboardInterrupt
+            return real_save(self, *args, **kwargs)
+        monkeypatch.setattr(type(storage), "save_strategy_state", save_strategy_state)
+    else:
+        real_tell = Strategy.tell
+
+        def tell(self, layout_hash, objectives):
+            calls["n"] += 1
+            if calls["n"] == 3:  # the result is stored; the strategy has not heard of it
+                raise KeyboardInterrupt
+            return real_tell(self, layout_hash, objectives)
+        monkeypatch.setattr(Strategy, "tell", tell)
+    with pytest.raises(KeyboardInterrupt):
+        SearchEngine(storage, job_id, lambda c: InlineExecutor(data_dir, threads=1)).run()
+    monkeypatch.undo()
+    assert storage.get_job(job_id).status == "queued"
+    SearchEngine(storage, job_id, lambda c: InlineExecutor(data_dir, threads=1)).run()
+    cands = storage.candidates(job_id)
+    assert storage.get_job(job_id).status == "completed"
+    assert sum(c.status in ("completed", "reused", "failed") for c in cands) == 6
+    assert all(c.attempts <= 1 for c in cands)  # nothing evaluated twice
+    state = storage.load_strategy_state(job_id)["strategy"]
+    told = {r["hash"] for r in state["records"]}
+    assert {c.layout_hash for c in cands if c.status != "pending"} <= told
+    assert not ({p["hash"] for p in state["pending"]} - {c.layout_hash for c in cands})  # every pending is stored
