@@ -52,6 +52,7 @@ CANDIDATE_DONE_STATUSES = ("completed", "reused")  # a result is there: may be o
 RESULT_STATUSES = ("completed", "failed")
 SCHEDULE_FIRE_STATUSES = ("fired", "missed", "skipped", "failed")  # failed: the template no longer validates
 
+SORTED_CANDIDATE_COLUMNS = ("val_bpb", "decode_ms", "n_params", "finished_at", "generation")
 KEY_LENGTH = 128  # sha256 hex keys are 64 characters; room for other digests
 
 
@@ -164,6 +165,8 @@ class Candidate(Base):
         UniqueConstraint("job_id", "layout_hash"),
         Index(None, "job_id", "on_front"),
         Index(None, "job_id", "status"),
+        # Pages sorted by a metric, and the live feed (by finished_at), read the index instead of sorting rows.
+        *(Index(None, "job_id", column, "id") for column in SORTED_CANDIDATE_COLUMNS),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

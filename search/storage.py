@@ -634,9 +634,18 @@ class Storage(ScheduleStore):
         column = t.c[name]
         stmt = stmt.order_by((column.desc() if descending else column.asc()).nulls_last(),
                              t.c.id.desc() if descending else t.c.id.asc())
-        stmt = stmt.offset(offset).limit(limit)
+        if limit is None:
+            with self._read() as conn:
+                return [_record(CandidateRecord, row) for row in conn.execute(stmt.offset(offset))]
+        # A page: sort and skip over the ids alone (a narrow sort: the wide rows, layout JSON included, are not
+        # carried through it), then read just the page's rows by primary key.
+        ids_stmt = stmt.with_only_columns(t.c.id).offset(offset).limit(limit)
         with self._read() as conn:
-            return [_record(CandidateRecord, row) for row in conn.execute(stmt)]
+            ids = list(conn.execute(ids_stmt).scalars())
+            if not ids:
+                return []
+            rows = {row.id: row for row in conn.execute(select(*_columns(CandidateRecord, t)).where(t.c.id.in_(ids)))}
+        return [_record(CandidateRecord, rows[i]) for i in ids]
 
     def get_candidate(self, candidate_id: int) -> CandidateRecord | None:
         t = db.candidates
@@ -675,13 +684,17 @@ class Storage(ScheduleStore):
 
     def lineage(self, candidate_id: int, max_depth: int = 100) -> list[CandidateRecord]:
         """The candidate's ancestors, parent first, up to `max_depth` (parents are always older: no cycles)."""
-        out: list[CandidateRecord] = []
-        current = self.get_candidate(candidate_id)
-        while current is not None and current.parent_id is not None and len(out) < max_depth:
-            current = self.get_candidate(current.parent_id)
-            if current is not None:
-                out.append(current)
-        return out
+        t = db.candidates
+        anchor = (select(t.c.parent_id.label("id"), literal(1).label("depth"))
+                  .where(t.c.id == candidate_id, t.c.parent_id.is_not(None)).cte("ancestors", recursive=True))
+        parent = t.alias("parent")
+        ancestors = anchor.union_all(select(parent.c.parent_id, anchor.c.depth + 1)
+                                     .where(parent.c.id == anchor.c.id, parent.c.parent_id.is_not(None),
+                                            anchor.c.depth < max_depth))
+        stmt = (select(*_columns(CandidateRecord, t)).join(ancestors, t.c.id == ancestors.c.id)
+                .order_by(ancestors.c.depth))
+        with self._read() as conn:
+            return [_record(CandidateRecord, row) for row in conn.execute(stmt)]
 
     def children(self, candidate_id: int, limit: int = DEFAULT_PAGE) -> list[CandidateRecord]:
         t = db.candidates
@@ -780,6 +793,15 @@ class Storage(ScheduleStore):
                                                 "recorded_at": stmt.excluded.recorded_at})
         with self.transaction() as conn:
             conn.execute(stmt)
+
+    def latest_hypervolume(self, job_id: int) -> HypervolumeRecord | None:
+        """The newest point of the curve: one row by the (job_id, n_evaluations) unique index."""
+        t = db.hypervolume_history
+        stmt = (select(*_columns(HypervolumeRecord, t)).where(t.c.job_id == job_id)
+                .order_by(t.c.n_evaluations.desc()).limit(1))
+        with self._read() as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else _record(HypervolumeRecord, row)
 
     def hypervolume_history(self, job_id: int) -> list[HypervolumeRecord]:
         """The curve, by evaluation count."""

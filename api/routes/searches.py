@@ -64,8 +64,7 @@ def _out(job: JobRecord) -> SearchOut:
 
 
 def _detail(storage: Storage, job: JobRecord) -> SearchDetail:
-    history = storage.hypervolume_history(job.id)
-    last = history[-1] if history else None
+    last = storage.latest_hypervolume(job.id)
     return SearchDetail(**_out(job).model_dump(), config=job.config, counts=storage.candidate_counts(job.id),
                         hypervolume=None if last is None else last.hypervolume,
                         hypervolume_at=None if last is None else last.n_evaluations)
