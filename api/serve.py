@@ -31,4 +31,5 @@ def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: Path | None = Non
         "coordinator on http://%s:%d (OpenAPI at /docs); data dir %s; database %s %s; runners %d; scheduler %s",
         host, port, settings.resolved_data_dir(), url.get_backend_name(), where, settings.runners,
         "on" if settings.scheduler else "off")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
+                limit_concurrency=settings.max_concurrent_requests)

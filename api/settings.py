@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray the runners start "
                                                              "(default: all; ignored with RAY_ADDRESS)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies larger than this are refused (413)")
+    max_concurrent_requests: int = Field(256, ge=1, le=100_000,
+                                         description="beyond this many requests in flight, answer 503 at once "
+                                                     "(overload sheds load instead of queueing into timeouts)")
 
     def resolved_data_dir(self) -> Path:
         path = self.data_dir.expanduser().resolve()
