@@ -63,8 +63,9 @@ def load_search_config(path: Path):
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise typer.BadParameter(f"{path}: not valid YAML/JSON ({exc})")
-    try:
-        return SearchConfig.model_validate(data or {})
+    try:  # the service's checks too (worker settings, limits), then the plain config
+        from api.schemas import SearchCreate
+        return SearchConfig.model_validate(SearchCreate.model_validate(data or {}).search_config())
     except ValidationError as exc:
         lines = [f"  {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()]
         err.print(f"[red]invalid search config[/red] {path}:\n" + "\n".join(lines))

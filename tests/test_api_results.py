@@ -170,3 +170,21 @@ def test_bad_strategy_options_are_refused_at_submission(ran):
     for options in ({"bogus": 1}, {"population_size": 10**6}):
         r = client.post("/api/searches", json={"budget": 2, "strategy_options": options}, headers=AUTH)
         assert r.status_code == 422 and r.json()["detail"][0]["field"] == "strategy_options", r.text
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"proxy": {"stepz": 10}}, "proxy.stepz"),
+    ({"proxy": {"steps": 10, "tokens": 100}}, "proxy.steps"),
+    ({"proxy": {"precision": "fp8"}}, "proxy.precision"),
+    ({"proxy": {"steps": 10**9}}, "proxy.steps"),
+    ({"latency": {"repeats": 0}}, "latency.repeats"),
+    ({"latency": {"method": "magic"}}, "latency.method"),
+    ({"latency": {"bogus": 1}}, "latency.bogus"),
+])
+def test_worker_settings_are_checked_at_submission(ran, body, field):
+    store, _, client = ran
+    before = store.count_jobs()
+    r = client.post("/api/searches", json={"budget": 2, **body}, headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["field"] == field, r.json()
+    assert store.count_jobs() == before
