@@ -164,9 +164,7 @@ class JobRunner:
         if self._executor_factory is not None:
             return self._executor_factory(config)
         from api.search_cli import executor_factory
-        if config.executor == "ray":
-            self.ray.ensure()
-        return executor_factory(self.data_dir)(config)
+        return executor_factory(self.data_dir)(config)  # Ray is up already (poll_once), shared by the jobs
 
     # ---- lifecycle
     def start(self) -> None:
@@ -213,6 +211,15 @@ class JobRunner:
             self.owner, self.lease_s, kinds=tuple(JOB_HANDLERS), max_running=self.max_running)
         if job is None:
             return None
+        if self._executor_factory is None and job.config.get("executor", "ray") == "ray":
+            # Ray's head processes die with the THREAD that started them (Linux parent-death signal): start
+            # it here, on the runner's long-lived thread, never on a job's thread, which ends with its job.
+            try:
+                self.ray.ensure()
+            except Exception as exc:
+                log.exception("job %d: Ray did not start", job.id)
+                self.storage.release_job(job.id, self.owner, "failed", error=f"Ray did not start: {exc}")
+                return job
         stop = StopEvent()
         thread = threading.Thread(target=self._run, args=(job, stop), name=f"hybridnas-job-{job.id}", daemon=True)
         with self._lock:

@@ -146,3 +146,31 @@ def test_sigterm_hands_the_job_back_and_the_next_coordinator_finishes_it(tmp_pat
     finally:
         second.close()
     storage.close()
+
+
+def ray_heads_of(pid: int) -> list[int]:
+    """Ray's live GCS server processes whose parent is `pid`."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,stat=,comm="], capture_output=True, text=True).stdout
+    return [int(fields[0]) for fields in (line.split() for line in out.splitlines())
+            if fields[3:] == ["gcs_server"] and int(fields[1]) == pid and not fields[2].startswith("Z")]
+
+
+def test_local_ray_outlives_each_job_and_serves_the_next(tmp_path):
+    """Ray's head processes die with the thread that started them: started on a job's thread, they died when
+    that job ended and took the coordinator down a minute later. Two Ray searches in a row must both finish."""
+    url = f"sqlite:///{tmp_path}/ray.db"
+    storage = Storage(url)
+    coordinator = Coordinator(tmp_path, url, lease_s=30)
+    try:
+        body = {**SEARCH, "executor": "ray", "workers": 1, "budget": 2}
+        first = httpx.post(f"{coordinator.base}/api/searches", json=body, headers=AUTH, timeout=10).json()["id"]
+        wait_for(lambda: storage.get_job(first).status == "completed", timeout=300, what="the first Ray search")
+        time.sleep(2)
+        assert ray_heads_of(coordinator.proc.pid), "Ray's GCS died with the first job"
+        second = httpx.post(f"{coordinator.base}/api/searches", json={**body, "seed": 9}, headers=AUTH,
+                            timeout=10).json()["id"]
+        wait_for(lambda: storage.get_job(second).status == "completed", timeout=300, what="the second Ray search")
+        assert coordinator.healthy()
+    finally:
+        coordinator.close()
+        storage.close()
