@@ -174,3 +174,32 @@ def test_local_ray_outlives_each_job_and_serves_the_next(tmp_path):
     finally:
         coordinator.close()
         storage.close()
+
+
+def test_the_app_lifespan_runs_the_scheduler_and_stops_it(tmp_path):
+    """The wiring `hybridnas serve` uses: the lifespan starts the scheduler (a due time missed within the grace
+    period fires once at start) and stops it on shutdown; runners off, so the fired search stays queued."""
+    from datetime import timedelta
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.auth import Auth
+    from api.settings import Settings
+    from search.db import utcnow
+    storage = Storage(f"sqlite:///{tmp_path}/sched.db")
+    storage.create_schema()
+    schedule_id = storage.create_schedule("every-minute", "* * * * *", {"budget": 2},
+                                          created_at=utcnow() - timedelta(seconds=90))
+    settings = Settings(data_dir=tmp_path / "data", runners=0, scheduler=True, scheduler_interval_s=0.2)
+    with TestClient(create_app(settings, storage, auth=Auth(TOKEN))) as client:
+        wait_for(lambda: storage.count_jobs(kind="search") >= 1, timeout=30, what="the missed fire to run")
+        time.sleep(1.0)  # more ticks: still exactly one fire per due time
+        fires = client.get(f"/api/schedules/{schedule_id}/fires").json()["items"]
+    jobs = storage.list_jobs(kind="search")
+    fired = [f for f in fires if f["status"] == "fired"]
+    assert len(jobs) == len(fired) >= 1 and all(j.status == "queued" and j.schedule_id == schedule_id for j in jobs)
+    count = storage.count_jobs()
+    time.sleep(0.6)
+    assert storage.count_jobs() == count  # the lifespan's end stopped the scheduler
+    storage.close()
