@@ -188,3 +188,30 @@ def test_worker_settings_are_checked_at_submission(ran, body, field):
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["field"] == field, r.json()
     assert store.count_jobs() == before
+
+
+def _sse(text):
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        events.append(fields)
+    return events
+
+
+def test_server_sent_events_stream_every_evaluation_then_end(ran):
+    store, job_id, client = ran
+    with client.stream("GET", f"/api/searches/{job_id}/events") as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _sse(r.read().decode())
+    evaluations = [e for e in events if e.get("event") == "evaluation"]
+    finished = [c.id for c in store.finished_since(job_id, None, limit=100)]
+    assert [json.loads(e["data"])["id"] for e in evaluations] == finished and len(finished) == 8
+    assert events[-1] == {"event": "end", "data": '{"status": "completed"}'}
+    assert any(e.get("event") == "status" for e in events)
+    # reconnecting with Last-Event-ID resumes after it
+    middle = evaluations[4]["id"]
+    with client.stream("GET", f"/api/searches/{job_id}/events", headers={"Last-Event-ID": middle}) as r:
+        again = [json.loads(e["data"])["id"] for e in _sse(r.read().decode()) if e.get("event") == "evaluation"]
+    assert again == finished[5:]
+    assert client.get(f"/api/searches/{job_id}/events", params={"since": "x"}).status_code == 422
+    assert client.get("/api/searches/987654/events").status_code == 404

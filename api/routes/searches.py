@@ -5,12 +5,15 @@ A submitted search is a queued job; a runner (`api/runner.py`) takes it from the
 """
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from sqlalchemy import update
 
 from api.auth import require_read_token, require_token
@@ -35,7 +38,7 @@ from api.schemas import (
 from api.submit import SubmitError, submit_search
 from search import db
 from search.config import OBJECTIVES
-from search.db import CANDIDATE_DONE_STATUSES, CANDIDATE_STATUSES, JOB_STATUSES, utcnow
+from search.db import CANDIDATE_DONE_STATUSES, CANDIDATE_STATUSES, JOB_STATUSES, JOB_TERMINAL_STATUSES, utcnow
 from search.layout import Layout
 from search.pareto import pareto_front
 from search.storage import JobRecord, Storage
@@ -245,3 +248,61 @@ def evaluations(search_id: SearchId, storage: StorageDep, limit: Limit = 50,
     cursor = make_cursor(rows[-1].finished_at, rows[-1].id) if rows else since
     return EvaluationFeed(search_id=search_id, status=job.status, n_evaluations=job.n_evaluations,
                           budget=job.budget, items=[CandidateSummary.of(c) for c in rows], next=cursor)
+
+
+SSE_POLL_S = 1.0
+SSE_KEEPALIVE_S = 15.0
+SSE_MAX_S = 3600.0  # a stream ends after this long; EventSource clients reconnect with Last-Event-ID
+
+
+@router.get("/{search_id}/events", dependencies=[Depends(require_read_token)], response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}},
+            summary="Live progress as Server-Sent Events: one `evaluation` event per finished evaluation, "
+                    "`status` on changes, `end` when the search is over (resume with Last-Event-ID)")
+async def events(search_id: SearchId, request: Request, storage: StorageDep,
+                 last_event_id: Annotated[str | None, Header(max_length=64, pattern=CURSOR_PATTERN)] = None,
+                 since: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN)] = None
+                 ) -> StreamingResponse:
+    job = await run_in_threadpool(job_or_404, storage, search_id)
+    try:
+        cursor = parse_cursor(last_event_id or since)
+    except ValueError as exc:
+        raise RequestValidationError([{"loc": ("query", "since"), "type": "value_error",
+                                       "msg": str(exc).removeprefix("since: ")}]) from None
+
+    async def stream():
+        nonlocal cursor
+        status, quiet = None, 0.0
+        deadline = asyncio.get_running_loop().time() + SSE_MAX_S
+        while asyncio.get_running_loop().time() < deadline:
+            rows = await run_in_threadpool(storage.finished_since, search_id, cursor, 100)
+            for c in rows:
+                cursor = (c.finished_at, c.id)
+                data = CandidateSummary.of(c).model_dump_json()
+                yield f"id: {make_cursor(*cursor)}\nevent: evaluation\ndata: {data}\n\n"
+            current = await run_in_threadpool(storage.get_job, search_id)
+            if current is None:  # deleted while watched
+                yield "event: end\ndata: {\"status\": \"deleted\"}\n\n"
+                return
+            if current.status != status:
+                status = current.status
+                yield (f"event: status\ndata: {{\"status\": \"{status}\", \"n_evaluations\": "
+                       f"{current.n_evaluations}, \"budget\": {current.budget or 'null'}}}\n\n")
+            if not rows and status in JOB_TERMINAL_STATUSES:
+                yield f"event: end\ndata: {{\"status\": \"{status}\"}}\n\n"
+                return
+            if await request.is_disconnected():
+                return
+            if rows:
+                quiet = 0.0
+                continue
+            await asyncio.sleep(SSE_POLL_S)
+            quiet += SSE_POLL_S
+            if quiet >= SSE_KEEPALIVE_S:  # a comment keeps proxies from closing an idle stream
+                quiet = 0.0
+                yield ": keep-alive\n\n"
+
+    del job
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
