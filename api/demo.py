@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from search.db import JOB_TERMINAL_STATUSES
 from search.params import count_parameters, format_count
 from search.presets import CPU_PRESETS, get_preset, preset_names
 
@@ -104,23 +105,19 @@ def submit_and_follow(console: Console, base: str, body: dict) -> int:
                     bar.console.print(f"  candidate {c['id']} ({c['status']}, generation {c['generation']}): {result}")
                 cursor, status = feed["next"], feed["status"]
                 bar.update(task, completed=feed["n_evaluations"], status=status)
-                if status in ("completed", "failed", "cancelled", "archived"):
+                if status in JOB_TERMINAL_STATUSES:
                     break
                 time.sleep(1.0)
         front = client.get(f"/api/searches/{job_id}/pareto").json()
-    table = Table("id", "operators", "val_bpb", "decode ms/token", "params", "generation",
-                  title=f"search {job_id} ({status}): Pareto front (GET /api/searches/{job_id}/pareto)")
-    from search.layout import Layout
-    for c in front["items"]:
-        table.add_row(str(c["id"]), Layout.from_dict(client_layout(base, c["id"])).compact(), f"{c['val_bpb']:.4f}",
-                      f"{c['decode_ms']:.3f}", f"{c['n_params']:,}", str(c["generation"]))
+        table = Table("id", "operators", "val_bpb", "decode ms/token", "params", "generation",
+                      title=f"search {job_id} ({status}): Pareto front (GET /api/searches/{job_id}/pareto)")
+        from search.layout import Layout
+        for c in front["items"]:
+            layout = Layout.from_dict(client.get(f"/api/candidates/{c['id']}/layout.json").json())
+            table.add_row(str(c["id"]), layout.compact(), f"{c['val_bpb']:.4f}", f"{c['decode_ms']:.3f}",
+                          f"{c['n_params']:,}", str(c["generation"]))
     console.print(table)
     return job_id
-
-
-def client_layout(base: str, candidate_id: int) -> dict:
-    import httpx
-    return httpx.get(f"{base}/api/candidates/{candidate_id}/layout.json", timeout=30).json()
 
 
 def run_service_demo(console: Console, port: int = 8000, exit_when_done: bool = False) -> None:

@@ -21,7 +21,8 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def owner_is_dead_here(owner: str | None) -> bool:
     parts = owner.split(":")
     if len(parts) < 4 or not parts[-3].isdigit():
         return False
-    host, pid, namespace = parts[-4].split("cli@")[-1], int(parts[-3]), parts[-2]
+    host, pid, namespace = parts[-4].rpartition("@")[2], int(parts[-3]), parts[-2]  # after any "prefix@"
     if host != socket.gethostname() or namespace != _pid_namespace() or pid == os.getpid():
         return False
     try:
@@ -84,6 +85,20 @@ def keep_lease(storage: Storage, job_id: int, owner: str, lease_s: float, stop: 
                             job.lease_owner if job else None)
             stop.set()
             return
+
+
+@contextmanager
+def held_lease(storage: Storage, job_id: int, owner: str, lease_s: float, stop: StopEvent) -> Iterator[None]:
+    """Keep `owner`'s lease on the job alive (a heartbeat thread) for the duration of the block."""
+    done = threading.Event()
+    heartbeat = threading.Thread(target=keep_lease, args=(storage, job_id, owner, lease_s, stop, done),
+                                 daemon=True, name=f"hybridnas-heartbeat-{job_id}")
+    heartbeat.start()
+    try:
+        yield
+    finally:
+        done.set()
+        heartbeat.join()
 
 
 class StopEvent(threading.Event):
@@ -125,13 +140,8 @@ class _Ray:
         with self.lock:
             if ray.is_initialized():
                 return
-            from search.executors import _project_root
-            if os.environ.get("RAY_ADDRESS"):
-                ray.init(address=os.environ["RAY_ADDRESS"], namespace="hybridnas", log_to_driver=False)
-            else:
-                ray.init(num_cpus=self.num_cpus or os.cpu_count() or 1, namespace="hybridnas",
-                         include_dashboard=False, log_to_driver=False,
-                         runtime_env={"env_vars": {"PYTHONPATH": _project_root()}})
+            from search.executors import init_ray
+            init_ray(self.num_cpus or os.cpu_count() or 1)
             self.started = True
 
     def shutdown(self) -> None:
@@ -241,19 +251,12 @@ class JobRunner:
 
     def _run(self, job: JobRecord, stop: StopEvent) -> None:
         log.info("job %d (%s): taken by %s", job.id, job.kind, self.owner)
-        beat_done = threading.Event()
-        heartbeat = threading.Thread(target=keep_lease, args=(self.storage, job.id, self.owner, self.lease_s, stop,
-                                                              beat_done),
-                                     daemon=True, name=f"hybridnas-heartbeat-{job.id}")
-        heartbeat.start()
         ctx = JobContext(self.storage, job, self.owner, stop, self.data_dir, self.executor_factory)
-        try:
-            JOB_HANDLERS[job.kind](ctx)
-        except Exception as exc:  # the engine recorded the failure under the lease; make sure it is released
-            log.exception("job %d failed", job.id)
-            self.storage.release_job(job.id, self.owner, "failed", error=f"{type(exc).__name__}: {exc}")
-        finally:
-            beat_done.set()
-            heartbeat.join()
+        with held_lease(self.storage, job.id, self.owner, self.lease_s, stop):
+            try:
+                JOB_HANDLERS[job.kind](ctx)
+            except Exception as exc:  # the engine recorded the failure under the lease; make sure it is released
+                log.exception("job %d failed", job.id)
+                self.storage.release_job(job.id, self.owner, "failed", error=f"{type(exc).__name__}: {exc}")
         log.info("job %d: %s", job.id, (self.storage.get_job(job.id) or job).status)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 from pathlib import Path
 
 import typer
@@ -95,7 +94,7 @@ def take_job(storage, job_id: int) -> str:
 
 
 def run_engine(storage, job_id: int, data_dir: Path) -> None:
-    from api.runner import StopEvent, keep_lease
+    from api.runner import StopEvent, held_lease
     from search.engine import SearchEngine
     owner = take_job(storage, job_id)
     stop = StopEvent()
@@ -107,15 +106,12 @@ def run_engine(storage, job_id: int, data_dir: Path) -> None:
         stop.set()
     signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGTERM, on_sigint)
-    beat_done = threading.Event()
-    heartbeat = threading.Thread(target=keep_lease, args=(storage, job_id, owner, CLI_LEASE_S, stop, beat_done),
-                                 daemon=True)
-    heartbeat.start()
     job = storage.get_job(job_id)
     try:
-        with Progress(TextColumn("search {task.fields[job]}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("failed {task.fields[failed]} reused {task.fields[reused]} HV {task.fields[hv]}"),
-                      TimeElapsedColumn(), console=err) as bar:
+        with held_lease(storage, job_id, owner, CLI_LEASE_S, stop), \
+                Progress(TextColumn("search {task.fields[job]}"), BarColumn(), MofNCompleteColumn(),
+                         TextColumn("failed {task.fields[failed]} reused {task.fields[reused]} HV {task.fields[hv]}"),
+                         TimeElapsedColumn(), console=err) as bar:
             task = bar.add_task("search", total=job.budget, job=job_id, failed=0, reused=0, hv="-")
 
             def on_progress(p):
@@ -125,8 +121,6 @@ def run_engine(storage, job_id: int, data_dir: Path) -> None:
                                   lease_owner=owner)
             engine.run()
     finally:
-        beat_done.set()
-        heartbeat.join()
         signal.signal(signal.SIGINT, previous)
     print_front(storage, job_id)
 

@@ -1,9 +1,11 @@
-"""Submitting a search: the one path the REST route, the scheduler and the demo share."""
+"""Submitting a search over REST, and the data-path checks that schedule templates share."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from fastapi.exceptions import RequestValidationError
 
 from api.schemas import SearchCreate
 from search.storage import JobRecord, Storage
@@ -15,6 +17,11 @@ class SubmitError(ValueError):
     def __init__(self, field: str, reason: str, conflict: bool = False):
         super().__init__(f"{field}: {reason}")
         self.field, self.reason, self.conflict = field, reason, conflict
+
+    def as_validation_error(self, *within: str) -> RequestValidationError:
+        """The 422 a route raises: the field's path in the body (`within` a nested object, such as a template)."""
+        return RequestValidationError([{"loc": ("body", *within, *self.field.split(".")), "type": "value_error",
+                                        "msg": self.reason}])
 
 
 @dataclass
@@ -46,7 +53,7 @@ def check_data_paths(body: SearchCreate, data_roots: Sequence[Path]) -> SearchCr
 
 
 def submit_search(storage: Storage, body: SearchCreate, *, idempotency_key: str | None = None,
-                  schedule_id: int | None = None, data_roots: Sequence[Path] | None = None) -> Submitted:
+                  data_roots: Sequence[Path] | None = None) -> Submitted:
     """Store a validated search config as a queued job (a runner takes it from the queue)."""
     if data_roots is not None:
         body = check_data_paths(body, data_roots)
@@ -59,7 +66,7 @@ def submit_search(storage: Storage, body: SearchCreate, *, idempotency_key: str 
         job_id, replayed = existing.id, True
     else:
         job_id = storage.create_job("search", config, name=body.name, priority=body.priority, budget=body.budget,
-                                    idempotency_key=idempotency_key, schedule_id=schedule_id)
+                                    idempotency_key=idempotency_key)
     job = storage.get_job(job_id)
     assert job is not None
     if idempotency_key is not None and (job.config != config or job.priority != body.priority

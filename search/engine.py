@@ -72,7 +72,12 @@ class SearchEngine:
         self.config = SearchConfig.model_validate(job.config)
         self.space = self.config.build_space()
         self.default_vocab_size = 257  # the byte tokenizer, when a stored result does not say
-        self.hv_space: HypervolumeSpace | None = None
+        # Fixed per search: from the config's bounds, else (set once, in `_after_tell`) from the initial
+        # population's results; stored with the strategy state either way.
+        bounds = self.config.hypervolume_bounds
+        self.hv_space: HypervolumeSpace | None = None if bounds is None else HypervolumeSpace(
+            tuple(self.config.objectives), tuple(bounds[name][0] for name in self.config.objectives),
+            tuple(bounds[name][1] for name in self.config.objectives))
         self._payloads: dict[int, dict] = {}  # candidate id -> what was sent (for retries)
 
     # ---- strategy state ------------------------------------------------------------------------------------
@@ -275,11 +280,17 @@ class SearchEngine:
         strategy.tell(cand.layout_hash, objectives)
         self._after_tell(strategy, completed_id=cand.id)
 
+    def _front_of(self, candidates: list) -> list:
+        """The non-dominated ones among these candidates, on the search's objectives."""
+        if not candidates:
+            return []
+        keep = pareto_front([[c.objectives[name] for name in self.config.objectives] for c in candidates])
+        return [candidates[i] for i in keep]
+
     def _rebuild_front(self) -> None:
         done = self.storage.candidates(self.job_id, status=("completed", "reused"))
         if done:
-            keep = pareto_front([[c.objectives[name] for name in self.config.objectives] for c in done])
-            self.storage.set_front(self.job_id, [done[i].id for i in keep])
+            self.storage.set_front(self.job_id, [c.id for c in self._front_of(done)])
 
     def _after_tell(self, strategy, completed_id: int | None = None) -> None:
         """Update the materialized front incrementally (the new result against the current front: the front of
@@ -288,18 +299,12 @@ class SearchEngine:
         names = self.config.objectives
         front = self.storage.candidates(self.job_id, status=("completed", "reused"), on_front=True)
         if completed_id is not None:
-            pool = [*front, self.storage.get_candidate(completed_id)]
-            keep = pareto_front([[c.objectives[name] for name in names] for c in pool])
-            front = [pool[i] for i in keep]
+            front = self._front_of([*front, self.storage.get_candidate(completed_id)])
             self.storage.set_front(self.job_id, [c.id for c in front])
         points = [[c.objectives[name] for name in names] for c in front]
         n = self._count_done()
         hv = None
         if points:
-            if self.hv_space is None and self.config.hypervolume_bounds is not None:
-                bounds = [self.config.hypervolume_bounds[name] for name in names]
-                self.hv_space = HypervolumeSpace(tuple(names), tuple(b[0] for b in bounds),
-                                                 tuple(b[1] for b in bounds))
             if self.hv_space is None:
                 done = self.storage.candidates(self.job_id, status=("completed", "reused"))
                 if len(done) >= min(self.config.budget, self._bounds_after()):

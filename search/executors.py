@@ -134,14 +134,7 @@ class RayExecutor(Executor):
         self.timeout_s = timeout_s
         self.started_ray = False
         if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS")
-            if address:
-                ray.init(address=address, namespace=namespace, log_to_driver=False)
-            else:
-                # The package directory travels to local workers through the shared file system.
-                ray.init(num_cpus=max(1, int(workers * cpus_per_worker)), num_gpus=None if gpus_per_worker else 0,
-                         namespace=namespace, include_dashboard=False, log_to_driver=False,
-                         runtime_env={"env_vars": {"PYTHONPATH": _project_root()}})
+            init_ray(max(1, int(workers * cpus_per_worker)), None if gpus_per_worker else 0, namespace)
             self.started_ray = True
         self.actor_class = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)(EvaluationWorker)
         threads = max(1, int(cpus_per_worker))
@@ -203,6 +196,19 @@ class RayExecutor(Executor):
         self.slots = []
         if self.started_ray:
             self.ray.shutdown()
+
+
+def init_ray(num_cpus: int, num_gpus: int | None = None, namespace: str = "hybridnas") -> None:
+    """Join the cluster RAY_ADDRESS names, else start a local Ray with these resources (`num_gpus` None:
+    detected). Ray's head processes die with the thread that calls this: call it from a long-lived one."""
+    import ray
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=namespace, log_to_driver=False)
+    else:
+        # The package directory travels to local workers through the shared file system.
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=namespace, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": _project_root()}})
 
 
 def _project_root() -> str:

@@ -9,7 +9,6 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
 
 from api.auth import require_read_token, require_token
 from api.routes.deps import StorageDep
@@ -33,8 +32,7 @@ def _checked_template(request: Request, template: SearchCreate, field: str = "te
     try:
         return check_data_paths(template, request.app.state.settings.data_roots)
     except SubmitError as exc:
-        raise RequestValidationError([{"loc": ("body", field, *exc.field.split(".")), "type": "value_error",
-                                       "msg": exc.reason}]) from None
+        raise exc.as_validation_error(field) from None
 
 
 def _now(request: Request) -> datetime:

@@ -73,10 +73,12 @@ def _detail(storage: Storage, job: JobRecord) -> SearchDetail:
                         hypervolume_at=None if last is None else last.n_evaluations)
 
 
-def _transition(storage: Storage, job_id: int, allowed: tuple[str, ...], target: str, finish: bool) -> bool:
-    """Atomically move a search from one of `allowed` to `target`; False if its status was another."""
+def _transition(storage: Storage, job_id: int, allowed: tuple[str, ...], target: str, finish: bool,
+                **values: object) -> bool:
+    """Atomically move a search from one of `allowed` to `target` (setting `values` too); False if its status
+    was another."""
     t = db.jobs
-    values: dict = {"status": target}
+    values["status"] = target
     if finish:
         values["finished_at"] = utcnow()
     with storage.transaction() as conn:
@@ -95,7 +97,7 @@ def create_search(body: SearchCreate, request: Request, response: Response, stor
     except SubmitError as exc:
         if exc.conflict:
             raise HTTPException(409, detail=f"{exc.field} was {exc.reason}") from None
-        raise RequestValidationError([{"loc": ("body", exc.field), "type": "value_error", "msg": exc.reason}]) from None
+        raise exc.as_validation_error() from None
     job, replayed = submitted.job, submitted.replayed
     if replayed:
         response.status_code = 200
@@ -170,19 +172,13 @@ def list_candidates(search_id: SearchId, storage: StorageDep, limit: Limit = 50,
              summary="Put a cancelled or failed search back in the queue (idempotent for a queued or running one)")
 def resume_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
     job = job_or_404(storage, search_id)
-    if job.status not in ("queued", "running") and not _requeue(storage, search_id):
+    if job.status not in ("queued", "running") and not _transition(
+            storage, search_id, ("cancelled", "failed"), "queued", False, finished_at=None, error=None,
+            lease_owner=None, lease_expires_at=None):
         job = job_or_404(storage, search_id)
         raise HTTPException(409, detail=f"search {search_id} is {job.status}: only a cancelled or failed search "
                                         "can be resumed")
     return _detail(storage, job_or_404(storage, search_id))
-
-
-def _requeue(storage: Storage, job_id: int) -> bool:
-    t = db.jobs
-    with storage.transaction() as conn:
-        stmt = (update(t).where(t.c.id == job_id, t.c.kind == "search", t.c.status.in_(("cancelled", "failed")))
-                .values(status="queued", finished_at=None, error=None, lease_owner=None, lease_expires_at=None))
-        return conn.execute(stmt).rowcount > 0
 
 
 Objective = Literal[OBJECTIVES]  # type: ignore[valid-type]
@@ -232,6 +228,15 @@ def pareto_csv(search_id: SearchId, storage: StorageDep, x: AxisX = None, y: Axi
         "Content-Disposition": f'attachment; filename="search-{search_id}-pareto-{"-".join(objectives)}.csv"'})
 
 
+def _cursor(since: str | None):
+    """A feed cursor, or a 422 naming `since` for one this API did not hand out."""
+    try:
+        return parse_cursor(since)
+    except ValueError as exc:
+        raise RequestValidationError([{"loc": ("query", "since"), "type": "value_error",
+                                       "msg": str(exc).removeprefix("since: ")}]) from None
+
+
 @router.get("/{search_id}/evaluations", response_model=EvaluationFeed, dependencies=[Depends(require_read_token)],
             summary="Live progress: evaluations finished after a cursor (poll with the returned `next`)")
 def evaluations(search_id: SearchId, storage: StorageDep, limit: Limit = 50,
@@ -239,11 +244,7 @@ def evaluations(search_id: SearchId, storage: StorageDep, limit: Limit = 50,
                                                    description="the `next` of the previous call; none: "
                                                                "from the start")] = None) -> EvaluationFeed:
     job = job_or_404(storage, search_id)
-    try:
-        after = parse_cursor(since)
-    except ValueError as exc:
-        raise RequestValidationError([{"loc": ("query", "since"), "type": "value_error",
-                                       "msg": str(exc).removeprefix("since: ")}]) from None
+    after = _cursor(since)
     rows = storage.finished_since(search_id, after, limit=limit)
     cursor = make_cursor(rows[-1].finished_at, rows[-1].id) if rows else since
     return EvaluationFeed(search_id=search_id, status=job.status, n_evaluations=job.n_evaluations,
@@ -263,12 +264,8 @@ async def events(search_id: SearchId, request: Request, storage: StorageDep,
                  last_event_id: Annotated[str | None, Header(max_length=64, pattern=CURSOR_PATTERN)] = None,
                  since: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN)] = None
                  ) -> StreamingResponse:
-    job = await run_in_threadpool(job_or_404, storage, search_id)
-    try:
-        cursor = parse_cursor(last_event_id or since)
-    except ValueError as exc:
-        raise RequestValidationError([{"loc": ("query", "since"), "type": "value_error",
-                                       "msg": str(exc).removeprefix("since: ")}]) from None
+    await run_in_threadpool(job_or_404, storage, search_id)
+    cursor = _cursor(last_event_id or since)
 
     async def stream():
         nonlocal cursor
@@ -302,7 +299,6 @@ async def events(search_id: SearchId, request: Request, storage: StorageDep,
                 quiet = 0.0
                 yield ": keep-alive\n\n"
 
-    del job
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
