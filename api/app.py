@@ -3,12 +3,13 @@
 Thin routes (`api/routes/`), request/response schemas (`api/schemas.py`) kept apart from the storage records,
 settings in one place (`api/settings.py`; auth's own in `api/auth.py`). OpenAPI at `/docs`.
 
-Beside the API, one process runs the job runner (`api/runner.py`) and the scheduler (`api/scheduler.py`) unless
-the settings turn them off (`HYBRIDNAS_RUNNERS=0`, `HYBRIDNAS_SCHEDULER=false`). Bad input is
+Beside the API, one process runs the job runner (`api/runner.py`) and the scheduler (`api/scheduler.py`)
+unless the settings turn them off (`HYBRIDNAS_RUNNERS=0`, `HYBRIDNAS_SCHEDULER=false`). Bad input is
 never a 500: validation errors are 422 with the field path and a message; unknown ids 404; a storage
 `ValueError` (an unknown status, say) 422; a `KeyError` from storage 404; `StorageError` and a database that
 cannot be reached 503.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,14 @@ def _validation_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for e in errors:
         loc = list(e.get("loc", ()))
         if e.get("type") == "json_invalid":
-            out.append({"loc": loc, "field": "body", "msg": f"malformed JSON: {e.get('ctx', {}).get('error', '')}"
-                        .rstrip(": "), "type": "json_invalid"})
+            out.append(
+                {
+                    "loc": loc,
+                    "field": "body",
+                    "msg": f"malformed JSON: {e.get('ctx', {}).get('error', '')}".rstrip(": "),
+                    "type": "json_invalid",
+                }
+            )
             continue
         field, msg = _field(loc), _message(e)
         named = _NAMED_FIELD.match(msg)
@@ -72,7 +79,9 @@ def _install_handlers(app: FastAPI) -> None:
         # The same shape as a validation error, so clients parse one 422 format.
         named = _NAMED_FIELD.match(str(exc))
         field, msg = (named.group(1), named.group(2)) if named else ("", str(exc))
-        errors = [{"loc": field.split(".") if field else [], "field": field, "msg": msg, "type": "value_error"}]
+        errors = [
+            {"loc": field.split(".") if field else [], "field": field, "msg": msg, "type": "value_error"}
+        ]
         return JSONResponse({"detail": errors, "message": f"{field or 'request'}: {msg}"}, status_code=422)
 
     @app.exception_handler(KeyError)
@@ -83,10 +92,23 @@ def _install_handlers(app: FastAPI) -> None:
     async def _out_of_range(_request: Request, exc: sa_exc.DataError) -> JSONResponse:
         # A value the database refuses (a number out of a column's range): bad input that slipped past the
         # schemas, never a 500.
-        log.warning("database refused a value: %s", type(exc.orig).__name__ if exc.orig else type(exc).__name__)
-        return JSONResponse({"detail": [{"loc": [], "field": "", "msg": "a value is out of the range the database "
-                                         "accepts", "type": "value_error"}],
-                             "message": "a value is out of range"}, status_code=422)
+        log.warning(
+            "database refused a value: %s", type(exc.orig).__name__ if exc.orig else type(exc).__name__
+        )
+        return JSONResponse(
+            {
+                "detail": [
+                    {
+                        "loc": [],
+                        "field": "",
+                        "msg": "a value is out of the range the database accepts",
+                        "type": "value_error",
+                    }
+                ],
+                "message": "a value is out of range",
+            },
+            status_code=422,
+        )
 
     @app.exception_handler(StorageError)
     async def _storage_error(_request: Request, exc: StorageError) -> JSONResponse:
@@ -96,12 +118,14 @@ def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(sa_exc.OperationalError)
     async def _db_down(_request: Request, exc: sa_exc.OperationalError) -> JSONResponse:
         log.error("database error: %s", type(exc).__name__)
-        return JSONResponse({"detail": "database unavailable, retry later"}, status_code=503,
-                            headers={"Retry-After": "5"})
+        return JSONResponse(
+            {"detail": "database unavailable, retry later"}, status_code=503, headers={"Retry-After": "5"}
+        )
 
 
 class Background:
-    """What runs beside the API in one coordinator process: the job runner and the scheduler (each optional)."""
+    """What runs beside the API in one coordinator process: the job runner and the scheduler (each
+    optional)."""
 
     def __init__(self, runner: Any = None, scheduler: Any = None):
         self.runner, self.scheduler = runner, scheduler
@@ -112,9 +136,12 @@ class Background:
         if self.runner is not None:
             self.runner.start()
         if self.scheduler is not None:
-            self._scheduler_thread = threading.Thread(target=self.scheduler.run, args=(self._scheduler_stop,
-                                                                                       interval_s),
-                                                      name="hybridnas-scheduler", daemon=True)
+            self._scheduler_thread = threading.Thread(
+                target=self.scheduler.run,
+                args=(self._scheduler_stop, interval_s),
+                name="hybridnas-scheduler",
+                daemon=True,
+            )
             self._scheduler_thread.start()
 
     def stop(self) -> None:
@@ -129,13 +156,21 @@ def start_background(settings: Settings, storage: Storage) -> Background:
     runner = scheduler = None
     if settings.runners > 0:
         from api.runner import JobRunner
-        runner = JobRunner(storage, settings.resolved_data_dir(), slots=settings.runners,
-                           max_running=settings.max_running_jobs, lease_s=settings.lease_s, poll_s=settings.poll_s,
-                           ray_num_cpus=settings.ray_num_cpus)
+
+        runner = JobRunner(
+            storage,
+            settings.resolved_data_dir(),
+            slots=settings.runners,
+            max_running=settings.max_running_jobs,
+            lease_s=settings.lease_s,
+            poll_s=settings.poll_s,
+            ray_num_cpus=settings.ray_num_cpus,
+        )
     if settings.scheduler:
         from datetime import timedelta
 
         from api.scheduler import Scheduler
+
         scheduler = Scheduler(storage, grace=timedelta(seconds=settings.scheduler_grace_s))
     background = Background(runner, scheduler)
     background.start(settings.scheduler_interval_s)
@@ -173,7 +208,9 @@ class BodySizeLimit:
             await self._refuse(send)
 
     async def _refuse(self, send: Any) -> None:
-        response = JSONResponse({"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413)
+        response = JSONResponse(
+            {"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413
+        )
         await response({"type": "http"}, None, send)
 
 
@@ -181,8 +218,9 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def create_app(settings: Settings | None = None, storage: Storage | None = None, *,
-               auth: Auth | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, storage: Storage | None = None, *, auth: Auth | None = None
+) -> FastAPI:
     """The API. Without `storage`, one is opened on the settings' database and migrated to head at start-up
     (and closed at shutdown). Without `auth`, the token is taken from HYBRIDNAS_TOKEN or the data dir's token
     file (made now if missing: its path is logged, never the token)."""
@@ -206,9 +244,13 @@ def create_app(settings: Settings | None = None, storage: Storage | None = None,
             if owns_storage:
                 storage.close()
 
-    app = FastAPI(title="hybridnas coordinator", version="0.1.0", lifespan=lifespan,
-                  description="Submit and inspect hybrid-architecture searches. Mutating routes need "
-                              "`Authorization: Bearer <token>`.")
+    app = FastAPI(
+        title="hybridnas coordinator",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Submit and inspect hybrid-architecture searches. Mutating routes need "
+        "`Authorization: Bearer <token>`.",
+    )
     app.state.settings = settings
     app.state.storage = storage
     app.state.auth = auth

@@ -3,14 +3,15 @@
 Mutating routes need `Authorization: Bearer <token>`. The token comes from, in order:
 
 - the environment variable `HYBRIDNAS_TOKEN`;
-- else the file `<data_dir>/token`, generated at first start (`secrets.token_urlsafe(32)`) and written with mode
-  0600 (readable by its owner only). Its PATH is logged, never the token.
+- else the file `<data_dir>/token`, generated at first start (`secrets.token_urlsafe(32)`) and written with
+  mode 0600 (readable by its owner only). Its PATH is logged, never the token.
 
-Reads are public unless `HYBRIDNAS_REQUIRE_TOKEN_FOR_READS=true` (`/api/health` and `/api/ready` stay public for
-probes). These two settings are read here (pydantic-settings, prefix `HYBRIDNAS_`, as `api/settings.py`) so
-that `Settings` keeps only what the rest of the project shares. Tokens are compared in constant time
+Reads are public unless `HYBRIDNAS_REQUIRE_TOKEN_FOR_READS=true` (`/api/health` and `/api/ready` stay public
+for probes). These two settings are read here (pydantic-settings, prefix `HYBRIDNAS_`, as `api/settings.py`)
+so that `Settings` keeps only what the rest of the project shares. Tokens are compared in constant time
 (`hmac.compare_digest`, on UTF-8 bytes so a non-ASCII header is a plain mismatch, never an error).
 """
+
 from __future__ import annotations
 
 import hmac
@@ -97,20 +98,20 @@ def _unauthorized(message: str) -> HTTPException:
 def _verify(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
     auth: Auth = request.app.state.auth
     if credentials is None:
-        raise _unauthorized("missing bearer token: send 'Authorization: Bearer <token>' (HYBRIDNAS_TOKEN, or the "
-                            "token file whose path the server logged at start)")
+        raise _unauthorized(
+            "missing bearer token: send 'Authorization: Bearer <token>' (HYBRIDNAS_TOKEN, or the "
+            "token file whose path the server logged at start)"
+        )
     if not auth.check(credentials.credentials):
         raise _unauthorized("invalid bearer token")
 
 
-def require_token(request: Request,
-                  credentials: BearerCredentials) -> None:
+def require_token(request: Request, credentials: BearerCredentials) -> None:
     """Dependency of every mutating route."""
     _verify(request, credentials)
 
 
-def require_read_token(request: Request,
-                       credentials: BearerCredentials) -> None:
+def require_read_token(request: Request, credentials: BearerCredentials) -> None:
     """Dependency of read routes: a no-op unless HYBRIDNAS_REQUIRE_TOKEN_FOR_READS is set."""
     if request.app.state.auth.require_token_for_reads:
         _verify(request, credentials)

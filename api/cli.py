@@ -1,4 +1,5 @@
 """The `hybridnas` command line (typer + rich)."""
+
 from __future__ import annotations
 
 import sys
@@ -15,8 +16,11 @@ from search.layout import LayoutError, load_layout
 from search.params import count_parameters, format_count
 from search.presets import get_preset, preset_names, resolve_layout
 
-app = typer.Typer(help="hybridnas: search for latency-optimal hybrid small language models.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="hybridnas: search for latency-optimal hybrid small language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 layouts_app = typer.Typer(help="Inspect and check layouts.", no_args_is_help=True)
 app.add_typer(layouts_app, name="layouts")
 
@@ -24,8 +28,6 @@ app.add_typer(latency_app, name="latency", help="Latency look-up tables and pred
 app.add_typer(search_app, name="search")
 console = Console(width=max(140, Console().width))
 err_console = Console(stderr=True)
-
-
 
 
 @layouts_app.command("list")
@@ -44,8 +46,9 @@ def layouts_list() -> None:
 def layouts_show(
     layout: str = typer.Argument(..., help="a preset name or a layout file"),
     as_json: bool = typer.Option(False, "--json", help="print the canonical JSON instead"),
-    vocab_size: int = typer.Option(None, "--vocab-size", help="vocabulary for counting (default: the "
-                                   "layout's own, else 256 = bytes)"),
+    vocab_size: int = typer.Option(
+        None, "--vocab-size", help="vocabulary for counting (default: the layout's own, else 256 = bytes)"
+    ),
 ) -> None:
     """Print a layout with its parameter counts."""
     try:
@@ -54,7 +57,7 @@ def layouts_show(
         count = count_parameters(lo, vocab)
     except LayoutError as exc:
         err_console.print(f"[red]error[/red] {exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     if as_json:
         sys.stdout.write(lo.to_json() + "\n")
         return
@@ -70,8 +73,11 @@ def layouts_show(
     counts = Table("parameters", "count", "exact")
     counts.add_row("total", format_count(count.total), f"{count.total:,}")
     counts.add_row("non-embedding", format_count(count.non_embedding), f"{count.non_embedding:,}")
-    counts.add_row(f"embedding (vocab {vocab}, {'tied' if lo.tied_embeddings else 'untied'})",
-                   format_count(count.embedding), f"{count.embedding:,}")
+    counts.add_row(
+        f"embedding (vocab {vocab}, {'tied' if lo.tied_embeddings else 'untied'})",
+        format_count(count.embedding),
+        f"{count.embedding:,}",
+    )
     console.print(counts)
 
 
@@ -82,7 +88,7 @@ def layouts_validate(path: Path = typer.Argument(..., help="a layout file (JSON 
         lo = load_layout(path)
     except LayoutError as exc:
         err_console.print(f"[red]invalid[/red] {exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     console.print(f"valid: {len(lo.operators)} operators, hash {lo.content_hash}")
 
 
@@ -93,12 +99,22 @@ def demo(
     presets: bool = typer.Option(False, help="also short-train and profile the scaled-down presets here"),
     service: bool = typer.Option(True, help="run the search through the service (--no-service: in-process)"),
     port: int = typer.Option(8000, help="the coordinator's port on 127.0.0.1"),
-    exit_when_done: bool = typer.Option(False, "--exit-when-done", help="stop the server when the search ends"),
+    exit_when_done: bool = typer.Option(
+        False, "--exit-when-done", help="stop the server when the search ends"
+    ),
 ) -> None:
     """Count the presets, start the coordinator, submit a real search over REST and follow it."""
     from api.demo import run_demo
-    run_demo(console, steps=steps, decode_tokens=decode_tokens, presets=presets, service=service, port=port,
-             exit_when_done=exit_when_done)
+
+    run_demo(
+        console,
+        steps=steps,
+        decode_tokens=decode_tokens,
+        presets=presets,
+        service=service,
+        port=port,
+        exit_when_done=exit_when_done,
+    )
 
 
 @app.command()
@@ -112,6 +128,7 @@ def serve(
 ) -> None:
     """Start the coordinator: REST API (OpenAPI at /docs), job runner and scheduler."""
     from api.serve import serve as run_server
+
     run_server(host, port, data_dir, runners, scheduler, log_level)
 
 
@@ -123,8 +140,9 @@ if __name__ == "__main__":  # pragma: no cover
     app()
 
 
-proxy_app = typer.Typer(help="The short-training proxy: train one layout, or measure the proxy's fidelity.",
-                        no_args_is_help=True)
+proxy_app = typer.Typer(
+    help="The short-training proxy: train one layout, or measure the proxy's fidelity.", no_args_is_help=True
+)
 app.add_typer(proxy_app, name="proxy")
 
 
@@ -134,14 +152,15 @@ def _load_config_file(path: Path | None) -> dict:
     import json
 
     import yaml
+
     try:
         text = path.read_text()
     except OSError as exc:
-        raise typer.BadParameter(f"{path}: cannot be read ({exc.strerror})", param_hint="--config")
+        raise typer.BadParameter(f"{path}: cannot be read ({exc.strerror})", param_hint="--config") from None
     try:
         data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
     except Exception as exc:
-        raise typer.BadParameter(f"{path}: not valid JSON/YAML ({exc})", param_hint="--config")
+        raise typer.BadParameter(f"{path}: not valid JSON/YAML ({exc})", param_hint="--config") from None
     if not isinstance(data, dict):
         raise typer.BadParameter(f"{path}: must hold a mapping", param_hint="--config")
     return data
@@ -150,7 +169,9 @@ def _load_config_file(path: Path | None) -> dict:
 @proxy_app.command("train")
 def proxy_train(
     layout: str = typer.Argument(..., help="a layout file (JSON/YAML) or a preset name"),
-    config: Path = typer.Option(None, "--config", help="JSON/YAML with optional sections: proxy, latency, data"),
+    config: Path = typer.Option(
+        None, "--config", help="JSON/YAML with optional sections: proxy, latency, data"
+    ),
     steps: int = typer.Option(None, help="override proxy.steps"),
     no_latency: bool = typer.Option(False, "--no-latency", help="skip the latency measurement"),
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
@@ -160,31 +181,48 @@ def proxy_train(
 
     from api.demo import data_dir
     from proxies.worker import evaluate
+
     try:
         lo = resolve_layout(layout)
     except LayoutError as exc:
         err_console.print(f"[red]invalid layout[/red] {exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     settings = _load_config_file(config)
     unknown = sorted(set(settings) - {"proxy", "latency", "data"})
     if unknown:
-        raise typer.BadParameter(f"unknown section {unknown[0]!r} (known: proxy, latency, data)", param_hint="--config")
+        raise typer.BadParameter(
+            f"unknown section {unknown[0]!r} (known: proxy, latency, data)", param_hint="--config"
+        )
     proxy = dict(settings.get("proxy") or {})
     if steps is not None:
         proxy["steps"] = steps
-    with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
-                  TimeRemainingColumn(), console=err_console, transient=True) as bar:
+    with Progress(
+        TextColumn("training"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
         task = bar.add_task("train", total=None, loss="-")
 
         def progress(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step, total=total, loss=f"{loss:.3f}")
+
         try:
-            result = evaluate(lo, proxy, settings.get("latency"), data_config=settings.get("data"),
-                              data_dir=data_dir(), device=None if device == "auto" else device,
-                              measure_latency=not no_latency, progress=progress)
+            result = evaluate(
+                lo,
+                proxy,
+                settings.get("latency"),
+                data_config=settings.get("data"),
+                data_dir=data_dir(),
+                device=None if device == "auto" else device,
+                measure_latency=not no_latency,
+                progress=progress,
+            )
         except (TypeError, ValueError) as exc:
             err_console.print(f"[red]bad configuration[/red] {exc}")
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
     sys.stdout.write(result.to_json() + "\n")
     if result.status != "completed":
         err_console.print(f"[red]failed[/red] {result.failure_reason}")
@@ -200,7 +238,8 @@ def proxy_fidelity(
     workers: int = typer.Option(2, help="training processes (one thread each)"),
     lr: float = typer.Option(3e-3, help="peak learning rate"),
     warmup_fraction: float = typer.Option(0.1, help="warmup share of each schedule"),
-    seq_len: int = typer.Option(128), eval_tokens: int = typer.Option(65536),
+    seq_len: int = typer.Option(128),
+    eval_tokens: int = typer.Option(65536),
     report_only: bool = typer.Option(False, help="recompute the report from the existing table"),
 ) -> None:
     """Rank correlation of short- vs long-training val_bpb (resumes from OUT/runs.csv)."""
@@ -212,15 +251,30 @@ def proxy_fidelity(
         run_fidelity,
         write_report,
     )
-    config = FidelityConfig(n_layouts=n_layouts, short_steps=short_steps, long_factor=long_factor, workers=workers,
-                            lr=lr, warmup_fraction=warmup_fraction, seq_len=seq_len, eval_tokens=eval_tokens)
+
+    config = FidelityConfig(
+        n_layouts=n_layouts,
+        short_steps=short_steps,
+        long_factor=long_factor,
+        workers=workers,
+        lr=lr,
+        warmup_fraction=warmup_fraction,
+        seq_len=seq_len,
+        eval_tokens=eval_tokens,
+    )
     command = "hybridnas proxy fidelity " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
     command = command.strip()
     if report_only:
         report = fidelity_report(read_rows(out / "runs.csv"), config)
         write_report(report, out, command)
     else:
-        report = run_fidelity(config, out, data_dir(), command,
-                              on_row=lambda r: console.print(f"{r['run']:>10} {r['operators']:<32} "
-                                                             f"bpb={r['val_bpb']} {r['status']} {r['wall_s']}s"))
+        report = run_fidelity(
+            config,
+            out,
+            data_dir(),
+            command,
+            on_row=lambda r: console.print(
+                f"{r['run']:>10} {r['operators']:<32} bpb={r['val_bpb']} {r['status']} {r['wall_s']}s"
+            ),
+        )
     console.print((out / "report.md").read_text())

@@ -2,10 +2,12 @@
 
     hybridnas latency build-lut --out lut.json --widths 64,96,128 --contexts 128,512 \
         --operators attention,swa,mamba2,deltanet,gated_deltanet,ffn --repeats 5 --threads 1
-    hybridnas latency predict nemotron-flash-1b-mini --lut lut.json --context 512 [--target-ms 3 --widths 64,96,128]
+    hybridnas latency predict nemotron-flash-1b-mini --lut lut.json --context 512 [--target-ms 3 --widths
+    64,96,128]
 
 `predict` needs no torch (search.latency_model is pure Python); `build-lut` imports torch when it runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +22,11 @@ from search.latency_model import LatencyTable
 from search.layout import Layout, LayoutError
 from search.presets import resolve_layout
 
-latency_app = typer.Typer(help="Latency look-up tables: build one on this device, predict from one.",
-                          no_args_is_help=True, pretty_exceptions_enable=False)
+latency_app = typer.Typer(
+    help="Latency look-up tables: build one on this device, predict from one.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 console = Console(width=max(120, Console().width))
 err_console = Console(stderr=True)
 
@@ -36,8 +41,6 @@ def _ints(text: str, what: str) -> list[int]:
     return values
 
 
-
-
 def _fail(message: str) -> None:
     err_console.print(f"[red]error[/red] {message}")
     raise typer.Exit(1)
@@ -48,23 +51,32 @@ def build_lut_cmd(
     out: Path = typer.Option(..., "--out", help="where to write the table (JSON, written atomically)"),
     widths: str = typer.Option("64,96,128", help="d_model values, comma-separated"),
     contexts: str = typer.Option("128,512", help="prompt lengths before decoding, comma-separated"),
-    operators: str = typer.Option("attention,swa,mamba2,deltanet,gated_deltanet,ffn",
-                                  help="operators to measure, comma-separated"),
+    operators: str = typer.Option(
+        "attention,swa,mamba2,deltanet,gated_deltanet,ffn", help="operators to measure, comma-separated"
+    ),
     repeats: int = typer.Option(5, help="timed decode repeats per measurement"),
     decode_tokens: int = typer.Option(64, "--decode-tokens", help="tokens decoded per repeat"),
     threads: int = typer.Option(1, help="CPU threads (ignored on GPU)"),
-    copies: int = typer.Option(4, help="blocks of one operator per measured model (cost = difference / copies)"),
+    copies: int = typer.Option(
+        4, help="blocks of one operator per measured model (cost = difference / copies)"
+    ),
     rounds: int = typer.Option(3, help="alternating rounds per (width, context); each cell is the median"),
     vocab_size: int = typer.Option(257, "--vocab-size", help="vocabulary of the LM head in the overhead"),
-    head_dim: int = typer.Option(32, "--head-dim", help="attention/DeltaNet head dim (heads = d_model / head_dim)"),
+    head_dim: int = typer.Option(
+        32, "--head-dim", help="attention/DeltaNet head dim (heads = d_model / head_dim)"
+    ),
     kv_group: int = typer.Option(2, "--kv-group", help="query heads per KV head (at least)"),
     mamba_head_dim: int = typer.Option(32, "--mamba-head-dim"),
     mamba_d_state: int = typer.Option(32, "--mamba-d-state"),
     swa_window: int = typer.Option(64, "--swa-window"),
     ffn_ratio: float = typer.Option(3.0, "--ffn-ratio"),
-    size_levels_mb: str = typer.Option("auto", "--size-levels-mb", help="weight sizes (MB) of the memory-"
-                                       "hierarchy size curve, comma-separated; 'auto' (8,16,32 on CPU, none on "
-                                       "GPU) or 'none' (a plain sum of block costs)"),
+    size_levels_mb: str = typer.Option(
+        "auto",
+        "--size-levels-mb",
+        help="weight sizes (MB) of the memory-"
+        "hierarchy size curve, comma-separated; 'auto' (8,16,32 on CPU, none on "
+        "GPU) or 'none' (a plain sum of block costs)",
+    ),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"),
     device: str = typer.Option(None, help="cpu or cuda[:N] (default: cuda if available)"),
 ) -> None:
@@ -75,8 +87,14 @@ def build_lut_cmd(
     )
     from latency.profiler import LatencyConfig
 
-    base_dims = {"head_dim": head_dim, "kv_group": kv_group, "mamba_head_dim": mamba_head_dim,
-                 "mamba_d_state": mamba_d_state, "swa_window": swa_window, "ffn_ratio": ffn_ratio}
+    base_dims = {
+        "head_dim": head_dim,
+        "kv_group": kv_group,
+        "mamba_head_dim": mamba_head_dim,
+        "mamba_d_state": mamba_d_state,
+        "swa_window": swa_window,
+        "ffn_ratio": ffn_ratio,
+    }
     ops = [op.strip() for op in operators.split(",") if op.strip()]
     levels = None
     if size_levels_mb.strip().lower() == "none":
@@ -85,19 +103,38 @@ def build_lut_cmd(
         try:
             levels = tuple(float(x) for x in size_levels_mb.split(",") if x.strip())
         except ValueError:
-            raise typer.BadParameter(f"--size-levels-mb: expected numbers, 'auto' or 'none', got {size_levels_mb!r}")
+            raise typer.BadParameter(
+                f"--size-levels-mb: expected numbers, 'auto' or 'none', got {size_levels_mb!r}"
+            ) from None
     try:
-        config = LatencyConfig(decode_tokens=decode_tokens, repeats=repeats, threads=threads, dtype=dtype,
-                               vocab_size=vocab_size, throughput=False)
-        lut = build_lut(_ints(widths, "widths"), _ints(contexts, "contexts"), ops, base_dims, config, device,
-                        copies=copies, rounds=rounds, size_levels_mb=levels,
-                        progress=lambda m: err_console.print(f"[dim]{m}[/dim]"))
+        config = LatencyConfig(
+            decode_tokens=decode_tokens,
+            repeats=repeats,
+            threads=threads,
+            dtype=dtype,
+            vocab_size=vocab_size,
+            throughput=False,
+        )
+        lut = build_lut(
+            _ints(widths, "widths"),
+            _ints(contexts, "contexts"),
+            ops,
+            base_dims,
+            config,
+            device,
+            copies=copies,
+            rounds=rounds,
+            size_levels_mb=levels,
+            progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
+        )
         save_lut(lut, out)
     except (ValueError, LayoutError) as exc:
         _fail(str(exc))
     fp = lut["device_fingerprint"]
-    table = Table(title=f"decode ms/token per block — {fp.get('device')} ({fp.get('dtype')}, {fp.get('method')}, "
-                        f"threads {fp.get('threads')})")
+    table = Table(
+        title=f"decode ms/token per block — {fp.get('device')} ({fp.get('dtype')}, {fp.get('method')}, "
+        f"threads {fp.get('threads')})"
+    )
     table.add_column("operator")
     table.add_column("d_model", justify="right")
     for context in lut["contexts"]:
@@ -113,21 +150,33 @@ def build_lut_cmd(
         for col in ("d_model", "context", "blocks", "weight MB", "factor (fit)", "measured"):
             curve.add_column(col, justify="right")
         for row in lut["size_curve"]:
-            curve.add_row(str(row["d_model"]), str(row["context"]), str(row["n_blocks"]),
-                          f"{row['weight_bytes'] / 1e6:.1f}", f"{row['factor']:.3f}", f"{row['factor_measured']:.3f}")
+            curve.add_row(
+                str(row["d_model"]),
+                str(row["context"]),
+                str(row["n_blocks"]),
+                f"{row['weight_bytes'] / 1e6:.1f}",
+                f"{row['factor']:.3f}",
+                f"{row['factor_measured']:.3f}",
+            )
         console.print(curve)
-    console.print(f"wrote {out} ({len(lut['entries'])} entries, {lut['build_seconds']:.1f} s, "
-                  f"fingerprint {lut['fingerprint_hash'][:12]})")
+    console.print(
+        f"wrote {out} ({len(lut['entries'])} entries, {lut['build_seconds']:.1f} s, "
+        f"fingerprint {lut['fingerprint_hash'][:12]})"
+    )
 
 
 @latency_app.command("predict")
 def predict_cmd(
     layout: str = typer.Argument(..., help="a preset name or a layout file"),
     lut: Path = typer.Option(..., "--lut", help="a table written by build-lut"),
-    context: int = typer.Option(None, "--context", help="prompt length before decoding (default: the table's "
-                                "smallest context)"),
-    target_ms: float = typer.Option(None, "--target-ms", help="also report the largest width meeting this "
-                                    "decode ms/token target (the paper's width rule)"),
+    context: int = typer.Option(
+        None, "--context", help="prompt length before decoding (default: the table's smallest context)"
+    ),
+    target_ms: float = typer.Option(
+        None,
+        "--target-ms",
+        help="also report the largest width meeting this decode ms/token target (the paper's width rule)",
+    ),
     widths: str = typer.Option(None, help="candidate widths for --target-ms (default: the table's widths)"),
     as_json: bool = typer.Option(False, "--json", help="print the breakdown as JSON"),
 ) -> None:
@@ -148,18 +197,27 @@ def predict_cmd(
         sys.stdout.write(json.dumps(breakdown, indent=1) + "\n")
         return
     fp = table.device_fingerprint
-    result = Table(title=f"{lo.name or layout}: d_model {lo.d_model}, context {ctx} — table from "
-                         f"{fp.get('device', '?')} ({fp.get('dtype', '?')}, {fp.get('method', '?')}, "
-                         f"threads {fp.get('threads', '?')})")
+    result = Table(
+        title=f"{lo.name or layout}: d_model {lo.d_model}, context {ctx} — table from "
+        f"{fp.get('device', '?')} ({fp.get('dtype', '?')}, {fp.get('method', '?')}, "
+        f"threads {fp.get('threads', '?')})"
+    )
     for col in ("operator", "count", "ms each", "ms total"):
         result.add_column(col, justify="left" if col == "operator" else "right")
     result.add_row("(overhead)", "1", f"{breakdown['overhead_ms']:.4f}", f"{breakdown['overhead_ms']:.4f}")
     for op, row in sorted(breakdown["operators"].items()):
         result.add_row(op, str(row["count"]), f"{row['each_ms']:.4f}", f"{row['total_ms']:.4f}")
     if breakdown["size_factor"] != 1.0:
-        result.add_row(f"(size factor x{breakdown['size_factor']:.3f} at {breakdown['weight_bytes'] / 1e6:.1f} MB, "
-                       "in the totals)", "", "", "")
-    result.add_row("[bold]total[/bold]", str(len(lo.operators)), "", f"[bold]{breakdown['total_ms']:.4f}[/bold]")
+        result.add_row(
+            f"(size factor x{breakdown['size_factor']:.3f} at {breakdown['weight_bytes'] / 1e6:.1f} MB, "
+            "in the totals)",
+            "",
+            "",
+            "",
+        )
+    result.add_row(
+        "[bold]total[/bold]", str(len(lo.operators)), "", f"[bold]{breakdown['total_ms']:.4f}[/bold]"
+    )
     console.print(result)
     console.print(f"predicted decode: {breakdown['total_ms']:.4f} ms/token")
     if target_ms is not None:

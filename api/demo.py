@@ -6,6 +6,7 @@ follows its evaluations through the polling feed, prints its Pareto front, and k
 stops it; `--exit-when-done` returns when the search ends). `--presets` also short-trains the scaled-down
 presets on the embedded corpus (the Python standard library's source) and profiles them, in this process.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,28 +27,40 @@ from search.presets import CPU_PRESETS, get_preset, preset_names
 
 def data_dir() -> Path:
     from api.settings import get_settings
+
     return get_settings().resolved_data_dir()
 
 
 DEMO_SEARCH = {
-    "name": "demo", "space": {"preset": "cpu"}, "strategy": "pareto-aging",
-    "strategy_options": {"population_size": 6, "sample_size": 3}, "budget": 14, "executor": "ray", "workers": 2,
+    "name": "demo",
+    "space": {"preset": "cpu"},
+    "strategy": "pareto-aging",
+    "strategy_options": {"population_size": 6, "sample_size": 3},
+    "budget": 14,
+    "executor": "ray",
+    "workers": 2,
     "proxy": {"steps": 60, "batch_size": 8, "seq_len": 128, "eval_tokens": 16384},
     "latency": {"prompt_len": 64, "decode_tokens": 32, "repeats": 3, "throughput": False, "threads": 1},
 }
 
 
 def run_demo_search(console: Console) -> int:
-    """A real pareto-aging search on the embedded corpus through a local Ray, run in this process (no server)."""
+    """A real pareto-aging search on the embedded corpus through a local Ray, run in this process (no
+    server)."""
     import json
 
     from api.search_cli import _storage, run_engine
     from search.config import SearchConfig
+
     config = SearchConfig.model_validate(DEMO_SEARCH)
     storage = _storage(None)
-    job_id = storage.create_job("search", json.loads(config.model_dump_json()), name="demo", budget=config.budget)
-    console.print(f"search {job_id}: {config.strategy}, {config.budget} evaluations on {config.workers} Ray workers "
-                  f"({storage!r}; resume with `hybridnas search resume {job_id}`)")
+    job_id = storage.create_job(
+        "search", json.loads(config.model_dump_json()), name="demo", budget=config.budget
+    )
+    console.print(
+        f"search {job_id}: {config.strategy}, {config.budget} evaluations on {config.workers} Ray workers "
+        f"({storage!r}; resume with `hybridnas search resume {job_id}`)"
+    )
     run_engine(storage, job_id, data_dir())
     return job_id
 
@@ -55,16 +68,23 @@ def run_demo_search(console: Console) -> int:
 def start_service(console: Console, port: int) -> tuple[subprocess.Popen, str]:
     """`hybridnas serve` on loopback in a child process (its log in the data dir); its base URL once ready."""
     import httpx
+
     base = f"http://127.0.0.1:{port}"
     log_path = data_dir() / "serve.log"
     log = open(log_path, "ab")  # noqa: SIM115 - the child keeps writing to it
-    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the coordinator exited ({proc.returncode}); see {log_path} (is port {port} taken? "
-                             "use --port)")
+            raise SystemExit(
+                f"the coordinator exited ({proc.returncode}); see {log_path} (is port {port} taken? "
+                "use --port)"
+            )
         try:
             if httpx.get(f"{base}/api/ready", timeout=2).status_code == 200:
                 console.print(f"coordinator up at {base} (OpenAPI: {base}/docs; log: {log_path})")
@@ -85,43 +105,73 @@ def api_token() -> str:
 def submit_and_follow(console: Console, base: str, body: dict) -> int:
     """Submit a search over REST, follow its finished evaluations with the polling feed, print its front."""
     import httpx
+
     with httpx.Client(base_url=base, timeout=30) as client:
         r = client.post("/api/searches", json=body, headers={"Authorization": f"Bearer {api_token()}"})
         if r.status_code != 201:
             raise SystemExit(f"POST /api/searches: {r.status_code} {r.text}")
         job_id = r.json()["id"]
-        console.print(f"POST /api/searches -> search {job_id} ({body['strategy']}, budget {body['budget']}); "
-                      f"following GET /api/searches/{job_id}/evaluations")
+        console.print(
+            f"POST /api/searches -> search {job_id} ({body['strategy']}, budget {body['budget']}); "
+            f"following GET /api/searches/{job_id}/evaluations"
+        )
         cursor, status = None, "queued"
-        with Progress(TextColumn("search {task.fields[job]} ({task.fields[status]})"), BarColumn(),
-                      MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        with Progress(
+            TextColumn("search {task.fields[job]} ({task.fields[status]})"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
             task = bar.add_task("search", total=body["budget"], job=job_id, status=status)
             while True:
-                feed = client.get(f"/api/searches/{job_id}/evaluations",
-                                  params={"limit": 50, **({"since": cursor} if cursor else {})}).json()
+                feed = client.get(
+                    f"/api/searches/{job_id}/evaluations",
+                    params={"limit": 50, **({"since": cursor} if cursor else {})},
+                ).json()
                 for c in feed["items"]:
-                    result = (f"val_bpb {c['val_bpb']:.3f}, decode {c['decode_ms']:.2f} ms/token"
-                              if c["val_bpb"] is not None else "failed")
-                    bar.console.print(f"  candidate {c['id']} ({c['status']}, generation {c['generation']}): {result}")
+                    result = (
+                        f"val_bpb {c['val_bpb']:.3f}, decode {c['decode_ms']:.2f} ms/token"
+                        if c["val_bpb"] is not None
+                        else "failed"
+                    )
+                    bar.console.print(
+                        f"  candidate {c['id']} ({c['status']}, generation {c['generation']}): {result}"
+                    )
                 cursor, status = feed["next"], feed["status"]
                 bar.update(task, completed=feed["n_evaluations"], status=status)
                 if status in JOB_TERMINAL_STATUSES:
                     break
                 time.sleep(1.0)
         front = client.get(f"/api/searches/{job_id}/pareto").json()
-        table = Table("id", "operators", "val_bpb", "decode ms/token", "params", "generation",
-                      title=f"search {job_id} ({status}): Pareto front (GET /api/searches/{job_id}/pareto)")
+        table = Table(
+            "id",
+            "operators",
+            "val_bpb",
+            "decode ms/token",
+            "params",
+            "generation",
+            title=f"search {job_id} ({status}): Pareto front (GET /api/searches/{job_id}/pareto)",
+        )
         from search.layout import Layout
+
         for c in front["items"]:
             layout = Layout.from_dict(client.get(f"/api/candidates/{c['id']}/layout.json").json())
-            table.add_row(str(c["id"]), layout.compact(), f"{c['val_bpb']:.4f}", f"{c['decode_ms']:.3f}",
-                          f"{c['n_params']:,}", str(c["generation"]))
+            table.add_row(
+                str(c["id"]),
+                layout.compact(),
+                f"{c['val_bpb']:.4f}",
+                f"{c['decode_ms']:.3f}",
+                f"{c['n_params']:,}",
+                str(c["generation"]),
+            )
     console.print(table)
     return job_id
 
 
 def run_service_demo(console: Console, port: int = 8000, exit_when_done: bool = False) -> None:
-    """The service on the embedded defaults: start it, submit the demo search over REST, follow it, keep serving."""
+    """The service on the embedded defaults: start it, submit the demo search over REST, follow it, keep
+    serving."""
     console.rule("the coordinator: REST API + job runner on local Ray (SQLite under the data dir)")
     proc, base = start_service(console, port)
     try:
@@ -141,23 +191,38 @@ def run_service_demo(console: Console, port: int = 8000, exit_when_done: bool = 
                 proc.kill()
 
 
-def run_demo(console: Console, steps: int = 30, decode_tokens: int = 64, presets: bool = False,
-             service: bool = True, port: int = 8000, exit_when_done: bool = False) -> None:
+def run_demo(
+    console: Console,
+    steps: int = 30,
+    decode_tokens: int = 64,
+    presets: bool = False,
+    service: bool = True,
+    port: int = 8000,
+    exit_when_done: bool = False,
+) -> None:
     import torch
 
     from models.hybrid import HybridLM
 
     console.rule("presets: analytic parameter count vs the built model")
-    table = Table("preset", "operators", "d_model", "vocab", "analytic total", "built (meta device)", "non-embedding")
+    table = Table(
+        "preset", "operators", "d_model", "vocab", "analytic total", "built (meta device)", "non-embedding"
+    )
     for name in preset_names():
         layout = get_preset(name)
         vocab = layout.vocab_size or 257
         count = count_parameters(layout, vocab)
         with torch.device("meta"):
             built = HybridLM(layout, vocab).num_parameters()
-        table.add_row(name, str(len(layout.operators)), str(layout.d_model), str(vocab), format_count(count.total),
-                      f"{format_count(built)} ({'=' if built == count.total else '!='})",
-                      format_count(count.non_embedding))
+        table.add_row(
+            name,
+            str(len(layout.operators)),
+            str(layout.d_model),
+            str(vocab),
+            format_count(count.total),
+            f"{format_count(built)} ({'=' if built == count.total else '!='})",
+            format_count(count.non_embedding),
+        )
     console.print(table)
 
     if presets:
@@ -172,10 +237,22 @@ def run_demo(console: Console, steps: int = 30, decode_tokens: int = 64, presets
 def evaluate_presets(console: Console, steps: int, decode_tokens: int) -> None:
     console.rule("scaled-down presets: evaluated end to end on the embedded corpus (this CPU)")
     from proxies.worker import evaluate
-    proxy = dict(steps=steps, batch_size=8, seq_len=128, lr=3e-3, eval_tokens=16384, log_every=max(1, steps // 3))
+
+    proxy = dict(
+        steps=steps, batch_size=8, seq_len=128, lr=3e-3, eval_tokens=16384, log_every=max(1, steps // 3)
+    )
     latency = dict(prompt_len=128, decode_tokens=decode_tokens, repeats=3, throughput_max_batch=8)
-    results = Table("preset", "params", "loss first -> last", "val_bpb", "train tok/s", "decode ms/token (IQR)",
-                    "prefill ms (128)", "throughput tok/s (batch)", "status")
+    results = Table(
+        "preset",
+        "params",
+        "loss first -> last",
+        "val_bpb",
+        "train tok/s",
+        "decode ms/token (IQR)",
+        "prefill ms (128)",
+        "throughput tok/s (batch)",
+        "status",
+    )
     for name in CPU_PRESETS:
         result = evaluate(get_preset(name), proxy, latency, data_dir=data_dir())
         if result.status != "completed":
@@ -184,11 +261,17 @@ def evaluate_presets(console: Console, steps: int, decode_tokens: int) -> None:
         train, lat = result.training, result.latency
         curve = train["loss_curve"]
         tput = lat["throughput_tokens_per_s"]
-        results.add_row(name, format_count(train["n_params"]), f"{curve[0][1]:.2f} -> {curve[-1][1]:.2f}",
-                        f"{train['val_bpb']:.3f}", f"{train['tokens_per_s']:,.0f}",
-                        f"{lat['decode_ms_per_token']['median']:.2f} ({lat['decode_ms_per_token']['iqr']:.2f})",
-                        f"{lat['prefill_ms']['median']:.1f}",
-                        f"{tput['median']:,.0f} ({lat['throughput_batch']})" if tput else "-", result.status)
+        results.add_row(
+            name,
+            format_count(train["n_params"]),
+            f"{curve[0][1]:.2f} -> {curve[-1][1]:.2f}",
+            f"{train['val_bpb']:.3f}",
+            f"{train['tokens_per_s']:,.0f}",
+            f"{lat['decode_ms_per_token']['median']:.2f} ({lat['decode_ms_per_token']['iqr']:.2f})",
+            f"{lat['prefill_ms']['median']:.1f}",
+            f"{tput['median']:,.0f} ({lat['throughput_batch']})" if tput else "-",
+            result.status,
+        )
         console.print(f"  {name}: val_bpb {train['val_bpb']:.3f}, {result.timings['total_s']:.1f} s")
     console.print(results)
     console.print(f"weights and tokenizers saved under {data_dir() / 'artifacts'}")

@@ -1,8 +1,8 @@
 """Job runners: take jobs from the queue under a lease, run them, heartbeat, hand them back on shutdown.
 
 Exactly one runner owns a running job: `Storage.claim_job` takes it atomically with a lease that the owner's
-heartbeat renews every third of the lease. A runner whose heartbeat finds the job gone (cancelled over REST, or
-taken over after the lease lapsed) stops it. When an owner dies, its lease expires and any runner — another
+heartbeat renews every third of the lease. A runner whose heartbeat finds the job gone (cancelled over REST,
+or taken over after the lease lapsed) stops it. When an owner dies, its lease expires and any runner — another
 coordinator, or this one restarted — takes the job and resumes it under the engine's guarantee (nothing
 completed is lost; an evaluation in flight at the death runs again at most once).
 
@@ -14,6 +14,7 @@ is full, a new search's actors wait for the running ones to finish.
 
 Job kinds plug in through `JOB_HANDLERS` (the studies issue adds its kinds there).
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,7 +47,8 @@ def owner_id(prefix: str = "") -> str:
 
 def owner_is_dead_here(owner: str | None) -> bool:
     """True only when the owner was a process of this host and pid namespace that no longer exists: its job
-    can be taken at once instead of after its lease lapses. Anything uncertain is False (wait for the lease)."""
+    can be taken at once instead of after its lease lapses. Anything uncertain is False (wait for the
+    lease)."""
     if not owner:
         return False
     parts = owner.split(":")
@@ -64,8 +66,9 @@ def owner_is_dead_here(owner: str | None) -> bool:
     return False
 
 
-def keep_lease(storage: Storage, job_id: int, owner: str, lease_s: float, stop: StopEvent,
-               done: threading.Event) -> None:
+def keep_lease(
+    storage: Storage, job_id: int, owner: str, lease_s: float, stop: StopEvent, done: threading.Event
+) -> None:
     """The heartbeat: renew the lease every third of it until `done`; if the job is gone from this owner,
     tell the engine why (cancelled, or lost) and stop it."""
     while not done.wait(lease_s / 3):
@@ -81,8 +84,11 @@ def keep_lease(storage: Storage, job_id: int, owner: str, lease_s: float, stop: 
                 log.info("job %d: cancelled; stopping", job_id)
             else:
                 stop.lost = True
-                log.warning("job %d: lease lost to %s; stopping without writing", job_id,
-                            job.lease_owner if job else None)
+                log.warning(
+                    "job %d: lease lost to %s; stopping without writing",
+                    job_id,
+                    job.lease_owner if job else None,
+                )
             stop.set()
             return
 
@@ -91,8 +97,12 @@ def keep_lease(storage: Storage, job_id: int, owner: str, lease_s: float, stop: 
 def held_lease(storage: Storage, job_id: int, owner: str, lease_s: float, stop: StopEvent) -> Iterator[None]:
     """Keep `owner`'s lease on the job alive (a heartbeat thread) for the duration of the block."""
     done = threading.Event()
-    heartbeat = threading.Thread(target=keep_lease, args=(storage, job_id, owner, lease_s, stop, done),
-                                 daemon=True, name=f"hybridnas-heartbeat-{job_id}")
+    heartbeat = threading.Thread(
+        target=keep_lease,
+        args=(storage, job_id, owner, lease_s, stop, done),
+        daemon=True,
+        name=f"hybridnas-heartbeat-{job_id}",
+    )
     heartbeat.start()
     try:
         yield
@@ -121,6 +131,7 @@ class JobContext:
 
 def run_search(ctx: JobContext) -> None:
     from search.engine import SearchEngine
+
     SearchEngine(ctx.storage, ctx.job.id, ctx.executor_factory, stop=ctx.stop, lease_owner=ctx.owner).run()
 
 
@@ -128,7 +139,8 @@ JOB_HANDLERS: dict[str, Callable[[JobContext], None]] = {"search": run_search}
 
 
 class _Ray:
-    """One local Ray per coordinator process, shared by its jobs (each job's executor must not shut it down)."""
+    """One local Ray per coordinator process, shared by its jobs (each job's executor must not shut it
+    down)."""
 
     def __init__(self, num_cpus: int | None):
         self.num_cpus = num_cpus
@@ -137,10 +149,12 @@ class _Ray:
 
     def ensure(self) -> None:
         import ray
+
         with self.lock:
             if ray.is_initialized():
                 return
             from search.executors import init_ray
+
             init_ray(self.num_cpus or os.cpu_count() or 1)
             self.started = True
 
@@ -148,6 +162,7 @@ class _Ray:
         with self.lock:
             if self.started:
                 import ray
+
                 ray.shutdown()
                 self.started = False
 
@@ -155,9 +170,19 @@ class _Ray:
 class JobRunner:
     """Runs up to `slots` jobs at once in threads of this process; `start()` / `stop()` from the service."""
 
-    def __init__(self, storage: Storage, data_dir: Path, *, slots: int = 1, max_running: int = 1,
-                 lease_s: float = 30.0, poll_s: float = 1.0, ray_num_cpus: int | None = None,
-                 executor_factory: Callable | None = None, owner: str | None = None):
+    def __init__(
+        self,
+        storage: Storage,
+        data_dir: Path,
+        *,
+        slots: int = 1,
+        max_running: int = 1,
+        lease_s: float = 30.0,
+        poll_s: float = 1.0,
+        ray_num_cpus: int | None = None,
+        executor_factory: Callable | None = None,
+        owner: str | None = None,
+    ):
         self.storage, self.data_dir = storage, Path(data_dir)
         self.slots, self.max_running = slots, max_running
         self.lease_s, self.poll_s = lease_s, poll_s
@@ -174,14 +199,19 @@ class JobRunner:
         if self._executor_factory is not None:
             return self._executor_factory(config)
         from api.search_cli import executor_factory
+
         return executor_factory(self.data_dir)(config)  # Ray is up already (poll_once), shared by the jobs
 
     # ---- lifecycle
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="hybridnas-runner", daemon=True)
         self._thread.start()
-        log.info("runner %s: up to %d job(s) here, %d across coordinators", self.owner, self.slots,
-                 self.max_running)
+        log.info(
+            "runner %s: up to %d job(s) here, %d across coordinators",
+            self.owner,
+            self.slots,
+            self.max_running,
+        )
 
     def stop(self, timeout: float = 120.0) -> None:
         """Graceful: take no more work; running jobs stop, their in-flight evaluations go back to pending and
@@ -218,7 +248,8 @@ class JobRunner:
             if self._stopping.is_set() or len(self._active) >= self.slots:
                 return None
         job = self._take_from_dead_owner() or self.storage.claim_job(
-            self.owner, self.lease_s, kinds=tuple(JOB_HANDLERS), max_running=self.max_running)
+            self.owner, self.lease_s, kinds=tuple(JOB_HANDLERS), max_running=self.max_running
+        )
         if job is None:
             return None
         if self._executor_factory is None and job.config.get("executor", "ray") == "ray":
@@ -231,7 +262,9 @@ class JobRunner:
                 self.storage.release_job(job.id, self.owner, "failed", error=f"Ray did not start: {exc}")
                 return job
         stop = StopEvent()
-        thread = threading.Thread(target=self._run, args=(job, stop), name=f"hybridnas-job-{job.id}", daemon=True)
+        thread = threading.Thread(
+            target=self._run, args=(job, stop), name=f"hybridnas-job-{job.id}", daemon=True
+        )
         with self._lock:
             self._active[job.id] = (thread, stop)
         thread.start()
@@ -242,8 +275,14 @@ class JobRunner:
         crash, a killed `hybridnas search run`): taken at once rather than after its lease lapses."""
         for job in self.storage.list_jobs(status="running", limit=None):
             if job.kind in JOB_HANDLERS and owner_is_dead_here(job.lease_owner):
-                taken = self.storage.claim_job(self.owner, self.lease_s, kinds=tuple(JOB_HANDLERS), job_id=job.id,
-                                               takeover_from=job.lease_owner, max_running=self.max_running)
+                taken = self.storage.claim_job(
+                    self.owner,
+                    self.lease_s,
+                    kinds=tuple(JOB_HANDLERS),
+                    job_id=job.id,
+                    takeover_from=job.lease_owner,
+                    max_running=self.max_running,
+                )
                 if taken is not None:
                     log.info("job %d: its owner %s died on this machine; taken over", job.id, job.lease_owner)
                     return taken
@@ -255,8 +294,9 @@ class JobRunner:
         with held_lease(self.storage, job.id, self.owner, self.lease_s, stop):
             try:
                 JOB_HANDLERS[job.kind](ctx)
-            except Exception as exc:  # the engine recorded the failure under the lease; make sure it is released
+            except (
+                Exception
+            ) as exc:  # the engine recorded the failure under the lease; make sure it is released
                 log.exception("job %d failed", job.id)
                 self.storage.release_job(job.id, self.owner, "failed", error=f"{type(exc).__name__}: {exc}")
         log.info("job %d: %s", job.id, (self.storage.get_job(job.id) or job).status)
-

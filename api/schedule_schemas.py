@@ -1,4 +1,5 @@
 """Request and response bodies of /api/schedules (pydantic), kept apart from the storage records."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -14,10 +15,14 @@ CRON_MAX = 200
 TIMEZONE_MAX = 64
 PRIORITY_LIMIT = 1000
 
-_CRON_DOC = ("5-field cron (minute hour day-of-month month day-of-week) or @hourly/@daily/@weekly/@monthly/"
-             "@yearly, matched against local wall-clock time in `timezone`")
-_TZ_DOC = ("IANA time zone (zoneinfo), e.g. Europe/Berlin. DST: a wall time skipped when clocks spring forward "
-           "fires once when they jump; one that happens twice when they fall back fires once, the first time")
+_CRON_DOC = (
+    "5-field cron (minute hour day-of-month month day-of-week) or @hourly/@daily/@weekly/@monthly/"
+    "@yearly, matched against local wall-clock time in `timezone`"
+)
+_TZ_DOC = (
+    "IANA time zone (zoneinfo), e.g. Europe/Berlin. DST: a wall time skipped when clocks spring forward "
+    "fires once when they jump; one that happens twice when they fall back fires once, the first time"
+)
 
 
 def _cron(value: str) -> str:
@@ -30,12 +35,15 @@ def _timezone(value: str) -> str:
 
 def _no_template_priority(template: SearchCreate | None) -> None:
     if template is not None and "priority" in template.model_fields_set:
-        raise ValueError("template.priority: a scheduled search runs at the schedule's priority; set `priority` "
-                         "on the schedule, not in its template")
+        raise ValueError(
+            "template.priority: a scheduled search runs at the schedule's priority; set `priority` "
+            "on the schedule, not in its template"
+        )
 
 
 def template_json(template: SearchCreate) -> dict[str, Any]:
-    """What is stored: the fields the user set (validated again at every fire, so defaults follow the code)."""
+    """What is stored: the fields the user set (validated again at every fire, so defaults follow the
+    code)."""
     return template.model_dump(mode="json", exclude_unset=True)
 
 
@@ -47,8 +55,11 @@ class ScheduleCreate(BaseModel):
     timezone: str = Field("UTC", min_length=1, max_length=TIMEZONE_MAX, description=_TZ_DOC)
     template: SearchCreate = Field(description="the search each due time submits (as POST /api/searches)")
     enabled: bool = True
-    warm_start: bool = Field(False, description="start each run from the Pareto front of the schedule's latest "
-                                                "completed run (the first run starts cold)")
+    warm_start: bool = Field(
+        False,
+        description="start each run from the Pareto front of the schedule's latest "
+        "completed run (the first run starts cold)",
+    )
     priority: int = Field(0, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT, description="queue priority of each run")
 
     @field_validator("cron")
@@ -68,8 +79,8 @@ class ScheduleCreate(BaseModel):
 
 
 class SchedulePatch(BaseModel):
-    """A partial update: only the fields sent change (null is refused). Changing cron or timezone, or enabling a
-    disabled schedule, starts its due times from now (nothing is recorded for the time before)."""
+    """A partial update: only the fields sent change (null is refused). Changing cron or timezone, or enabling
+    a disabled schedule, starts its due times from now (nothing is recorded for the time before)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -122,9 +133,14 @@ class ScheduleOut(BaseModel):
     next_due_local: datetime | None = Field(None, description="the same instant in the schedule's time zone")
 
     @classmethod
-    def of(cls, schedule: ScheduleRecord, next_due: datetime | None, next_local: datetime | None) -> ScheduleOut:
-        return cls(**{name: getattr(schedule, name) for name in cls.model_fields if hasattr(schedule, name)},
-                   next_due_at=next_due, next_due_local=next_local)
+    def of(
+        cls, schedule: ScheduleRecord, next_due: datetime | None, next_local: datetime | None
+    ) -> ScheduleOut:
+        return cls(
+            **{name: getattr(schedule, name) for name in cls.model_fields if hasattr(schedule, name)},
+            next_due_at=next_due,
+            next_due_local=next_local,
+        )
 
 
 class FireOut(BaseModel):
@@ -139,5 +155,7 @@ class FireOut(BaseModel):
 
     @classmethod
     def of(cls, fire: ScheduleFireRecord, due_local: datetime) -> FireOut:
-        return cls(**{name: getattr(fire, name) for name in cls.model_fields if hasattr(fire, name)},
-                   due_local=due_local)
+        return cls(
+            **{name: getattr(fire, name) for name in cls.model_fields if hasattr(fire, name)},
+            due_local=due_local,
+        )

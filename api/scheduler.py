@@ -35,6 +35,7 @@ the schedule's time zone (zoneinfo), and each matching wall time is one due time
 
 So a daily job runs exactly once on both transition days, and nothing runs twice. Due times are stored in UTC.
 """
+
 from __future__ import annotations
 
 import logging
@@ -99,7 +100,9 @@ def _local_wall(instant: datetime, tz: ZoneInfo) -> datetime:
     return instant.astimezone(tz).replace(tzinfo=None, fold=0)
 
 
-def due_times(cron: str, timezone: str, after: datetime, until: datetime, limit: int | None = None) -> list[datetime]:
+def due_times(
+    cron: str, timezone: str, after: datetime, until: datetime, limit: int | None = None
+) -> list[datetime]:
     """The due instants d (aware UTC, ascending, distinct) with `after < d <= until`, at most `limit`."""
     tz = _zone(timezone)
     # A wall time at or before after's wall time maps to an instant at or before `after` (the map is monotone
@@ -128,13 +131,17 @@ def next_due_time(cron: str, timezone: str, after: datetime) -> datetime | None:
     return None
 
 
-def last_due_times(cron: str, timezone: str, before: datetime, after: datetime, n: int) -> tuple[list[datetime], bool]:
+def last_due_times(
+    cron: str, timezone: str, before: datetime, after: datetime, n: int
+) -> tuple[list[datetime], bool]:
     """Up to `n` newest due instants d with `after < d < before` (ascending), and whether older ones (still
     after `after`) were left out. Walks backwards, so its cost does not grow with how long ago `after` is."""
     tz = _zone(timezone)
     local = before.astimezone(tz)
     wall = local.replace(tzinfo=None, fold=0)
-    if local.fold == 1:  # in the second pass of a repeated hour: later wall times of it are due before `before`
+    if (
+        local.fold == 1
+    ):  # in the second pass of a repeated hour: later wall times of it are due before `before`
         wall += local.replace(fold=0).utcoffset() - local.utcoffset()
     it = _croniter(cron, wall)
     out: list[datetime] = []
@@ -165,20 +172,28 @@ def _utc_clock() -> datetime:
 
 
 def _errors(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'template'}: {e['msg'].removeprefix('Value error, ')}"
-                     for e in exc.errors())
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'template'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors()
+    )
 
 
 class Scheduler:
     """Fires the schedules stored in `storage` (see the module docstring).
 
-    clock: returns the current time, timezone-aware (tests inject a fake one); default: the system clock in UTC.
-    grace: a due time older than clock() - grace is recorded as missed instead of run.
+    clock: returns the current time, timezone-aware (tests inject a fake one); default: the system clock in
+    UTC. grace: a due time older than clock() - grace is recorded as missed instead of run.
     max_missed_recorded: at most this many missed due times (the newest) are recorded per catch-up.
     """
 
-    def __init__(self, storage: Storage, *, clock: Callable[[], datetime] | None = None,
-                 grace: timedelta = DEFAULT_GRACE, max_missed_recorded: int = DEFAULT_MAX_MISSED_RECORDED):
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        grace: timedelta = DEFAULT_GRACE,
+        max_missed_recorded: int = DEFAULT_MAX_MISSED_RECORDED,
+    ):
         if grace < timedelta(0):
             raise ValueError("grace must not be negative")
         if max_missed_recorded < 1:
@@ -189,15 +204,22 @@ class Scheduler:
         self.max_missed_recorded = int(max_missed_recorded)
 
     @classmethod
-    def from_settings(cls, storage: Storage, settings: Any = None, *,
-                      clock: Callable[[], datetime] | None = None) -> Scheduler:
+    def from_settings(
+        cls, storage: Storage, settings: Any = None, *, clock: Callable[[], datetime] | None = None
+    ) -> Scheduler:
         """From `api.settings.Settings` (`HYBRIDNAS_SCHEDULER_GRACE_S`; default: the environment's)."""
         if settings is None:
             from api.settings import get_settings
+
             settings = get_settings()
-        return cls(storage, clock=clock, grace=timedelta(seconds=settings.scheduler_grace_s),
-                   max_missed_recorded=getattr(settings, "scheduler_max_missed_recorded",
-                                               DEFAULT_MAX_MISSED_RECORDED))
+        return cls(
+            storage,
+            clock=clock,
+            grace=timedelta(seconds=settings.scheduler_grace_s),
+            max_missed_recorded=getattr(
+                settings, "scheduler_max_missed_recorded", DEFAULT_MAX_MISSED_RECORDED
+            ),
+        )
 
     def now(self) -> datetime:
         now = self.clock()
@@ -228,37 +250,60 @@ class Scheduler:
         horizon = now - self.grace
         done: list[ScheduleFireRecord] = []
         if cursor < horizon:
-            missed, more = last_due_times(schedule.cron, schedule.timezone, horizon, cursor, self.max_missed_recorded)
+            missed, more = last_due_times(
+                schedule.cron, schedule.timezone, horizon, cursor, self.max_missed_recorded
+            )
             for i, due in enumerate(missed):
-                reason = (f"due {local_time(due, schedule.timezone).isoformat()} was more than {self.grace} before "
-                          f"a scheduler ran ({now.isoformat()})")
+                reason = (
+                    f"due {local_time(due, schedule.timezone).isoformat()} was more than {self.grace} before "
+                    f"a scheduler ran ({now.isoformat()})"
+                )
                 if i == 0 and more:
-                    reason += (f"; earlier due times since {cursor.isoformat()} were missed too and not recorded "
-                               f"individually (at most {self.max_missed_recorded} are)")
+                    reason += (
+                        f"; earlier due times since {cursor.isoformat()} were missed too and not recorded "
+                        f"individually (at most {self.max_missed_recorded} are)"
+                    )
                 self._record(done, schedule.id, due, "missed", now, reason=reason)
             cursor = max(cursor, horizon - timedelta(microseconds=1))  # d > cursor now means d >= horizon
         for due in due_times(schedule.cron, schedule.timezone, cursor, now):
             self._due(done, schedule, due, now)
         return done
 
-    def _due(self, done: list[ScheduleFireRecord], schedule: ScheduleRecord, due: datetime, now: datetime) -> None:
+    def _due(
+        self, done: list[ScheduleFireRecord], schedule: ScheduleRecord, due: datetime, now: datetime
+    ) -> None:
         active = self.storage.active_schedule_job(schedule.id)
         if active is not None:
-            self._record(done, schedule.id, due, "skipped", now,
-                         reason=f"the previous run (search {active.id}) is still {active.status}")
+            self._record(
+                done,
+                schedule.id,
+                due,
+                "skipped",
+                now,
+                reason=f"the previous run (search {active.id}) is still {active.status}",
+            )
             return
         try:
             job = self._job(schedule)
         except ValidationError as exc:
-            self._record(done, schedule.id, due, "failed", now,
-                         reason=f"the template no longer validates: {_errors(exc)}"[:2000])
+            self._record(
+                done,
+                schedule.id,
+                due,
+                "failed",
+                now,
+                reason=f"the template no longer validates: {_errors(exc)}"[:2000],
+            )
             return
         except ValueError as exc:
             self._record(done, schedule.id, due, "failed", now, reason=str(exc)[:2000])
             return
         late = now - due
-        reason = f"late by {late - timedelta(microseconds=late.microseconds)} (within the grace period)" \
-            if late > _LATE_NOTE else None
+        reason = (
+            f"late by {late - timedelta(microseconds=late.microseconds)} (within the grace period)"
+            if late > _LATE_NOTE
+            else None
+        )
         self._record(done, schedule.id, due, "fired", now, job=job, reason=reason)
 
     def _job(self, schedule: ScheduleRecord) -> dict:
@@ -273,14 +318,30 @@ class Scheduler:
         body = SearchCreate.model_validate(template)
         if body.warm_start_job is not None and self.storage.get_job(body.warm_start_job) is None:
             raise ValueError(f"warm_start_job: no search {body.warm_start_job} to warm-start from")
-        return {"kind": "search", "config": body.search_config(), "name": body.name,
-                "priority": schedule.priority, "budget": body.budget}
+        return {
+            "kind": "search",
+            "config": body.search_config(),
+            "name": body.name,
+            "priority": schedule.priority,
+            "budget": body.budget,
+        }
 
-    def _record(self, done: list[ScheduleFireRecord], schedule_id: int, due: datetime, status: str,
-                now: datetime, *, job: dict | None = None, reason: str | None = None) -> None:
+    def _record(
+        self,
+        done: list[ScheduleFireRecord],
+        schedule_id: int,
+        due: datetime,
+        status: str,
+        now: datetime,
+        *,
+        job: dict | None = None,
+        reason: str | None = None,
+    ) -> None:
         record = self.storage.fire(schedule_id, due, status, job=job, reason=reason, fired_at=now)
         if record is None:
-            log.debug("schedule %s: due %s already recorded by another scheduler", schedule_id, due.isoformat())
+            log.debug(
+                "schedule %s: due %s already recorded by another scheduler", schedule_id, due.isoformat()
+            )
             return
         if status == "fired":
             log.info("schedule %s: due %s fired search %s", schedule_id, due.isoformat(), record.job_id)
@@ -291,8 +352,8 @@ class Scheduler:
     # ---- background
 
     def run(self, stop: threading.Event, interval_s: float = DEFAULT_INTERVAL_S) -> None:
-        """Tick every `interval_s` seconds until `stop` is set (for a background thread). Errors are logged, never
-        raised: the next tick retries."""
+        """Tick every `interval_s` seconds until `stop` is set (for a background thread). Errors are logged,
+        never raised: the next tick retries."""
         if interval_s <= 0:
             raise ValueError("interval_s must be positive")
         while not stop.is_set():
@@ -305,6 +366,8 @@ class Scheduler:
     def start(self, interval_s: float = DEFAULT_INTERVAL_S) -> tuple[threading.Thread, threading.Event]:
         """`run` in a daemon thread; set the returned event (then join the thread) to stop it."""
         stop = threading.Event()
-        thread = threading.Thread(target=self.run, args=(stop, interval_s), name="hybridnas-scheduler", daemon=True)
+        thread = threading.Thread(
+            target=self.run, args=(stop, interval_s), name="hybridnas-scheduler", daemon=True
+        )
         thread.start()
         return thread, stop

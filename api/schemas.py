@@ -1,4 +1,5 @@
 """Request and response bodies of the REST API (pydantic), kept apart from the storage records."""
+
 from __future__ import annotations
 
 from datetime import UTC, datetime
@@ -16,10 +17,26 @@ MAX_OFFSET = 1_000_000_000
 MAX_DIM = 1 << 20  # any width, count or dimension in a submitted space
 # Upper bounds on worker settings a request may ask for (a budget, not a validity rule: larger runs are a
 # config file's business, not an HTTP body's).
-PROXY_CAPS = {"steps": 10_000_000, "tokens": 10**13, "batch_size": 4096, "seq_len": 1 << 17,
-              "eval_tokens": 10**10, "log_every": 10**7, "meta_tokens": 1024, "timeout_s": 7 * 24 * 3600}
-LATENCY_CAPS = {"prompt_len": 1 << 17, "decode_tokens": 1 << 16, "repeats": 1000, "warmup": 100,
-                "throughput_max_batch": 4096, "memory_cap_bytes": 1 << 40, "threads": 1024, "vocab_size": 1 << 20}
+PROXY_CAPS = {
+    "steps": 10_000_000,
+    "tokens": 10**13,
+    "batch_size": 4096,
+    "seq_len": 1 << 17,
+    "eval_tokens": 10**10,
+    "log_every": 10**7,
+    "meta_tokens": 1024,
+    "timeout_s": 7 * 24 * 3600,
+}
+LATENCY_CAPS = {
+    "prompt_len": 1 << 17,
+    "decode_tokens": 1 << 16,
+    "repeats": 1000,
+    "warmup": 100,
+    "throughput_max_batch": 4096,
+    "memory_cap_bytes": 1 << 40,
+    "threads": 1024,
+    "vocab_size": 1 << 20,
+}
 MAX_ID = 2**31 - 1  # the id columns are SQL INTEGER: larger ids would overflow on PostgreSQL (422, not 500)
 
 
@@ -48,21 +65,31 @@ class SearchCreate(SearchConfig):
 
     @model_validator(mode="after")
     def _worker_settings(self) -> SearchCreate:
-        """The proxy and latency settings the workers will get: known names, valid values, sane sizes — refused
-        here rather than failing every candidate once the search runs."""
+        """The proxy and latency settings the workers will get: known names, valid values, sane sizes —
+        refused here rather than failing every candidate once the search runs."""
         from dataclasses import fields
 
         from latency.config import LatencyConfig
         from proxies.config import ProxyConfig
-        for section, cls, caps in (("proxy", ProxyConfig, PROXY_CAPS), ("latency", LatencyConfig, LATENCY_CAPS)):
+
+        for section, cls, caps in (
+            ("proxy", ProxyConfig, PROXY_CAPS),
+            ("latency", LatencyConfig, LATENCY_CAPS),
+        ):
             data = getattr(self, section)
             known = {f.name for f in fields(cls)}
             for key, value in data.items():
                 if key not in known:
-                    raise ValueError(f"{section}.{key}: unknown {section} setting (known: {', '.join(sorted(known))})")
+                    raise ValueError(
+                        f"{section}.{key}: unknown {section} setting (known: {', '.join(sorted(known))})"
+                    )
                 cap = caps.get(key)
-                if cap is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                        and value > cap:
+                if (
+                    cap is not None
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    and value > cap
+                ):
                     raise ValueError(f"{section}.{key}: {value} exceeds {cap}")
             try:
                 cls(**data)
@@ -174,7 +201,9 @@ CURSOR_PATTERN = r"^[0-9T:.\-]{10,40}Z~[0-9]{1,10}$"
 
 
 def make_cursor(finished_at: datetime, candidate_id: int) -> str:
-    return f"{finished_at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%S.%f')}Z~{candidate_id}"  # no "+": URL-safe
+    return (
+        f"{finished_at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%S.%f')}Z~{candidate_id}"  # no "+": URL-safe
+    )
 
 
 def parse_cursor(cursor: str | None) -> tuple[datetime, int] | None:

@@ -1,8 +1,10 @@
-"""`hybridnas search run CONFIG.yaml` / `hybridnas search resume ID`: a search from the command line, no server.
+"""`hybridnas search run CONFIG.yaml` / `hybridnas search resume ID`: a search from the command line, no
+server.
 
 Ctrl-C stops cleanly: running evaluations are cancelled, their candidates go back to pending, and
 `search resume ID` continues.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +22,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-search_app = typer.Typer(help="Run and resume searches from the command line (no server needed).",
-                         no_args_is_help=True)
+search_app = typer.Typer(
+    help="Run and resume searches from the command line (no server needed).", no_args_is_help=True
+)
 console = Console(width=max(140, Console().width))
 err = Console(stderr=True)
 
@@ -29,6 +32,7 @@ err = Console(stderr=True)
 def _storage(db: str | None):
     from api.settings import get_settings
     from search.storage import Storage
+
     storage = Storage(db or get_settings().resolved_database_url())
     storage.create_schema()
     return storage
@@ -36,16 +40,27 @@ def _storage(db: str | None):
 
 def executor_factory(data_dir: Path):
     """Build the configured executor for a search (the engine calls this once per run)."""
+
     def make(config):
         from api.settings import get_settings
         from search.executors import InlineExecutor, RayExecutor
+
         lock_dir = str(data_dir / "locks")
         roots = tuple(str(p.expanduser().resolve()) for p in get_settings().data_roots)
         if config.executor == "inline":
-            return InlineExecutor(str(data_dir), threads=int(config.cpus_per_worker), lock_dir=lock_dir,
-                                  data_roots=roots)
-        return RayExecutor(str(data_dir), config.workers, config.cpus_per_worker, config.gpus_per_worker,
-                           config.timeout_s, lock_dir=lock_dir, data_roots=roots)
+            return InlineExecutor(
+                str(data_dir), threads=int(config.cpus_per_worker), lock_dir=lock_dir, data_roots=roots
+            )
+        return RayExecutor(
+            str(data_dir),
+            config.workers,
+            config.cpus_per_worker,
+            config.gpus_per_worker,
+            config.timeout_s,
+            lock_dir=lock_dir,
+            data_roots=roots,
+        )
+
     return make
 
 
@@ -54,21 +69,23 @@ def load_search_config(path: Path):
     from pydantic import ValidationError
 
     from search.config import SearchConfig
+
     try:
         text = path.read_text()
     except OSError as exc:
-        raise typer.BadParameter(f"{path}: cannot be read ({exc.strerror})")
+        raise typer.BadParameter(f"{path}: cannot be read ({exc.strerror})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise typer.BadParameter(f"{path}: not valid YAML/JSON ({exc})")
+        raise typer.BadParameter(f"{path}: not valid YAML/JSON ({exc})") from None
     try:  # the service's checks too (worker settings, limits), then the plain config
         from api.schemas import SearchCreate
+
         return SearchConfig.model_validate(SearchCreate.model_validate(data or {}).search_config())
     except ValidationError as exc:
         lines = [f"  {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()]
         err.print(f"[red]invalid search config[/red] {path}:\n" + "\n".join(lines))
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 CLI_LEASE_S = 30.0
@@ -79,16 +96,25 @@ def take_job(storage, job_id: int) -> str:
     database never runs it at the same time. A job held by a process of this machine that died (a killed
     `search run`, a crashed coordinator) is taken at once; one held by a live owner elsewhere is refused."""
     from api.runner import owner_id, owner_is_dead_here
+
     owner = owner_id("cli@")
     job = storage.get_job(job_id)
-    takeover = job.lease_owner if job.status == "running" and (job.lease_owner is None
-                                                                or owner_is_dead_here(job.lease_owner)) else None
+    takeover = (
+        job.lease_owner
+        if job.status == "running" and (job.lease_owner is None or owner_is_dead_here(job.lease_owner))
+        else None
+    )
     if job.status not in ("queued", "running"):
         storage.set_job_status(job_id, "queued")  # cancelled or failed: resuming puts it back
-    if storage.claim_job(owner, CLI_LEASE_S, kinds=(job.kind,), job_id=job_id, takeover_from=takeover) is None:
+    if (
+        storage.claim_job(owner, CLI_LEASE_S, kinds=(job.kind,), job_id=job_id, takeover_from=takeover)
+        is None
+    ):
         job = storage.get_job(job_id)
-        err.print(f"[red]search {job_id} is {job.status} under {job.lease_owner} (lease until "
-                  f"{job.lease_expires_at:%H:%M:%S} UTC): stop it there, or wait for the lease to lapse[/red]")
+        err.print(
+            f"[red]search {job_id} is {job.status} under {job.lease_owner} (lease until "
+            f"{job.lease_expires_at:%H:%M:%S} UTC): stop it there, or wait for the lease to lapse[/red]"
+        )
         raise typer.Exit(1)
     return owner
 
@@ -96,29 +122,52 @@ def take_job(storage, job_id: int) -> str:
 def run_engine(storage, job_id: int, data_dir: Path) -> None:
     from api.runner import StopEvent, held_lease
     from search.engine import SearchEngine
+
     owner = take_job(storage, job_id)
     stop = StopEvent()
     previous = signal.getsignal(signal.SIGINT)
 
     def on_sigint(signum, frame):  # first Ctrl-C: stop cleanly; the state stays resumable
-        err.print("[yellow]stopping: cancelling running evaluations (resume with `hybridnas search resume "
-                  f"{job_id}`)[/yellow]")
+        err.print(
+            "[yellow]stopping: cancelling running evaluations (resume with `hybridnas search resume "
+            f"{job_id}`)[/yellow]"
+        )
         stop.set()
+
     signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGTERM, on_sigint)
     job = storage.get_job(job_id)
     try:
-        with held_lease(storage, job_id, owner, CLI_LEASE_S, stop), \
-                Progress(TextColumn("search {task.fields[job]}"), BarColumn(), MofNCompleteColumn(),
-                         TextColumn("failed {task.fields[failed]} reused {task.fields[reused]} HV {task.fields[hv]}"),
-                         TimeElapsedColumn(), console=err) as bar:
+        with (
+            held_lease(storage, job_id, owner, CLI_LEASE_S, stop),
+            Progress(
+                TextColumn("search {task.fields[job]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("failed {task.fields[failed]} reused {task.fields[reused]} HV {task.fields[hv]}"),
+                TimeElapsedColumn(),
+                console=err,
+            ) as bar,
+        ):
             task = bar.add_task("search", total=job.budget, job=job_id, failed=0, reused=0, hv="-")
 
             def on_progress(p):
-                bar.update(task, completed=p.n_evaluations, failed=p.n_failed, reused=p.n_reused,
-                           hv=f"{p.hypervolume:.4f}" if p.hypervolume is not None else "-")
-            engine = SearchEngine(storage, job_id, executor_factory(data_dir), stop=stop, on_progress=on_progress,
-                                  lease_owner=owner)
+                bar.update(
+                    task,
+                    completed=p.n_evaluations,
+                    failed=p.n_failed,
+                    reused=p.n_reused,
+                    hv=f"{p.hypervolume:.4f}" if p.hypervolume is not None else "-",
+                )
+
+            engine = SearchEngine(
+                storage,
+                job_id,
+                executor_factory(data_dir),
+                stop=stop,
+                on_progress=on_progress,
+                lease_owner=owner,
+            )
             engine.run()
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -128,27 +177,46 @@ def run_engine(storage, job_id: int, data_dir: Path) -> None:
 def print_front(storage, job_id: int) -> None:
     job = storage.get_job(job_id)
     front = storage.candidates(job_id, on_front=True)
-    table = Table("id", "operators", "d_model", "params", "val_bpb", "decode ms/token", "mutation",
-                  title=f"search {job_id} ({job.status}): Pareto front, {len(front)} of "
-                        f"{storage.count_candidates(job_id)} candidates")
+    table = Table(
+        "id",
+        "operators",
+        "d_model",
+        "params",
+        "val_bpb",
+        "decode ms/token",
+        "mutation",
+        title=f"search {job_id} ({job.status}): Pareto front, {len(front)} of "
+        f"{storage.count_candidates(job_id)} candidates",
+    )
     from search.layout import Layout
+
     for cand in sorted(front, key=lambda c: c.val_bpb):
         layout = Layout.from_dict(cand.layout)
-        table.add_row(str(cand.id), layout.compact(), str(layout.d_model), f"{cand.n_params:,}",
-                      f"{cand.val_bpb:.4f}", f"{cand.decode_ms:.3f}",
-                      (cand.mutation or {}).get("detail", "initial") if cand.mutation else "initial")
+        table.add_row(
+            str(cand.id),
+            layout.compact(),
+            str(layout.d_model),
+            f"{cand.n_params:,}",
+            f"{cand.val_bpb:.4f}",
+            f"{cand.decode_ms:.3f}",
+            (cand.mutation or {}).get("detail", "initial") if cand.mutation else "initial",
+        )
     console.print(table)
 
 
 @search_app.command("run")
-def search_run(config_path: Path = typer.Argument(..., help="search config (YAML or JSON)"),
-               db: str = typer.Option(None, help="database URL (default: SQLite under the data dir)")) -> None:
+def search_run(
+    config_path: Path = typer.Argument(..., help="search config (YAML or JSON)"),
+    db: str = typer.Option(None, help="database URL (default: SQLite under the data dir)"),
+) -> None:
     """Start a search and run it to the end (Ctrl-C stops; `search resume ID` continues)."""
     from api.settings import get_settings
+
     config = load_search_config(config_path)
     storage = _storage(db)
-    job_id = storage.create_job("search", json.loads(config.model_dump_json()), name=config.name,
-                                budget=config.budget)
+    job_id = storage.create_job(
+        "search", json.loads(config.model_dump_json()), name=config.name, budget=config.budget
+    )
     err.print(f"search {job_id} created in {storage!r}")
     run_engine(storage, job_id, get_settings().resolved_data_dir())
 
@@ -157,6 +225,7 @@ def search_run(config_path: Path = typer.Argument(..., help="search config (YAML
 def search_resume(job_id: int = typer.Argument(...), db: str = typer.Option(None)) -> None:
     """Continue a stopped search from the database."""
     from api.settings import get_settings
+
     storage = _storage(db)
     job = storage.get_job(job_id)
     if job is None or job.kind != "search":

@@ -2,6 +2,7 @@
 
 The auth settings (`HYBRIDNAS_TOKEN`, `HYBRIDNAS_REQUIRE_TOKEN_FOR_READS`) live in `api/auth.py`.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -15,26 +16,45 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HYBRIDNAS_", env_file=".env", extra="ignore")
 
     data_dir: Path = Field(Path(".hybridnas"), description="token, artifacts, locks, the SQLite database")
-    database_url: str | None = Field(None, description="default: SQLite under the data dir; production: "
-                                                       "postgresql+psycopg://user:pass@host/db (or DATABASE_URL)")
-    data_roots: list[Path] = Field(default_factory=lambda: [Path(".")],
-                                   description="corpus paths must resolve inside one of these")
+    database_url: str | None = Field(
+        None,
+        description="default: SQLite under the data dir; production: "
+        "postgresql+psycopg://user:pass@host/db (or DATABASE_URL)",
+    )
+    data_roots: list[Path] = Field(
+        default_factory=lambda: [Path(".")], description="corpus paths must resolve inside one of these"
+    )
     # The service's process model (see README: "The coordinator service").
-    runners: int = Field(1, ge=0, le=64, description="jobs this process runs at once (0: API only, no runners)")
-    max_running_jobs: int = Field(1, ge=1, le=1024,
-                                  description="jobs running at once across every coordinator (the global limit)")
-    lease_s: float = Field(30.0, gt=0, le=3600, description="a runner's lease on its job; renewed every third")
+    runners: int = Field(
+        1, ge=0, le=64, description="jobs this process runs at once (0: API only, no runners)"
+    )
+    max_running_jobs: int = Field(
+        1, ge=1, le=1024, description="jobs running at once across every coordinator (the global limit)"
+    )
+    lease_s: float = Field(
+        30.0, gt=0, le=3600, description="a runner's lease on its job; renewed every third"
+    )
     poll_s: float = Field(1.0, gt=0, le=60, description="how often an idle runner looks at the queue")
     scheduler: bool = Field(True, description="fire scheduled searches from this process")
     scheduler_interval_s: float = Field(15.0, gt=0, le=3600, description="how often the scheduler looks")
-    scheduler_grace_s: float = Field(900.0, ge=0, le=7 * 24 * 3600,
-                                     description="a fire time missed by at most this much still runs (once)")
-    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray the runners start "
-                                                             "(default: all; ignored with RAY_ADDRESS)")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies larger than this are refused (413)")
-    max_concurrent_requests: int = Field(256, ge=1, le=100_000,
-                                         description="beyond this many requests in flight, answer 503 at once "
-                                                     "(overload sheds load instead of queueing into timeouts)")
+    scheduler_grace_s: float = Field(
+        900.0, ge=0, le=7 * 24 * 3600, description="a fire time missed by at most this much still runs (once)"
+    )
+    ray_num_cpus: int | None = Field(
+        None,
+        ge=1,
+        description="CPUs of the local Ray the runners start (default: all; ignored with RAY_ADDRESS)",
+    )
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="request bodies larger than this are refused (413)"
+    )
+    max_concurrent_requests: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="beyond this many requests in flight, answer 503 at once "
+        "(overload sheds load instead of queueing into timeouts)",
+    )
 
     def resolved_data_dir(self) -> Path:
         path = self.data_dir.expanduser().resolve()
@@ -43,8 +63,12 @@ class Settings(BaseSettings):
 
     def resolved_database_url(self) -> str:
         import os
-        return (self.database_url or os.environ.get("DATABASE_URL")
-                or f"sqlite:///{self.resolved_data_dir() / 'hybridnas.db'}")
+
+        return (
+            self.database_url
+            or os.environ.get("DATABASE_URL")
+            or f"sqlite:///{self.resolved_data_dir() / 'hybridnas.db'}"
+        )
 
 
 @lru_cache

@@ -1,4 +1,5 @@
 """Submitting a search over REST, and the data-path checks that schedule templates share."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,9 +20,11 @@ class SubmitError(ValueError):
         self.field, self.reason, self.conflict = field, reason, conflict
 
     def as_validation_error(self, *within: str) -> RequestValidationError:
-        """The 422 a route raises: the field's path in the body (`within` a nested object, such as a template)."""
-        return RequestValidationError([{"loc": ("body", *within, *self.field.split(".")), "type": "value_error",
-                                        "msg": self.reason}])
+        """The 422 a route raises: the field's path in the body (`within` a nested object, such as a
+        template)."""
+        return RequestValidationError(
+            [{"loc": ("body", *within, *self.field.split(".")), "type": "value_error", "msg": self.reason}]
+        )
 
 
 @dataclass
@@ -31,9 +34,10 @@ class Submitted:
 
 
 def check_data_paths(body: SearchCreate, data_roots: Sequence[Path]) -> SearchCreate:
-    """Corpus, tokenizer and latency-table paths must resolve inside the configured data roots (no `../` or link
-    escapes). The body back, with the latency table's path made absolute (the coordinator reads it)."""
+    """Corpus, tokenizer and latency-table paths must resolve inside the configured data roots (no `../` or
+    link escapes). The body back, with the latency table's path made absolute (the coordinator reads it)."""
     from proxies.corpus import CorpusError, resolve_data_path
+
     data = body.data
     paths = [("data.corpus", data.corpus[3:] if data.corpus.startswith("hf:") else data.corpus)]
     if data.tokenizer.startswith("file:"):
@@ -52,8 +56,13 @@ def check_data_paths(body: SearchCreate, data_roots: Sequence[Path]) -> SearchCr
     return body
 
 
-def submit_search(storage: Storage, body: SearchCreate, *, idempotency_key: str | None = None,
-                  data_roots: Sequence[Path] | None = None) -> Submitted:
+def submit_search(
+    storage: Storage,
+    body: SearchCreate,
+    *,
+    idempotency_key: str | None = None,
+    data_roots: Sequence[Path] | None = None,
+) -> Submitted:
     """Store a validated search config as a queued job (a runner takes it from the queue)."""
     if data_roots is not None:
         body = check_data_paths(body, data_roots)
@@ -65,11 +74,18 @@ def submit_search(storage: Storage, body: SearchCreate, *, idempotency_key: str 
     if existing is not None:
         job_id, replayed = existing.id, True
     else:
-        job_id = storage.create_job("search", config, name=body.name, priority=body.priority, budget=body.budget,
-                                    idempotency_key=idempotency_key)
+        job_id = storage.create_job(
+            "search",
+            config,
+            name=body.name,
+            priority=body.priority,
+            budget=body.budget,
+            idempotency_key=idempotency_key,
+        )
     job = storage.get_job(job_id)
     assert job is not None
-    if idempotency_key is not None and (job.config != config or job.priority != body.priority
-                                        or job.kind != "search"):
+    if idempotency_key is not None and (
+        job.config != config or job.priority != body.priority or job.kind != "search"
+    ):
         raise SubmitError("Idempotency-Key", "already used for a different request", conflict=True)
     return Submitted(job, replayed)

@@ -36,15 +36,17 @@ Per backend:
 Results: benchmarks/results/api_load.md (tables, command, machine, date) and api_load.json.
 
     .venv/bin/python benchmarks/api_load.py [--backends sqlite,postgresql] [--rate 100] [--duration 30]
-        [--candidates 10000] [--pg-admin-url postgresql+psycopg://hybridnas:hybridnas@127.0.0.1:5432/hybridnas_test]
+        [--candidates 10000] [--pg-admin-url
+        postgresql+psycopg://hybridnas:hybridnas@127.0.0.1:5432/hybridnas_test]
 
-`--profile` also measures each endpoint's cost one request at a time (latency on an idle server and the server's
-CPU per request: the sustainable rate of one worker follows), times the storage calls behind the endpoints
-in-process (no HTTP) and EXPLAINs the candidate queries, to attribute a slow endpoint to its query.
+`--profile` also measures each endpoint's cost one request at a time (latency on an idle server and the
+server's CPU per request: the sustainable rate of one worker follows), times the storage calls behind the
+endpoints in-process (no HTTP) and EXPLAINs the candidate queries, to attribute a slow endpoint to its query.
 `--attach LABEL=PATH` adds another run's api_load.json (e.g. of a patched copy of the tree) to the report as a
 section; `--render` re-renders api_load.md from api_load.json. A hand-written `## Findings` section at the end
 of api_load.md survives both and a rerun.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,16 +97,31 @@ MIX = {
     # the live-progress feed (a dashboard polls it with the cursor it got last); only when the API has it
     "evaluations_feed": 8,
 }
-# endpoint -> the route (OpenAPI path) it needs; an endpoint whose route the server lacks is left out of the mix
+# endpoint -> the route (OpenAPI path) it needs; an endpoint whose route the server lacks is left out of the
+# mix
 ROUTES = {
-    "candidates_page": "/api/searches/{search_id}/candidates", "candidate_detail": "/api/candidates/{candidate_id}",
-    "search_detail": "/api/searches/{search_id}", "pareto": "/api/searches/{search_id}/pareto",
-    "layout_json": "/api/candidates/{candidate_id}/layout.json", "jobs_queue": "/api/jobs",
-    "searches_list": "/api/searches", "health": "/api/health",
+    "candidates_page": "/api/searches/{search_id}/candidates",
+    "candidate_detail": "/api/candidates/{candidate_id}",
+    "search_detail": "/api/searches/{search_id}",
+    "pareto": "/api/searches/{search_id}/pareto",
+    "layout_json": "/api/candidates/{candidate_id}/layout.json",
+    "jobs_queue": "/api/jobs",
+    "searches_list": "/api/searches",
+    "health": "/api/health",
     "evaluations_feed": "/api/searches/{search_id}/evaluations",
 }
-SORTS = ("id", "-id", "val_bpb", "-val_bpb", "decode_ms", "-n_params", "-finished_at", "generation", "status",
-         "attempts")
+SORTS = (
+    "id",
+    "-id",
+    "val_bpb",
+    "-val_bpb",
+    "decode_ms",
+    "-n_params",
+    "-finished_at",
+    "generation",
+    "status",
+    "attempts",
+)
 PAGE_SIZES = (20, 50, 50, 50, 100, 200)
 STATUS_FILTERS = (None, None, None, "completed", "completed", "failed", "reused")
 
@@ -138,7 +155,9 @@ def _objectives(layout: Any, rng: random.Random) -> tuple[float, float, int]:
     cost = {"attention": 0.11, "mamba2": 0.085, "deltanet": 0.09, "ffn": 0.04}
     quality = {"attention": 0.030, "mamba2": 0.026, "deltanet": 0.028, "ffn": 0.012}
     ops = layout.operators
-    decode_ms = (0.35 + sum(cost.get(op, 0.06) for op in ops) * (layout.d_model / 64)) * rng.lognormvariate(0, 0.06)
+    decode_ms = (0.35 + sum(cost.get(op, 0.06) for op in ops) * (layout.d_model / 64)) * rng.lognormvariate(
+        0, 0.06
+    )
     gain = sum(quality.get(op, 0.01) for op in ops) ** 0.8
     kinds = len({op for op in ops if op != "ffn"})
     val_bpb = (2.55 - 0.55 * gain - 0.02 * (kinds - 1)) * rng.lognormvariate(0, 0.015)
@@ -148,6 +167,7 @@ def _objectives(layout: Any, rng: random.Random) -> tuple[float, float, int]:
 @dataclass
 class Step:
     """One candidate of the synthetic search history."""
+
     layout: Any
     mutation: dict | None
     parent: int | None  # index into the history
@@ -157,9 +177,10 @@ class Step:
 
 
 def _history(n: int, seed: int, population: int = 20, sample_size: int = 5) -> list[Step]:
-    """n distinct layouts as the engine's aging evolution makes them (search/strategies/aging.py: population 20,
-    tournaments of 5): a uniform initial population, then each child a one-factor mutation of the best (lowest
-    val_bpb) of 5 members drawn from the 20 newest results. So lineages are long, as in a real 10k search."""
+    """n distinct layouts as the engine's aging evolution makes them (search/strategies/aging.py: population
+    20, tournaments of 5): a uniform initial population, then each child a one-factor mutation of the best
+    (lowest val_bpb) of 5 members drawn from the 20 newest results. So lineages are long, as in a real 10k
+    search."""
     from search.space import cpu_space
 
     space = cpu_space()
@@ -241,118 +262,229 @@ def seed_database(url: str, n_candidates: int, seed: int = 0) -> Seeded:
             layout = step.layout
             created = t0 + timedelta(seconds=10 * index)
             row: dict[str, Any] = {
-                "job_id": search_id, "layout_hash": layout.content_hash,
-                "layout": json.loads(layout.to_json(None)), "parent_id": None, "generation": step.generation,
-                "mutation": step.mutation, "status": step.status, "failure_reason": None, "traceback": None,
-                "attempts": 1, "training_key": None, "latency_key": None, "val_bpb": None, "decode_ms": None,
-                "n_params": None, "objectives": None, "on_front": False, "created_at": created,
+                "job_id": search_id,
+                "layout_hash": layout.content_hash,
+                "layout": json.loads(layout.to_json(None)),
+                "parent_id": None,
+                "generation": step.generation,
+                "mutation": step.mutation,
+                "status": step.status,
+                "failure_reason": None,
+                "traceback": None,
+                "attempts": 1,
+                "training_key": None,
+                "latency_key": None,
+                "val_bpb": None,
+                "decode_ms": None,
+                "n_params": None,
+                "objectives": None,
+                "on_front": False,
+                "created_at": created,
                 "started_at": created + timedelta(seconds=1),
-                "finished_at": created + timedelta(seconds=1 + rng.uniform(20, 90))}
+                "finished_at": created + timedelta(seconds=1 + rng.uniform(20, 90)),
+            }
             if step.outcome is None:
                 row["attempts"] = 2
                 row["failure_reason"] = "worker_died: the Ray worker exited (OOM?)"
-                row["traceback"] = "Traceback (most recent call last):\n" + "".join(
-                    f'  File "/work/main/models/hybrid.py", line {100 + k}, in forward\n    x = block(x)\n'
-                    for k in range(12)) + "RuntimeError: out of memory (synthetic)\n"
+                row["traceback"] = (
+                    "Traceback (most recent call last):\n"
+                    + "".join(
+                        f'  File "/work/main/models/hybrid.py", line {100 + k}, in forward\n'
+                        "    x = block(x)\n"
+                        for k in range(12)
+                    )
+                    + "RuntimeError: out of memory (synthetic)\n"
+                )
             else:
                 val_bpb, decode_ms, n_params = step.outcome
-                row.update(val_bpb=val_bpb, decode_ms=decode_ms, n_params=n_params,
-                           objectives={"val_bpb": val_bpb, "decode_ms": decode_ms},
-                           training_key=hashlib.sha256(f"t{layout.content_hash}".encode()).hexdigest(),
-                           latency_key=hashlib.sha256(f"l{layout.content_hash}".encode()).hexdigest())
+                row.update(
+                    val_bpb=val_bpb,
+                    decode_ms=decode_ms,
+                    n_params=n_params,
+                    objectives={"val_bpb": val_bpb, "decode_ms": decode_ms},
+                    training_key=hashlib.sha256(f"t{layout.content_hash}".encode()).hexdigest(),
+                    latency_key=hashlib.sha256(f"l{layout.content_hash}".encode()).hexdigest(),
+                )
             rows.append(row)
 
         # The stored results behind the candidates (the candidate detail shows them): a training result with
         # its loss curve and worker log tail, a latency measurement with its repeats and device fingerprint.
-        fingerprint = {"device": "AMD EPYC (synthetic)", "device_type": "cpu", "driver": None, "torch": "2.5.1",
-                       "triton": None, "fla": None, "mamba_ssm": None, "dtype": "float32", "threads": 1,
-                       "method": "eager", "machine": "x86_64"}
+        fingerprint = {
+            "device": "AMD EPYC (synthetic)",
+            "device_type": "cpu",
+            "driver": None,
+            "torch": "2.5.1",
+            "triton": None,
+            "fla": None,
+            "mamba_ssm": None,
+            "dtype": "float32",
+            "threads": 1,
+            "method": "eager",
+            "machine": "x86_64",
+        }
         training_rows, latency_rows = [], []
         for row, step in zip(rows, history):
             layout = step.layout
             if row["status"] == "failed":
                 continue
             val_bpb, decode_ms = row["val_bpb"], row["decode_ms"]
-            curve = [[step, round(5.5 * math.exp(-step / 30) + val_bpb * 0.69 + rng.uniform(-0.02, 0.02), 6)]
-                     for step in range(0, 101, 5)]
-            training_rows.append({
-                "training_key": row["training_key"], "layout_hash": row["layout_hash"],
-                "proxy_config_hash": hashlib.sha256(b"proxy steps=100").hexdigest(), "val_bpb": val_bpb,
-                "status": "completed", "artifact_path": f"artifacts/{row['layout_hash'][:16]}/model.pt",
-                "created_at": row["finished_at"],
-                "result": {"status": "completed", "failure_reason": None, "traceback": None, "steps_done": 100,
-                           "loss_curve": curve, "final_train_loss": curve[-1][1], "val_bpb": val_bpb,
-                           "val_loss": round(val_bpb * 0.69, 6), "val_ppl": round(math.exp(val_bpb * 0.69), 4),
-                           "val_tokens": 65536, "tokens_per_s": round(rng.uniform(2e3, 9e3), 1),
-                           "wall_s": round(rng.uniform(20, 90), 2), "peak_memory_bytes": rng.randrange(10**8, 10**9),
-                           "n_params": row["n_params"], "backends": {op: "torch" for op in set(layout.operators)},
-                           "log_tail": [f"2026-01-01 00:00:{k:02d} INFO step {k * 5}/100 loss {curve[k][1]:.4f}"
-                                        for k in range(len(curve))]}})
+            curve = [
+                [step, round(5.5 * math.exp(-step / 30) + val_bpb * 0.69 + rng.uniform(-0.02, 0.02), 6)]
+                for step in range(0, 101, 5)
+            ]
+            training_rows.append(
+                {
+                    "training_key": row["training_key"],
+                    "layout_hash": row["layout_hash"],
+                    "proxy_config_hash": hashlib.sha256(b"proxy steps=100").hexdigest(),
+                    "val_bpb": val_bpb,
+                    "status": "completed",
+                    "artifact_path": f"artifacts/{row['layout_hash'][:16]}/model.pt",
+                    "created_at": row["finished_at"],
+                    "result": {
+                        "status": "completed",
+                        "failure_reason": None,
+                        "traceback": None,
+                        "steps_done": 100,
+                        "loss_curve": curve,
+                        "final_train_loss": curve[-1][1],
+                        "val_bpb": val_bpb,
+                        "val_loss": round(val_bpb * 0.69, 6),
+                        "val_ppl": round(math.exp(val_bpb * 0.69), 4),
+                        "val_tokens": 65536,
+                        "tokens_per_s": round(rng.uniform(2e3, 9e3), 1),
+                        "wall_s": round(rng.uniform(20, 90), 2),
+                        "peak_memory_bytes": rng.randrange(10**8, 10**9),
+                        "n_params": row["n_params"],
+                        "backends": {op: "torch" for op in set(layout.operators)},
+                        "log_tail": [
+                            f"2026-01-01 00:00:{k:02d} INFO step {k * 5}/100 loss {curve[k][1]:.4f}"
+                            for k in range(len(curve))
+                        ],
+                    },
+                }
+            )
             values = [round(decode_ms * rng.uniform(0.97, 1.03), 6) for _ in range(3)]
-            latency_rows.append({
-                "latency_key": row["latency_key"], "layout_hash": row["layout_hash"],
-                "latency_config_hash": hashlib.sha256(b"prompt 128 decode 32").hexdigest(),
-                "device_fingerprint": fingerprint, "decode_ms": decode_ms, "status": "completed",
-                "created_at": row["finished_at"],
-                "result": {"decode_ms_per_token": {"median": decode_ms, "iqr": round(max(values) - min(values), 6),
-                                                   "repeats": 3, "values": values},
-                           "prefill_ms": {"median": round(decode_ms * 9, 4), "iqr": 0.01, "repeats": 3,
-                                          "values": [round(decode_ms * 9, 4)] * 3},
-                           "throughput_tokens_per_s": None, "throughput_batch": None,
-                           "cache_bytes_per_sequence": 4096 * len(layout.operators), "cache_buffer_tokens": 160,
-                           "fingerprint": fingerprint}})
+            latency_rows.append(
+                {
+                    "latency_key": row["latency_key"],
+                    "layout_hash": row["layout_hash"],
+                    "latency_config_hash": hashlib.sha256(b"prompt 128 decode 32").hexdigest(),
+                    "device_fingerprint": fingerprint,
+                    "decode_ms": decode_ms,
+                    "status": "completed",
+                    "created_at": row["finished_at"],
+                    "result": {
+                        "decode_ms_per_token": {
+                            "median": decode_ms,
+                            "iqr": round(max(values) - min(values), 6),
+                            "repeats": 3,
+                            "values": values,
+                        },
+                        "prefill_ms": {
+                            "median": round(decode_ms * 9, 4),
+                            "iqr": 0.01,
+                            "repeats": 3,
+                            "values": [round(decode_ms * 9, 4)] * 3,
+                        },
+                        "throughput_tokens_per_s": None,
+                        "throughput_batch": None,
+                        "cache_bytes_per_sequence": 4096 * len(layout.operators),
+                        "cache_buffer_tokens": 160,
+                        "fingerprint": fingerprint,
+                    },
+                }
+            )
 
         t = db.candidates
         with storage.transaction() as conn:
             for start in range(0, len(training_rows), 2000):
-                conn.execute(insert(db.training_results), training_rows[start:start + 2000])
-                conn.execute(insert(db.latency_results), latency_rows[start:start + 2000])
+                conn.execute(insert(db.training_results), training_rows[start : start + 2000])
+                conn.execute(insert(db.latency_results), latency_rows[start : start + 2000])
             for start in range(0, len(rows), 2000):
-                conn.execute(insert(t), rows[start:start + 2000])
-            ids = [int(i) for i in conn.execute(select(t.c.id).where(t.c.job_id == search_id).order_by(t.c.id))
-                   .scalars()]
+                conn.execute(insert(t), rows[start : start + 2000])
+            ids = [
+                int(i)
+                for i in conn.execute(
+                    select(t.c.id).where(t.c.job_id == search_id).order_by(t.c.id)
+                ).scalars()
+            ]
             # parent links (ids exist only now)
-            parents = [{"cid": ids[i], "pid": ids[step.parent]} for i, step in enumerate(history)
-                       if step.parent is not None]
+            parents = [
+                {"cid": ids[i], "pid": ids[step.parent]}
+                for i, step in enumerate(history)
+                if step.parent is not None
+            ]
             from sqlalchemy import bindparam
-            conn.execute(update(t).where(t.c.id == bindparam("cid")).values(parent_id=bindparam("pid")),
-                         parents)
+
+            conn.execute(
+                update(t).where(t.c.id == bindparam("cid")).values(parent_id=bindparam("pid")), parents
+            )
 
         done = [(ids[i], o) for i, o in enumerate(outcomes) if o is not None]
         points = [[o[0], o[1]] for _cid, o in done]
         front = front_2d(points)
-        # search.pareto.pareto_front is the reference (but O(N^2): ~18 s at 10k points): it must agree with the
-        # sweep on a sample that contains the whole front.
-        sample = sorted(set(front) | set(random.Random(seed).sample(range(len(points)), min(1500, len(points)))))
+        # search.pareto.pareto_front is the reference (but O(N^2): ~18 s at 10k points): it must agree with
+        # the sweep on a sample that contains the whole front.
+        sample = sorted(
+            set(front) | set(random.Random(seed).sample(range(len(points)), min(1500, len(points))))
+        )
         expected = {sample[i] for i in pareto_front([points[i] for i in sample])}
         if expected != set(front):
             raise AssertionError("the 2-D sweep disagrees with search.pareto.pareto_front")
         storage.set_front(search_id, [done[i][0] for i in front])
 
-        # One hypervolume point per evaluation, bounds fixed after the initial population (as the engine does).
+        # One hypervolume point per evaluation, bounds fixed after the initial population (as the engine
+        # does).
         initial = [list(o[:2]) for o in outcomes[:20] if o is not None]
-        space = HypervolumeSpace(OBJECTIVES, (0.0, 0.0), tuple(1.2 * max(p[i] for p in initial) for i in range(2)))
+        space = HypervolumeSpace(
+            OBJECTIVES, (0.0, 0.0), tuple(1.2 * max(p[i] for p in initial) for i in range(2))
+        )
         tracker = HypervolumeTracker(space)
         hv_rows = []
         for index, outcome in enumerate(outcomes):
             value = tracker.record(None if outcome is None else outcome[:2])
-            hv_rows.append({"job_id": search_id, "n_evaluations": index + 1, "hypervolume": value,
-                            "recorded_at": t0 + timedelta(seconds=10 * index + 60)})
+            hv_rows.append(
+                {
+                    "job_id": search_id,
+                    "n_evaluations": index + 1,
+                    "hypervolume": value,
+                    "recorded_at": t0 + timedelta(seconds=10 * index + 60),
+                }
+            )
         with storage.transaction() as conn:
             for start in range(0, len(hv_rows), 5000):
-                conn.execute(insert(db.hypervolume_history), hv_rows[start:start + 5000])
-            conn.execute(update(db.jobs).where(db.jobs.c.id == search_id).values(
-                status="running", started_at=t0, n_evaluations=n_candidates, priority=0))
-        storage.save_strategy_state(search_id, {"population": [r["layout_hash"] for r in rows[-32:]],
-                                                "rng": list(range(625)), "asked": []})
+                conn.execute(insert(db.hypervolume_history), hv_rows[start : start + 5000])
+            conn.execute(
+                update(db.jobs)
+                .where(db.jobs.c.id == search_id)
+                .values(status="running", started_at=t0, n_evaluations=n_candidates, priority=0)
+            )
+        storage.save_strategy_state(
+            search_id,
+            {"population": [r["layout_hash"] for r in rows[-32:]], "rng": list(range(625)), "asked": []},
+        )
 
         # Other jobs: the queue and the searches list are not empty.
         other = 0
         for k in range(12):
-            job_status = ("queued", "queued", "queued", "completed", "completed", "failed", "cancelled",
-                          "archived")[k % 8]
-            jid = storage.create_job("search", SearchCreate(seed=k, budget=16 + k).search_config(),
-                                     name=f"search {k}", priority=k % 3, budget=16 + k)
+            job_status = (
+                "queued",
+                "queued",
+                "queued",
+                "completed",
+                "completed",
+                "failed",
+                "cancelled",
+                "archived",
+            )[k % 8]
+            jid = storage.create_job(
+                "search",
+                SearchCreate(seed=k, budget=16 + k).search_config(),
+                name=f"search {k}",
+                priority=k % 3,
+                budget=16 + k,
+            )
             if job_status != "queued":
                 storage.set_job_status(jid, "running")
                 storage.set_job_status(jid, job_status, error="synthetic" if job_status == "failed" else None)
@@ -378,12 +510,29 @@ def seed_database(url: str, n_candidates: int, seed: int = 0) -> Seeded:
             db_bytes = Path(storage.engine.url.database).stat().st_size
         else:
             with storage.engine.connect() as conn:
-                db_bytes = int(conn.exec_driver_sql("SELECT pg_database_size(current_database())").scalar_one())
+                db_bytes = int(
+                    conn.exec_driver_sql("SELECT pg_database_size(current_database())").scalar_one()
+                )
         # feed cursors (finished_at, id) of the last-finished candidates: where a polling dashboard resumes
         finished = sorted((r["finished_at"], ids[i]) for i, r in enumerate(rows))
-        cursors = [f"{at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%S.%f')}Z~{cid}" for at, cid in finished[-300:]]
-        return Seeded(url, search_id, ids, len(ids), counts, len(front), len(hv_rows), other,
-                      time.perf_counter() - started, db_bytes, cursors, len(training_rows), len(latency_rows))
+        cursors = [
+            f"{at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%S.%f')}Z~{cid}" for at, cid in finished[-300:]
+        ]
+        return Seeded(
+            url,
+            search_id,
+            ids,
+            len(ids),
+            counts,
+            len(front),
+            len(hv_rows),
+            other,
+            time.perf_counter() - started,
+            db_bytes,
+            cursors,
+            len(training_rows),
+            len(latency_rows),
+        )
     finally:
         storage.close()
 
@@ -501,12 +650,30 @@ def api_server(url: str, workdir: Path, log_path: Path) -> Iterator[tuple[str, s
     port = free_port()
     data_dir = workdir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HYBRIDNAS_DATABASE_URL": url, "HYBRIDNAS_DATA_DIR": str(data_dir),
-           "HYBRIDNAS_TOKEN": TOKEN, "HYBRIDNAS_RUNNERS": "0", "HYBRIDNAS_SCHEDULER": "0",
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "HYBRIDNAS_DATABASE_URL": url,
+        "HYBRIDNAS_DATA_DIR": str(data_dir),
+        "HYBRIDNAS_TOKEN": TOKEN,
+        "HYBRIDNAS_RUNNERS": "0",
+        "HYBRIDNAS_SCHEDULER": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("HYBRIDNAS_REQUIRE_TOKEN_FOR_READS", None)
-    cmd = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1",
-           "--port", str(port), "--no-access-log", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "api.app:create_app",
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
     log = log_path.open("wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -530,8 +697,10 @@ def wait_healthy(base: str, proc: subprocess.Popen, log_path: Path, timeout: flo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited ({proc.returncode}) before it was healthy:\n"
-                             f"{log_path.read_text(errors='replace')[-4000:]}")
+            raise SystemExit(
+                f"the server exited ({proc.returncode}) before it was healthy:\n"
+                f"{log_path.read_text(errors='replace')[-4000:]}"
+            )
         try:
             with urllib.request.urlopen(f"{base}/api/health", timeout=2) as resp:
                 if resp.status == 200:
@@ -539,14 +708,17 @@ def wait_healthy(base: str, proc: subprocess.Popen, log_path: Path, timeout: flo
         except OSError:
             pass
         time.sleep(0.1)
-    raise SystemExit(f"the server was not healthy after {timeout:.0f} s:\n{log_path.read_text(errors='replace')[-4000:]}")
+    raise SystemExit(
+        f"the server was not healthy after {timeout:.0f} s:\n{log_path.read_text(errors='replace')[-4000:]}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- load
 
 
-def plan_requests(seeded: Seeded, n: int, rng: random.Random,
-                  endpoints: set[str] | None = None) -> list[tuple[str, str]]:
+def plan_requests(
+    seeded: Seeded, n: int, rng: random.Random, endpoints: set[str] | None = None
+) -> list[tuple[str, str]]:
     """(endpoint name, path) of each request, drawn from MIX (restricted to `endpoints`)."""
     names, weights = zip(*[(k, v) for k, v in MIX.items() if endpoints is None or k in endpoints])
     sid = seeded.search_id
@@ -573,10 +745,17 @@ def plan_requests(seeded: Seeded, n: int, rng: random.Random,
         elif name == "pareto":
             path = f"/api/searches/{sid}/pareto"
         elif name == "jobs_queue":
-            path = rng.choice(("/api/jobs", "/api/jobs", "/api/jobs?status=completed&status=failed",
-                               "/api/jobs?kind=search"))
+            path = rng.choice(
+                (
+                    "/api/jobs",
+                    "/api/jobs",
+                    "/api/jobs?status=completed&status=failed",
+                    "/api/jobs?kind=search",
+                )
+            )
         elif name == "evaluations_feed":
-            # mostly a poll from a recent cursor (a few new items), sometimes a dashboard opening (from the start)
+            # mostly a poll from a recent cursor (a few new items), sometimes a dashboard opening (from the
+            # start)
             if rng.random() < 0.15 or not seeded.cursors:
                 path = f"/api/searches/{sid}/evaluations?limit=50"
             else:
@@ -615,8 +794,17 @@ class LoadResult:
     loop_lag_max_ms: float = 0.0
 
 
-async def _send(client: Any, kind: str, base: str, endpoint: str, path: str, due: float, warmup: bool,
-                timeout: float, loop: asyncio.AbstractEventLoop) -> Sample:
+async def _send(
+    client: Any,
+    kind: str,
+    base: str,
+    endpoint: str,
+    path: str,
+    due: float,
+    warmup: bool,
+    timeout: float,
+    loop: asyncio.AbstractEventLoop,
+) -> Sample:
     started = loop.time()
     lag = started - due
     try:
@@ -639,8 +827,17 @@ async def _send(client: Any, kind: str, base: str, endpoint: str, path: str, due
         return Sample(endpoint, due, lag, None, None, name, 0, warmup)
 
 
-async def run_load(base: str, plan: list[tuple[str, str]], rate: float, warmup_n: int, client_kind: str,
-                   arrivals: str, timeout: float, seed: int, server_pid: int) -> LoadResult:
+async def run_load(
+    base: str,
+    plan: list[tuple[str, str]],
+    rate: float,
+    warmup_n: int,
+    client_kind: str,
+    arrivals: str,
+    timeout: float,
+    seed: int,
+    server_pid: int,
+) -> LoadResult:
     loop = asyncio.get_running_loop()
     rng = random.Random(seed)
     gaps = [1.0 / rate] * len(plan) if arrivals == "uniform" else [rng.expovariate(rate) for _ in plan]
@@ -652,8 +849,9 @@ async def run_load(base: str, plan: list[tuple[str, str]], rate: float, warmup_n
     else:
         import httpx
 
-        client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None,
-                                                                        max_keepalive_connections=200))
+        client = httpx.AsyncClient(
+            timeout=timeout, limits=httpx.Limits(max_connections=None, max_keepalive_connections=200)
+        )
     result = LoadResult()
     tasks: list[asyncio.Task] = []
     stop_monitor = asyncio.Event()
@@ -674,14 +872,22 @@ async def run_load(base: str, plan: list[tuple[str, str]], rate: float, warmup_n
         for index, (endpoint, path) in enumerate(plan):
             if index == warmup_n:
                 result.t0 = due
-                cpu0, server0, wall0, sys0 = cpu_seconds(), cpu_seconds(server_pid), time.perf_counter(), system_cpu()
+                cpu0, server0, wall0, sys0 = (
+                    cpu_seconds(),
+                    cpu_seconds(server_pid),
+                    time.perf_counter(),
+                    system_cpu(),
+                )
                 load0 = load_average()
                 loop_lag[0] = 0.0
             delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_send(client, client_kind, base, endpoint, path, due,
-                                                   index < warmup_n, timeout, loop)))
+            tasks.append(
+                asyncio.create_task(
+                    _send(client, client_kind, base, endpoint, path, due, index < warmup_n, timeout, loop)
+                )
+            )
             due += gaps[index]
         if warmup_n >= len(plan):
             result.t0 = start
@@ -737,12 +943,19 @@ def endpoint_costs(base: str, plan: list[tuple[str, str]], server_pid: int, per_
             urllib.request.urlopen(base + path, timeout=30).read()
             times.append((time.perf_counter() - t) * 1000)
         cpu = (threads_cpu_seconds(server_pid) - cpu0) * 1000 / len(paths)
-        out[endpoint] = {"n": len(paths), "idle_p50_ms": round(statistics.median(times), 2),
-                         "idle_max_ms": round(max(times), 2), "server_cpu_ms": round(cpu, 2)}
+        out[endpoint] = {
+            "n": len(paths),
+            "idle_p50_ms": round(statistics.median(times), 2),
+            "idle_max_ms": round(max(times), 2),
+            "server_cpu_ms": round(cpu, 2),
+        }
     weights = sum(MIX[e] for e in out)
     mix_cpu = sum(MIX[e] * out[e]["server_cpu_ms"] for e in out) / weights
-    return {"endpoints": out, "mix_server_cpu_ms": round(mix_cpu, 2),
-            "capacity_rps_one_core": round(1000 / mix_cpu, 1) if mix_cpu > 0 else None}
+    return {
+        "endpoints": out,
+        "mix_server_cpu_ms": round(mix_cpu, 2),
+        "capacity_rps_one_core": round(1000 / mix_cpu, 1) if mix_cpu > 0 else None,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- stats
@@ -760,11 +973,19 @@ def pct(values: list[float], q: float) -> float | None:
 def latency_stats(samples: list[Sample]) -> dict[str, Any]:
     ok = [s.latency * 1000 for s in samples if s.error is None and s.latency is not None]
     errors = Counter(s.error for s in samples if s.error is not None)
-    return {"sent": len(samples), "completed": sum(1 for s in samples if s.latency is not None),
-            "ok": len(ok), "errors": sum(errors.values()), "errors_by_kind": dict(errors),
-            "p50_ms": pct(ok, 50), "p90_ms": pct(ok, 90), "p99_ms": pct(ok, 99),
-            "max_ms": max(ok) if ok else None, "mean_ms": statistics.fmean(ok) if ok else None,
-            "mean_bytes": statistics.fmean([s.nbytes for s in samples if s.error is None]) if ok else None}
+    return {
+        "sent": len(samples),
+        "completed": sum(1 for s in samples if s.latency is not None),
+        "ok": len(ok),
+        "errors": sum(errors.values()),
+        "errors_by_kind": dict(errors),
+        "p50_ms": pct(ok, 50),
+        "p90_ms": pct(ok, 90),
+        "p99_ms": pct(ok, 99),
+        "max_ms": max(ok) if ok else None,
+        "mean_ms": statistics.fmean(ok) if ok else None,
+        "mean_bytes": statistics.fmean([s.nbytes for s in samples if s.error is None]) if ok else None,
+    }
 
 
 def summarize(result: LoadResult, rate: float, duration: float) -> dict[str, Any]:
@@ -772,23 +993,28 @@ def summarize(result: LoadResult, rate: float, duration: float) -> dict[str, Any
     overall = latency_stats(measured)
     lags = [s.lag * 1000 for s in measured]
     window = max(1e-9, result.end - result.t0)
-    overall.update({
-        "offered_rps": rate, "duration_s": duration,
-        "achieved_rps": overall["ok"] / window,  # 2xx responses per second, first due time to last response
-        "completion_window_s": window,
-        "sched_lag_p50_ms": pct(lags, 50), "sched_lag_p99_ms": pct(lags, 99),
-        "sched_lag_max_ms": max(lags) if lags else None,
-        "loop_lag_max_ms": result.loop_lag_max_ms,
-        "client_cpu_pct": 100 * result.client_cpu_s / max(1e-9, result.wall_s),
-        "server_cpu_pct": 100 * result.server_cpu_s / max(1e-9, result.wall_s),
-        # the whole machine (all cores = 100 %), and what the server and the client do not account for: the
-        # database server and anything else running (other users' jobs)
-        "machine_cpu_pct": 100 * result.machine_busy_s / max(1e-9, result.machine_total_s),
-        "machine_cores_busy": result.machine_busy_s / max(1e-9, result.wall_s),
-        "other_cores_busy": (result.machine_busy_s - result.server_cpu_s - result.client_cpu_s)
-        / max(1e-9, result.wall_s),
-        "load_avg_start_end": list(result.load_avg),
-    })
+    overall.update(
+        {
+            "offered_rps": rate,
+            "duration_s": duration,
+            "achieved_rps": overall["ok"]
+            / window,  # 2xx responses per second, first due time to last response
+            "completion_window_s": window,
+            "sched_lag_p50_ms": pct(lags, 50),
+            "sched_lag_p99_ms": pct(lags, 99),
+            "sched_lag_max_ms": max(lags) if lags else None,
+            "loop_lag_max_ms": result.loop_lag_max_ms,
+            "client_cpu_pct": 100 * result.client_cpu_s / max(1e-9, result.wall_s),
+            "server_cpu_pct": 100 * result.server_cpu_s / max(1e-9, result.wall_s),
+            # the whole machine (all cores = 100 %), and what the server and the client do not account for:
+            # the database server and anything else running (other users' jobs)
+            "machine_cpu_pct": 100 * result.machine_busy_s / max(1e-9, result.machine_total_s),
+            "machine_cores_busy": result.machine_busy_s / max(1e-9, result.wall_s),
+            "other_cores_busy": (result.machine_busy_s - result.server_cpu_s - result.client_cpu_s)
+            / max(1e-9, result.wall_s),
+            "load_avg_start_end": list(result.load_avg),
+        }
+    )
     by_endpoint = defaultdict(list)
     for s in measured:
         by_endpoint[s.endpoint].append(s)
@@ -822,10 +1048,15 @@ def profile_storage(url: str, seeded: Seeded, repeats: int = 30) -> dict[str, An
         "candidate_counts (search detail)": lambda: storage.candidate_counts(sid),
         "candidates on_front (pareto)": lambda: storage.candidates(sid, on_front=True, order_by="val_bpb"),
         "candidates page id offset 0": lambda: storage.candidates(sid, order_by="id", limit=50),
-        "candidates page id offset 9000": lambda: storage.candidates(sid, order_by="id", limit=50, offset=9000),
-        "candidates page -val_bpb offset 5000": lambda: storage.candidates(sid, order_by="-val_bpb", limit=50,
-                                                                           offset=5000),
-        "candidates page decode_ms limit 200": lambda: storage.candidates(sid, order_by="decode_ms", limit=200),
+        "candidates page id offset 9000": lambda: storage.candidates(
+            sid, order_by="id", limit=50, offset=9000
+        ),
+        "candidates page -val_bpb offset 5000": lambda: storage.candidates(
+            sid, order_by="-val_bpb", limit=50, offset=5000
+        ),
+        "candidates page decode_ms limit 200": lambda: storage.candidates(
+            sid, order_by="decode_ms", limit=200
+        ),
         "count_candidates": lambda: storage.count_candidates(sid),
         "count_candidates status=completed": lambda: storage.count_candidates(sid, status="completed"),
         "get_candidate": lambda: storage.get_candidate(cid),
@@ -856,10 +1087,14 @@ def profile_storage(url: str, seeded: Seeded, repeats: int = 30) -> dict[str, An
         t = db.candidates
         plans = {}
         queries = {
-            "page sort -val_bpb": select(t).where(t.c.job_id == sid).order_by(t.c.val_bpb.desc().nulls_last(),
-                                                                             t.c.id.desc()).offset(5000).limit(50),
+            "page sort -val_bpb": select(t)
+            .where(t.c.job_id == sid)
+            .order_by(t.c.val_bpb.desc().nulls_last(), t.c.id.desc())
+            .offset(5000)
+            .limit(50),
             "page sort id": select(t).where(t.c.job_id == sid).order_by(t.c.id.asc()).offset(9000).limit(50),
-            "hypervolume history": select(db.hypervolume_history).where(db.hypervolume_history.c.job_id == sid)
+            "hypervolume history": select(db.hypervolume_history)
+            .where(db.hypervolume_history.c.job_id == sid)
             .order_by(db.hypervolume_history.c.n_evaluations),
             "pareto": select(t).where(t.c.job_id == sid, t.c.on_front.is_(True)).order_by(t.c.val_bpb),
         }
@@ -883,8 +1118,10 @@ def _ms(value: float | None) -> str:
 
 
 def overall_table(results: dict[str, dict]) -> str:
-    head = ("| backend | sent | completed | errors | achieved rps | p50 ms | p90 ms | p99 ms | max ms | "
-            "p99 <= 100 ms | sched lag p99 / max ms | client CPU | server CPU | other CPU (cores) | load avg |")
+    head = (
+        "| backend | sent | completed | errors | achieved rps | p50 ms | p90 ms | p99 ms | max ms | "
+        "p99 <= 100 ms | sched lag p99 / max ms | client CPU | server CPU | other CPU (cores) | load avg |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for backend, r in results.items():
         o = r["summary"]["overall"]
@@ -895,21 +1132,27 @@ def overall_table(results: dict[str, dict]) -> str:
         lines.append(
             f"| {backend} | {o['sent']} | {o['completed']} | {errors}{f' ({kinds})' if kinds else ''} | "
             f"{o['achieved_rps']:.1f} | {_ms(o['p50_ms'])} | {_ms(o['p90_ms'])} | {_ms(o['p99_ms'])} | "
-            f"{_ms(o['max_ms'])} | {'yes' if o['p99_ms'] is not None and o['p99_ms'] <= TARGET_P99_MS and not errors else 'NO'} | "
+            f"{_ms(o['max_ms'])} | "
+            f"{'yes' if o['p99_ms'] is not None and o['p99_ms'] <= TARGET_P99_MS and not errors else 'NO'} | "
             f"{_ms(o['sched_lag_p99_ms'])} / {_ms(o['sched_lag_max_ms'])} | {o['client_cpu_pct']:.0f} % | "
             f"{o['server_cpu_pct']:.0f} % | {max(0.0, o['other_cores_busy']):.2f} | "
-            f"{o['load_avg_start_end'][0]:.1f} -> {o['load_avg_start_end'][1]:.1f} |")
+            f"{o['load_avg_start_end'][0]:.1f} -> {o['load_avg_start_end'][1]:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def endpoint_table(results: dict[str, dict]) -> str:
-    lines = ["| backend | endpoint | n | errors | p50 ms | p90 ms | p99 ms | max ms | mean bytes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| backend | endpoint | n | errors | p50 ms | p90 ms | p99 ms | max ms | mean bytes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for backend, r in results.items():
         for name, e in r["summary"]["endpoints"].items():
-            lines.append(f"| {backend} | {name} | {e['sent']} | {e['errors']} | {_ms(e['p50_ms'])} | "
-                         f"{_ms(e['p90_ms'])} | {_ms(e['p99_ms'])} | {_ms(e['max_ms'])} | "
-                         f"{'-' if e['mean_bytes'] is None else round(e['mean_bytes'])} |")
+            lines.append(
+                f"| {backend} | {name} | {e['sent']} | {e['errors']} | {_ms(e['p50_ms'])} | "
+                f"{_ms(e['p90_ms'])} | {_ms(e['p99_ms'])} | {_ms(e['max_ms'])} | "
+                f"{'-' if e['mean_bytes'] is None else round(e['mean_bytes'])} |"
+            )
     return "\n".join(lines)
 
 
@@ -918,29 +1161,40 @@ def costs_table(results: dict[str, dict]) -> str:
     if not rows:
         return ""
     names = [n for n in MIX if any(n in c["endpoints"] for c in rows.values())]
-    lines = ["| endpoint | " + " | ".join(f"{b}: idle p50 ms / server CPU ms" for b in rows) + " |",
-             "|---|" + "---|" * len(rows)]
+    lines = [
+        "| endpoint | " + " | ".join(f"{b}: idle p50 ms / server CPU ms" for b in rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
     for name in names:
         cells = []
         for c in rows.values():
             e = c["endpoints"].get(name)
             cells.append("-" if e is None else f"{e['idle_p50_ms']:.1f} / {e['server_cpu_ms']:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("| **the mix, per request** | " + " | ".join(
-        f"server CPU {c['mix_server_cpu_ms']:.2f} ms: at most ~{c['capacity_rps_one_core']:.0f} req/s on one core"
-        for c in rows.values()) + " |")
+    lines.append(
+        "| **the mix, per request** | "
+        + " | ".join(
+            f"server CPU {c['mix_server_cpu_ms']:.2f} ms: at most ~{c['capacity_rps_one_core']:.0f} req/s on "
+            "one core"
+            for c in rows.values()
+        )
+        + " |"
+    )
     return "\n".join(lines)
 
 
 def git_state() -> dict[str, Any]:
     def git(*cmd: str) -> str:
         try:
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=30,
-                                  check=False).stdout.strip()
+            return subprocess.run(
+                ["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    dirty = [line[3:] for line in git("status", "--porcelain", "--", "api", "search", "migrations").splitlines()]
+    dirty = [
+        line[3:] for line in git("status", "--porcelain", "--", "api", "search", "migrations").splitlines()
+    ]
     return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_in_api_search_migrations": dirty}
 
 
@@ -954,8 +1208,13 @@ def machine() -> dict[str, Any]:
     mem = None
     with contextlib.suppress(OSError, ValueError):
         mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024 // 1024
-    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gib": mem, "python": platform.python_version(),
-            "platform": platform.platform()}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": mem,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def write_results(results: dict[str, dict], args: argparse.Namespace, command: str, wall_s: float) -> None:
@@ -965,14 +1224,31 @@ def write_results(results: dict[str, dict], args: argparse.Namespace, command: s
     import uvicorn
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    versions = {"uvicorn": uvicorn.__version__, "fastapi": fastapi.__version__,
-                "sqlalchemy": sqlalchemy.__version__, "aiohttp": aiohttp.__version__}
-    payload = {"target": {"candidates": args.candidates, "rate_rps": args.rate, "duration_s": args.duration,
-                          "p99_ms": TARGET_P99_MS},
-               "command": command, "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-               "wall_s": round(wall_s, 1), "machine": machine(), "git": git_state(), "versions": versions,
-               "mix": MIX, "client": args.client, "arrivals": args.arrivals, "warmup_s": args.warmup,
-               "backends": results}
+    versions = {
+        "uvicorn": uvicorn.__version__,
+        "fastapi": fastapi.__version__,
+        "sqlalchemy": sqlalchemy.__version__,
+        "aiohttp": aiohttp.__version__,
+    }
+    payload = {
+        "target": {
+            "candidates": args.candidates,
+            "rate_rps": args.rate,
+            "duration_s": args.duration,
+            "p99_ms": TARGET_P99_MS,
+        },
+        "command": command,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_s": round(wall_s, 1),
+        "machine": machine(),
+        "git": git_state(),
+        "versions": versions,
+        "mix": MIX,
+        "client": args.client,
+        "arrivals": args.arrivals,
+        "warmup_s": args.warmup,
+        "backends": results,
+    }
     (RESULTS / "api_load.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     (RESULTS / "api_load.md").write_text(render_markdown(payload))
 
@@ -989,22 +1265,49 @@ def attach(label: str, path: Path) -> None:
 
 
 def _run_tables(results: dict[str, dict], level: str = "##") -> list[str]:
-    md = [f"{level} Overall", "", overall_table(results), "", f"{level} Per endpoint", "", endpoint_table(results), ""]
+    md = [
+        f"{level} Overall",
+        "",
+        overall_table(results),
+        "",
+        f"{level} Per endpoint",
+        "",
+        endpoint_table(results),
+        "",
+    ]
     costs = costs_table(results)
     if costs:
-        md += [f"{level} Cost per request (closed loop, one request at a time, before the load)", "",
-               ("Latency on an otherwise idle server, and the server process's CPU time per request (from "
-                "/proc/PID/task/*/schedstat): with one worker, the GIL makes one core the ceiling, so the mix's "
-                "CPU per request bounds the sustainable rate."), "", costs, ""]
+        md += [
+            f"{level} Cost per request (closed loop, one request at a time, before the load)",
+            "",
+            (
+                "Latency on an otherwise idle server, and the server process's CPU time per request (from "
+                "/proc/PID/task/*/schedstat): with one worker, the GIL makes one core the ceiling, so the "
+                "mix's "
+                "CPU per request bounds the sustainable rate."
+            ),
+            "",
+            costs,
+            "",
+        ]
     profiles = {b: r["profile"] for b, r in results.items() if r.get("profile")}
     if profiles:
-        md += [f"{level} Storage calls behind the endpoints (in-process, no HTTP; min / median ms of 30)", "",
-               "| call | " + " | ".join(profiles) + " |", "|---|" + "---|" * len(profiles)]
+        md += [
+            f"{level} Storage calls behind the endpoints (in-process, no HTTP; min / median ms of 30)",
+            "",
+            "| call | " + " | ".join(profiles) + " |",
+            "|---|" + "---|" * len(profiles),
+        ]
         names = list(next(iter(profiles.values()))["median_ms"])
         for name in names:
-            md.append(f"| {name} | " + " | ".join(f"{p['min_ms'].get(name, '-')} / {p['median_ms'].get(name, '-')}"
-                                                  for p in profiles.values())
-                      + " |")
+            md.append(
+                f"| {name} | "
+                + " | ".join(
+                    f"{p['min_ms'].get(name, '-')} / {p['median_ms'].get(name, '-')}"
+                    for p in profiles.values()
+                )
+                + " |"
+            )
         md.append("")
     return md
 
@@ -1013,8 +1316,12 @@ def _describe_code(git: dict) -> str:
     if git.get("description"):  # set by hand for a run on a copy of the tree (its own commit means nothing)
         return git["description"]
     dirty = git.get("uncommitted_in_api_search_migrations") or []
-    return (f"commit {git.get('commit')}" + (f" plus uncommitted changes to {len(dirty)} file(s) under api/, search/, "
-                                             "migrations/ (the shared working tree as it was)" if dirty else ""))
+    return f"commit {git.get('commit')}" + (
+        f" plus uncommitted changes to {len(dirty)} file(s) under api/, search/, "
+        "migrations/ (the shared working tree as it was)"
+        if dirty
+        else ""
+    )
 
 
 def render_markdown(payload: dict[str, Any]) -> str:
@@ -1023,42 +1330,67 @@ def render_markdown(payload: dict[str, Any]) -> str:
     md = [
         "# Coordinator API under load",
         "",
-        (f"Target (issue 5): {target['candidates']:,} candidates in one search, open-loop {target['rate_rps']:g} "
-         f"requests/s for {target['duration_s']:g} s on loopback, p99 <= {target['p99_ms']:g} ms, on SQLite and "
-         "PostgreSQL."),
+        (
+            f"Target (issue 5): {target['candidates']:,} candidates in one search, open-loop "
+            f"{target['rate_rps']:g} "
+            f"requests/s for {target['duration_s']:g} s on loopback, p99 <= {target['p99_ms']:g} ms, on "
+            "SQLite and "
+            "PostgreSQL."
+        ),
         "",
         f"- Command: `{payload['command']}` (wall time {payload['wall_s']:.0f} s, seeding included)",
-        (f"- Machine: {info['cpus']}-core VM ({info['cpu']}), {info['memory_gib']} GiB; Python {info['python']}; "
-         f"{payload['date']}. Server, load generator and PostgreSQL share the same {info['cpus']} cores. "
-         "Databases: " + ", ".join(f"{b}: {r['database']}" for b, r in results.items()) + "."),
+        (
+            f"- Machine: {info['cpus']}-core VM ({info['cpu']}), {info['memory_gib']} GiB; Python "
+            f"{info['python']}; "
+            f"{payload['date']}. Server, load generator and PostgreSQL share the same {info['cpus']} cores. "
+            "Databases: " + ", ".join(f"{b}: {r['database']}" for b, r in results.items()) + "."
+        ),
         f"- Code: {_describe_code(payload['git'])}.",
-        (f"- Server: one uvicorn worker (h11, asyncio; access log off), FastAPI {versions['fastapi']}, "
-         f"SQLAlchemy {versions['sqlalchemy']}; no job runner, no scheduler (HYBRIDNAS_RUNNERS=0, "
-         "HYBRIDNAS_SCHEDULER=0)."),
-        (f"- Load: open loop, {payload['arrivals']} arrivals; latency measured from each request's scheduled send "
-         f"time (no coordinated omission); {payload['client']} client, 10 s timeout per request; "
-         f"{payload['warmup_s']:g} s warm-up at the same rate excluded. Mix (weights): "
-         + ", ".join(f"{k} {v}" for k, v in payload["mix"].items()) + "."),
-        "- Data: " + "; ".join(
+        (
+            f"- Server: one uvicorn worker (h11, asyncio; access log off), FastAPI {versions['fastapi']}, "
+            f"SQLAlchemy {versions['sqlalchemy']}; no job runner, no scheduler (HYBRIDNAS_RUNNERS=0, "
+            "HYBRIDNAS_SCHEDULER=0)."
+        ),
+        (
+            f"- Load: open loop, {payload['arrivals']} arrivals; latency measured from each request's "
+            "scheduled send "
+            f"time (no coordinated omission); {payload['client']} client, 10 s timeout per request; "
+            f"{payload['warmup_s']:g} s warm-up at the same rate excluded. Mix (weights): "
+            + ", ".join(f"{k} {v}" for k, v in payload["mix"].items())
+            + "."
+        ),
+        "- Data: "
+        + "; ".join(
             f"{b}: {r['seed']['n_candidates']:,} candidates ("
             + ", ".join(f"{k} {v}" for k, v in r["seed"]["counts"].items() if v)
             + f"), front {r['seed']['front_size']}, {r['seed']['hv_points']:,} hypervolume points, "
-            f"{r['seed'].get('training_results', 0):,} training and {r['seed'].get('latency_results', 0):,} latency "
+            f"{r['seed'].get('training_results', 0):,} training and {r['seed'].get('latency_results', 0):,} "
+            "latency "
             f"results, {r['seed']['other_jobs']} other jobs, seeded in {r['seed']['seconds']:.1f} s"
-            for b, r in results.items()) + ".",
-        ("- Achieved rps = 2xx responses / (first due time to last response). Scheduling lag = how late a "
-         "request actually left its due time (the load generator's own health); client/server CPU = % of one "
-         "core over the measured window; other CPU = cores busy with anything else (the database server, and "
-         "other users' work on this shared VM); load avg = the 1-minute load average at the window's start "
-         "and end."),
+            for b, r in results.items()
+        )
+        + ".",
+        (
+            "- Achieved rps = 2xx responses / (first due time to last response). Scheduling lag = how late a "
+            "request actually left its due time (the load generator's own health); client/server CPU = % of "
+            "one core over the measured window; other CPU = cores busy with anything else (the database "
+            "server, and other users' work on this shared VM); load avg = the 1-minute load average at the "
+            "window's start and end."
+        ),
         "",
         *_run_tables(results),
     ]
     for label, other in (payload.get("attached") or {}).items():
-        md += [f"## {label}", "",
-               (f"`{other['command']}` run on {_describe_code(other['git'])}, {other['date']}, same machine "
-                f"(wall time {other['wall_s']:.0f} s)."), "",
-               *_run_tables(other["backends"], "###")]
+        md += [
+            f"## {label}",
+            "",
+            (
+                f"`{other['command']}` run on {_describe_code(other['git'])}, {other['date']}, same machine "
+                f"(wall time {other['wall_s']:.0f} s)."
+            ),
+            "",
+            *_run_tables(other["backends"], "###"),
+        ]
     # A hand-written "## Findings" section (analysis of the numbers) survives a rerun.
     previous = RESULTS / "api_load.md"
     if previous.exists() and "\n## Findings" in previous.read_text():
@@ -1075,13 +1407,18 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         with backend_database(backend, workdir, args.pg_admin_url) as url:
             print(f"[{backend}] seeding {args.candidates:,} candidates ...", flush=True)
             seeded = seed_database(url, args.candidates, seed=args.seed)
-            print(f"[{backend}] seeded in {seeded.seconds:.1f} s: {seeded.counts}, front {seeded.front_size}, "
-                  f"{seeded.hv_points} hypervolume points, db {seeded.db_bytes / 1e6:.1f} MB", flush=True)
+            print(
+                f"[{backend}] seeded in {seeded.seconds:.1f} s: {seeded.counts}, front {seeded.front_size}, "
+                f"{seeded.hv_points} hypervolume points, db {seeded.db_bytes / 1e6:.1f} MB",
+                flush=True,
+            )
             version = server_version(url)
             profile = profile_storage(url, seeded) if args.profile else None
             if profile:
                 for name, ms in profile["median_ms"].items():
-                    print(f"[{backend}]   {name:45s} min {profile['min_ms'][name]:8.3f} ms, median {ms:8.3f} ms")
+                    print(
+                        f"[{backend}]   {name:45s} min {profile['min_ms'][name]:8.3f} ms, median {ms:8.3f} ms"
+                    )
                 for name, plan in profile["plans"].items():
                     print(f"[{backend}]   plan {name}:\n" + "\n".join(f"        {line}" for line in plan))
             rng = random.Random(args.seed)
@@ -1090,38 +1427,71 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
                 endpoints = served_endpoints(base)
                 missing = sorted(set(MIX) - endpoints)
                 if missing:
-                    print(f"[{backend}] the server has no route for {', '.join(missing)}: left out of the mix")
+                    print(
+                        f"[{backend}] the server has no route for {', '.join(missing)}: left out of the mix"
+                    )
                 plan = plan_requests(seeded, warmup_n + round(args.duration * args.rate), rng, endpoints)
                 costs = endpoint_costs(base, plan, proc.pid) if args.profile else None
                 if costs:
                     for name, c in costs["endpoints"].items():
-                        print(f"[{backend}]   {name:18s} idle p50 {c['idle_p50_ms']:7.2f} ms, server CPU "
-                              f"{c['server_cpu_ms']:6.2f} ms/request")
-                    print(f"[{backend}]   the mix costs {costs['mix_server_cpu_ms']} ms of server CPU per request: "
-                          f"at most ~{costs['capacity_rps_one_core']} req/s on one core (the GIL)", flush=True)
-                print(f"[{backend}] server up at {base}; {args.rate:g} req/s for {args.duration:g} s "
-                      f"(+{args.warmup:g} s warm-up) ...", flush=True)
+                        print(
+                            f"[{backend}]   {name:18s} idle p50 {c['idle_p50_ms']:7.2f} ms, server CPU "
+                            f"{c['server_cpu_ms']:6.2f} ms/request"
+                        )
+                    print(
+                        f"[{backend}]   the mix costs {costs['mix_server_cpu_ms']} ms of server CPU per "
+                        "request: "
+                        f"at most ~{costs['capacity_rps_one_core']} req/s on one core (the GIL)",
+                        flush=True,
+                    )
+                print(
+                    f"[{backend}] server up at {base}; {args.rate:g} req/s for {args.duration:g} s "
+                    f"(+{args.warmup:g} s warm-up) ...",
+                    flush=True,
+                )
                 db_started = database_started_at(url)
-                load = asyncio.run(run_load(base, plan, args.rate, warmup_n, args.client, args.arrivals,
-                                            args.timeout, args.seed, proc.pid))
+                load = asyncio.run(
+                    run_load(
+                        base,
+                        plan,
+                        args.rate,
+                        warmup_n,
+                        args.client,
+                        args.arrivals,
+                        args.timeout,
+                        args.seed,
+                        proc.pid,
+                    )
+                )
                 db_restarted = database_started_at(url) != db_started
                 if db_restarted:
-                    print(f"[{backend}] WARNING: the database server restarted during the load (not by this "
-                          "benchmark): errors around then are the restart's", flush=True)
+                    print(
+                        f"[{backend}] WARNING: the database server restarted during the load (not by this "
+                        "benchmark): errors around then are the restart's",
+                        flush=True,
+                    )
             server_log = (workdir / "server.log").read_text(errors="replace")
             summary = summarize(load, args.rate, args.duration)
-            return {"database": version, "endpoints_left_out": missing, "database_restarted_during_load": db_restarted,
-                    "seed": {k: v for k, v in seeded.__dict__.items()
-                             if k not in ("candidate_ids", "url", "cursors")},
-                    "summary": summary, "profile": profile, "endpoint_costs": costs,
-                    "server_log_tail": server_log[-3000:] if server_log.strip() else ""}
+            return {
+                "database": version,
+                "endpoints_left_out": missing,
+                "database_restarted_during_load": db_restarted,
+                "seed": {
+                    k: v for k, v in seeded.__dict__.items() if k not in ("candidate_ids", "url", "cursors")
+                },
+                "summary": summary,
+                "profile": profile,
+                "endpoint_costs": costs,
+                "server_log_tail": server_log[-3000:] if server_log.strip() else "",
+            }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backends", default="sqlite,postgresql", help="comma-separated: sqlite,postgresql")
     parser.add_argument("--rate", type=float, default=100.0, help="offered load, requests/s")
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds")
@@ -1131,14 +1501,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, s")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pg-admin-url", default=os.environ.get("HYBRIDNAS_TEST_POSTGRES_URL") or DEFAULT_PG_ADMIN,
-                        help="a PostgreSQL role that may CREATE DATABASE (a fresh one is made and dropped)")
+    parser.add_argument(
+        "--pg-admin-url",
+        default=os.environ.get("HYBRIDNAS_TEST_POSTGRES_URL") or DEFAULT_PG_ADMIN,
+        help="a PostgreSQL role that may CREATE DATABASE (a fresh one is made and dropped)",
+    )
     parser.add_argument("--profile", action="store_true", help="also time the storage calls and EXPLAIN them")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results")
-    parser.add_argument("--attach", metavar="LABEL=PATH", default=None,
-                        help="no run: add another run's api_load.json (e.g. of a patched tree) to this one's, "
-                             "as a section titled LABEL, and re-render api_load.md")
-    parser.add_argument("--render", action="store_true", help="no run: re-render api_load.md from api_load.json")
+    parser.add_argument(
+        "--attach",
+        metavar="LABEL=PATH",
+        default=None,
+        help="no run: add another run's api_load.json (e.g. of a patched tree) to this one's, "
+        "as a section titled LABEL, and re-render api_load.md",
+    )
+    parser.add_argument(
+        "--render", action="store_true", help="no run: re-render api_load.md from api_load.json"
+    )
     args = parser.parse_args(argv)
     if args.attach:
         label, _, path = args.attach.partition("=")
@@ -1148,7 +1527,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"attached {path} as {label!r}; wrote {RESULTS / 'api_load.md'}")
         return 0
     if args.render:
-        (RESULTS / "api_load.md").write_text(render_markdown(json.loads((RESULTS / "api_load.json").read_text())))
+        (RESULTS / "api_load.md").write_text(
+            render_markdown(json.loads((RESULTS / "api_load.json").read_text()))
+        )
         print(f"wrote {RESULTS / 'api_load.md'}")
         return 0
     if args.rate <= 0 or args.duration <= 0:
@@ -1173,9 +1554,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         write_results(results, args, command.strip(), wall)
         print(f"wrote {RESULTS / 'api_load.md'} and {RESULTS / 'api_load.json'}")
-    failed = [b for b, r in results.items()
-              if r["summary"]["overall"]["p99_ms"] is None or r["summary"]["overall"]["p99_ms"] > TARGET_P99_MS
-              or r["summary"]["overall"]["errors"]]
+    failed = [
+        b
+        for b, r in results.items()
+        if r["summary"]["overall"]["p99_ms"] is None
+        or r["summary"]["overall"]["p99_ms"] > TARGET_P99_MS
+        or r["summary"]["overall"]["errors"]
+    ]
     return 1 if failed else 0
 
 

@@ -1,7 +1,8 @@
-"""GPU check of the model zoo and the latency profiler (one process, one CUDA device, ~8 minutes on an H100/H200).
+"""GPU check of the model zoo and the latency profiler (one process, one CUDA device, ~8 minutes on an
+H100/H200).
 
-    PYTHONPATH=. python3 benchmarks/gpu_check.py [--out DIR] [--anchor PATH/gpu_anchor.py] [--steps env,decode,...]
-    (on the GPU machine, with the wheels in .whl/:  bash .whl/run_gpu_check.sh)
+    PYTHONPATH=. python3 benchmarks/gpu_check.py [--out DIR] [--anchor PATH/gpu_anchor.py] [--steps
+    env,decode,...] (on the GPU machine, with the wheels in .whl/:  bash .whl/run_gpu_check.sh)
 
 Steps (each guarded: a failure is recorded with its traceback and the next step runs; results are rewritten to
 DIR/gpu_check.json and DIR/gpu_check.md after every step, so a run cut short still leaves what it measured):
@@ -11,7 +12,8 @@ DIR/gpu_check.json and DIR/gpu_check.md after every step, so a run cut short sti
           ../shared/bench/gpu_anchor.py, KV buffer 4096) beside our HybridLM in the same process: our own
           anchor-style loop at the same 4096-token buffer (eager and one CUDA graph, with RoPE and without),
           and `latency.profiler.profile` (its buffer is prompt_len + decode_tokens = 1280 tokens). Ratio
-          ours / anchor of the CUDA-graph ms/token; target <= 1.2. For "llama12" and the "daddaddaddad" hybrid.
+          ours / anchor of the CUDA-graph ms/token; target <= 1.2. For "llama12" and the "daddaddaddad"
+          hybrid.
   parity  every mixer (attention, swa, mamba2, deltanet, gated_deltanet) at B=2, T=777 (not a multiple of any
           chunk size), d_model 1024, on the same weights: backend "auto" (the kernel; `last_backend` recorded)
           against backend "torch", float32 forward and gradients (input and every parameter); float32
@@ -20,11 +22,13 @@ DIR/gpu_check.json and DIR/gpu_check.md after every step, so a run cut short sti
   hybrid  a HybridLM with every mixer: prefill (fresh, then continued at start > 0) + decode steps against the
           parallel forward of the same tokens, float32 and bf16.
   lut     if `latency/lut.py` exists: a small GPU LUT (`build_lut`: width 1024, context 1024, every operator),
-          and `confirm` (the table's prediction against a direct measurement) on four layouts. Skipped otherwise.
+          and `confirm` (the table's prediction against a direct measurement) on four layouts. Skipped
+          otherwise.
 
-Imports only the standard library, torch and the project (search/, models/, latency/). Without CUDA it writes a
-"not run: no GPU" result and exits 0. Relative errors are max|a - b| / max|b| over the whole tensor.
+Imports only the standard library, torch and the project (search/, models/, latency/). Without CUDA it writes
+a "not run: no GPU" result and exits 0. Relative errors are max|a - b| / max|b| over the whole tensor.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,21 +52,44 @@ if str(ROOT) not in sys.path:
 
 MIXERS = ("attention", "swa", "mamba2", "deltanet", "gated_deltanet")
 # The kernel path `backend="auto"` should take on CUDA (None: no separate kernel, SDPA on both paths).
-EXPECTED_KERNEL = {"attention": None, "swa": "flex", "mamba2": "mamba_ssm", "deltanet": "fla",
-                   "gated_deltanet": "fla"}
+EXPECTED_KERNEL = {
+    "attention": None,
+    "swa": "flex",
+    "mamba2": "mamba_ssm",
+    "deltanet": "fla",
+    "gated_deltanet": "fla",
+}
 # Relative-error tolerances (max|a - b| / max|b|). Triton kernels use TF32 dots for float32 inputs, hence
 # float32 tolerances above float32 rounding.
-TOL = {"fp32_out": 2e-3, "fp32_grad": 5e-3, "bf16_out": 3e-2, "reference": 1e-3,
-       "hybrid_fp32": 5e-3, "hybrid_bf16": 5e-2}
+TOL = {
+    "fp32_out": 2e-3,
+    "fp32_grad": 5e-3,
+    "bf16_out": 3e-2,
+    "reference": 1e-3,
+    "hybrid_fp32": 5e-3,
+    "hybrid_bf16": 5e-2,
+}
 DEFAULT_STEPS = ("env", "decode", "parity", "hybrid", "lut")
 
 # Parity shapes: heads / widths as the decode models, so Triton autotuning (keyed on H, K, V, dtype, not T) is
 # shared between the steps.
-PARITY_DIMS = dict(d_model=1024, n_heads=16, n_kv_heads=4, head_dim=64, swa_window=256, meta_tokens=4,
-                   mamba_head_dim=64, mamba_d_state=128, mamba_expand=2, conv_size=4, ffn_ratio=2.75)
+PARITY_DIMS = dict(
+    d_model=1024,
+    n_heads=16,
+    n_kv_heads=4,
+    head_dim=64,
+    swa_window=256,
+    meta_tokens=4,
+    mamba_head_dim=64,
+    mamba_d_state=128,
+    mamba_expand=2,
+    conv_size=4,
+    ffn_ratio=2.75,
+)
 # The anchor's decode models (gpu_anchor.py TinyLM): MHA 16 x 64, SwiGLU 2816 = 2.75 x 1024, untied, no RoPE.
-ANCHOR_DIMS = dict(d_model=1024, n_heads=16, n_kv_heads=16, head_dim=64, ffn_ratio=2.75, tied_embeddings=False,
-                   meta_tokens=0)
+ANCHOR_DIMS = dict(
+    d_model=1024, n_heads=16, n_kv_heads=16, head_dim=64, ffn_ratio=2.75, tied_embeddings=False, meta_tokens=0
+)
 ANCHOR_MODELS = {"llama12_d1024": "a" * 12, "hybrid12_d1024_4a8delta": "daddaddaddad"}
 ANCHOR_VOCAB, ANCHOR_BUFFER, ANCHOR_START, ANCHOR_STEPS = 32000, 4096, 1024, 256
 
@@ -71,8 +98,9 @@ ANCHOR_VOCAB, ANCHOR_BUFFER, ANCHOR_START, ANCHOR_STEPS = 32000, 4096, 1024, 256
 # Small helpers
 # ------------------------------------------------------------------------------------------------------------
 
+
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _g(x: float | None) -> float | None:
@@ -121,8 +149,13 @@ class Run:
     def __init__(self, out_dir: Path, command: str, budget_s: float):
         self.out_dir, self.command, self.budget_s = out_dir, command, budget_s
         self.t0 = time.time()
-        self.meta = {"date": _now(), "command": command, "budget_s": budget_s,
-                     "python": platform.python_version(), "host": platform.node()}
+        self.meta = {
+            "date": _now(),
+            "command": command,
+            "budget_s": budget_s,
+            "python": platform.python_version(),
+            "host": platform.node(),
+        }
         self.steps: dict[str, dict] = {}
 
     def elapsed(self) -> float:
@@ -136,8 +169,11 @@ class Run:
 
     def step(self, name: str, fn, *args, min_s: float = 0.0, **kwargs) -> None:
         if self.remaining() < min_s:
-            self.steps[name] = {"status": "skipped", "reason": f"time budget: {self.remaining():.0f}s left of "
-                                                              f"{self.budget_s:.0f}s, needs ~{min_s:.0f}s"}
+            self.steps[name] = {
+                "status": "skipped",
+                "reason": f"time budget: {self.remaining():.0f}s left of "
+                f"{self.budget_s:.0f}s, needs ~{min_s:.0f}s",
+            }
             self.log(f"step {name}: skipped (time budget)")
             self.write()
             return
@@ -147,8 +183,11 @@ class Run:
             result = fn(self, *args, **kwargs)
             entry = {"status": "ok", "result": result}
         except Exception as exc:
-            entry = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:800],
-                     "traceback": traceback.format_exc()[-4000:]}
+            entry = {
+                "status": "error",
+                "error": f"{type(exc).__name__}: {exc}"[:800],
+                "traceback": traceback.format_exc()[-4000:],
+            }
             self.log(f"step {name}: ERROR {entry['error']}")
         entry["wall_s"] = round(time.time() - t0, 1)
         self.steps[name] = entry
@@ -162,8 +201,11 @@ class Run:
         self.write()
 
     def to_dict(self) -> dict:
-        return {"meta": {**self.meta, "elapsed_s": round(self.elapsed(), 1)}, "tolerances": TOL,
-                "steps": self.steps}
+        return {
+            "meta": {**self.meta, "elapsed_s": round(self.elapsed(), 1)},
+            "tolerances": TOL,
+            "steps": self.steps,
+        }
 
     def write(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,21 +218,32 @@ class Run:
 # 1. Environment
 # ------------------------------------------------------------------------------------------------------------
 
+
 def step_env(run: Run) -> dict:
     from models import kernels
-    out: dict = {"versions": kernels.kernel_versions(), "python": platform.python_version(),
-                 "cuda_runtime": torch.version.cuda,
-                 "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+
+    out: dict = {
+        "versions": kernels.kernel_versions(),
+        "python": platform.python_version(),
+        "cuda_runtime": torch.version.cuda,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        out.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                   memory_GiB=round(props.total_memory / 2 ** 30, 1))
-    paths = {"fla_delta_rule": kernels.fla_delta_rule() is not None,
-             "fla_gated_delta_rule(forward only)": kernels.fla_gated_delta_rule(need_backward=False) is not None,
-             "fla_gated_delta_rule(with backward)": kernels.fla_gated_delta_rule(need_backward=True) is not None,
-             "mamba_ssd": kernels.mamba_ssd() is not None}
+        out.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_GiB=round(props.total_memory / 2**30, 1),
+        )
+    paths = {
+        "fla_delta_rule": kernels.fla_delta_rule() is not None,
+        "fla_gated_delta_rule(forward only)": kernels.fla_gated_delta_rule(need_backward=False) is not None,
+        "fla_gated_delta_rule(with backward)": kernels.fla_gated_delta_rule(need_backward=True) is not None,
+        "mamba_ssd": kernels.mamba_ssd() is not None,
+    }
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+
         paths["flex_attention"] = True
     except Exception as exc:
         paths["flex_attention"] = f"unavailable: {exc}"[:200]
@@ -205,18 +258,33 @@ def step_env(run: Run) -> dict:
 # 2. Parity: kernel path vs torch path on the same weights
 # ------------------------------------------------------------------------------------------------------------
 
+
 def parity_layout(dims: dict, operators: str = "A F S F M2 F D F GD F"):
     from search.layout import Layout
+
     return Layout.from_dict({"operators": operators, **dims})
 
 
-def mixer_parity(name: str, device="cuda", *, dims: dict | None = None, batch: int = 2, seqlen: int = 777,
-                 kernel_backend: str = "auto", ref_backend: str = "torch", grads: bool = True, bf16: bool = True,
-                 reference: bool = True, seed: int = 0, log=print) -> dict:
+def mixer_parity(
+    name: str,
+    device="cuda",
+    *,
+    dims: dict | None = None,
+    batch: int = 2,
+    seqlen: int = 777,
+    kernel_backend: str = "auto",
+    ref_backend: str = "torch",
+    grads: bool = True,
+    bf16: bool = True,
+    reference: bool = True,
+    seed: int = 0,
+    log=print,
+) -> dict:
     """One mixer, one set of weights: `kernel_backend` against `ref_backend` (float32 forward + gradients,
     float32 no-grad forward), bf16 forward against the float32 `ref_backend` path, and `ref_backend` against
     `forward_reference`. On CPU with "torch" vs "torch" it only exercises the code paths."""
     from models.registry import build_operator
+
     dims = dict(PARITY_DIMS if dims is None else dims)
     layout = parity_layout(dims)
     torch.manual_seed(seed)
@@ -225,9 +293,14 @@ def mixer_parity(name: str, device="cuda", *, dims: dict | None = None, batch: i
     x = torch.randn(batch, seqlen, layout.d_model, generator=gen).to(device)
     w = torch.randn(batch, seqlen, layout.d_model, generator=gen).to(device)
     names = [n for n, _ in op.named_parameters()]
-    out: dict = {"mixer": name, "device": str(device), "shape": f"B{batch} T{seqlen} d{layout.d_model}",
-                 "kernel_backend": kernel_backend, "ref_backend": ref_backend,
-                 "expected_kernel": EXPECTED_KERNEL.get(name) if torch.device(device).type == "cuda" else None}
+    out: dict = {
+        "mixer": name,
+        "device": str(device),
+        "shape": f"B{batch} T{seqlen} d{layout.d_model}",
+        "kernel_backend": kernel_backend,
+        "ref_backend": ref_backend,
+        "expected_kernel": EXPECTED_KERNEL.get(name) if torch.device(device).type == "cuda" else None,
+    }
 
     def run_fwd(module, backend, dtype, with_grad):
         module.backend = backend
@@ -259,10 +332,19 @@ def mixer_parity(name: str, device="cuda", *, dims: dict | None = None, batch: i
             e = rel_err(a, b)
             if e is not None and e >= worst:
                 worst, worst_name = e, pname
-        res = {"path": path, "ref_path": ref_path, "out": _g(rel_err(yk, yr)), "grad_x": _g(rel_err(gk[0], gr[0])),
-               "grad_params": _g(worst), "worst_param": worst_name}
-        res["pass"] = (res["out"] <= TOL["fp32_out"] and res["grad_x"] <= TOL["fp32_grad"]
-                       and res["grad_params"] <= TOL["fp32_grad"])
+        res = {
+            "path": path,
+            "ref_path": ref_path,
+            "out": _g(rel_err(yk, yr)),
+            "grad_x": _g(rel_err(gk[0], gr[0])),
+            "grad_params": _g(worst),
+            "worst_param": worst_name,
+        }
+        res["pass"] = (
+            res["out"] <= TOL["fp32_out"]
+            and res["grad_x"] <= TOL["fp32_grad"]
+            and res["grad_params"] <= TOL["fp32_grad"]
+        )
         return res
 
     def check_fp32_fwd():
@@ -286,8 +368,12 @@ def mixer_parity(name: str, device="cuda", *, dims: dict | None = None, batch: i
         e = rel_err(ref_fp32_fwd(), yd)
         return {"path": f"{ref_backend} vs forward_reference", "out": _g(e), "pass": e <= TOL["reference"]}
 
-    checks = [("fp32_grad", grads, check_fp32_grad), ("fp32_fwd", True, check_fp32_fwd),
-              ("bf16_fwd", bf16, check_bf16_fwd), ("reference", reference, check_reference)]
+    checks = [
+        ("fp32_grad", grads, check_fp32_grad),
+        ("fp32_fwd", True, check_fp32_fwd),
+        ("bf16_fwd", bf16, check_bf16_fwd),
+        ("reference", reference, check_reference),
+    ]
     for key, wanted, fn in checks:
         if not wanted:
             continue
@@ -304,9 +390,11 @@ def mixer_parity(name: str, device="cuda", *, dims: dict | None = None, batch: i
         out["kernel_taken"] = {k: v == expected for k, v in taken.items()}
         missed = [k for k, v in out["kernel_taken"].items() if not v]
         if missed:
-            out["note"] = (f"kernel {expected!r} not taken in {', '.join(missed)} (fell back to the torch path: "
-                           "see the warnings in the log; gated DeltaNet's backward is refused on Hopper with "
-                           "Triton < 3.7.1)")
+            out["note"] = (
+                f"kernel {expected!r} not taken in {', '.join(missed)} (fell back to the torch path: "
+                "see the warnings in the log; gated DeltaNet's backward is refused on Hopper with "
+                "Triton < 3.7.1)"
+            )
     return out
 
 
@@ -326,12 +414,24 @@ def step_parity(run: Run, mixers=MIXERS, device="cuda", **kwargs) -> dict:
     return results
 
 
-def hybrid_parity(device="cuda", dtype=torch.float32, *, dims: dict | None = None,
-                  operators: str = "A F S F M2 F D F GD F", vocab: int = 1000, batch: int = 2, prompt: int = 300,
-                  extra: int = 77, decode: int = 16, backend: str = "auto", seed: int = 0) -> dict:
-    """Prefill `prompt` tokens (fresh sequence, meta tokens prepended), prefill `extra` more at start > 0, decode
-    `decode` tokens one by one; every logit against the parallel forward of the same tokens."""
+def hybrid_parity(
+    device="cuda",
+    dtype=torch.float32,
+    *,
+    dims: dict | None = None,
+    operators: str = "A F S F M2 F D F GD F",
+    vocab: int = 1000,
+    batch: int = 2,
+    prompt: int = 300,
+    extra: int = 77,
+    decode: int = 16,
+    backend: str = "auto",
+    seed: int = 0,
+) -> dict:
+    """Prefill `prompt` tokens (fresh sequence, meta tokens prepended), prefill `extra` more at start > 0,
+    decode `decode` tokens one by one; every logit against the parallel forward of the same tokens."""
     from models.hybrid import HybridLM
+
     dims = dict(PARITY_DIMS if dims is None else dims)
     layout = parity_layout({**dims, "tied_embeddings": False}, operators)
     torch.manual_seed(seed)
@@ -345,7 +445,7 @@ def hybrid_parity(device="cuda", dtype=torch.float32, *, dims: dict | None = Non
         caches = model.init_cache(batch, total, device, dtype)
         lp1 = model.prefill(tokens[:, :prompt], caches, 0)
         start = model.next_position(0, prompt)
-        lp2 = model.prefill(tokens[:, prompt:prompt + extra], caches, start)
+        lp2 = model.prefill(tokens[:, prompt : prompt + extra], caches, start)
         paths_prefill = model.backends()
         pos = torch.tensor(model.next_position(start, extra), dtype=torch.long, device=device)
         steps = []
@@ -354,15 +454,25 @@ def hybrid_parity(device="cuda", dtype=torch.float32, *, dims: dict | None = Non
             pos.add_(1)
         dec = torch.stack(steps, 1)
     _sync(device)
-    errs = {"prefill": rel_err(lp1, full[:, :prompt]),
-            "prefill_continued": rel_err(lp2, full[:, prompt:prompt + extra]),
-            "decode": rel_err(dec, full[:, prompt + extra:])}
+    errs = {
+        "prefill": rel_err(lp1, full[:, :prompt]),
+        "prefill_continued": rel_err(lp2, full[:, prompt : prompt + extra]),
+        "decode": rel_err(dec, full[:, prompt + extra :]),
+    }
     tol = TOL["hybrid_fp32"] if dtype == torch.float32 else TOL["hybrid_bf16"]
-    return {"layout": layout.compact(), "dtype": str(dtype).replace("torch.", ""), "device": str(device),
-            "shape": f"B{batch} prompt {prompt} + {extra} (start>0) + {decode} decode steps, meta "
-                     f"{layout.meta_tokens}, swa_window {layout.swa_window}",
-            "paths_forward": paths_forward, "paths_prefill": paths_prefill, "paths_decode": model.backends(),
-            **{k: _g(v) for k, v in errs.items()}, "tol": tol, "pass": all(v <= tol for v in errs.values())}
+    return {
+        "layout": layout.compact(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "shape": f"B{batch} prompt {prompt} + {extra} (start>0) + {decode} decode steps, meta "
+        f"{layout.meta_tokens}, swa_window {layout.swa_window}",
+        "paths_forward": paths_forward,
+        "paths_prefill": paths_prefill,
+        "paths_decode": model.backends(),
+        **{k: _g(v) for k, v in errs.items()},
+        "tol": tol,
+        "pass": all(v <= tol for v in errs.values()),
+    }
 
 
 def step_hybrid(run: Run, device="cuda", **kwargs) -> dict:
@@ -371,7 +481,9 @@ def step_hybrid(run: Run, device="cuda", **kwargs) -> dict:
         t0 = time.time()
         out[label] = _guard(hybrid_parity, device, dtype, **kwargs)
         out[label]["wall_s"] = round(time.time() - t0, 1)
-        run.log(f"hybrid {label}: {json.dumps({k: v for k, v in out[label].items() if k != 'traceback'})[:400]}")
+        run.log(
+            f"hybrid {label}: {json.dumps({k: v for k, v in out[label].items() if k != 'traceback'})[:400]}"
+        )
         _empty_cache()
     return out
 
@@ -380,10 +492,14 @@ def step_hybrid(run: Run, device="cuda", **kwargs) -> dict:
 # 3. Decode latency against the anchor
 # ------------------------------------------------------------------------------------------------------------
 
+
 def anchor_candidates(explicit: str | None) -> list[Path]:
     paths = [Path(explicit)] if explicit else []
-    paths += [ROOT / ".whl" / "gpu_anchor.py", ROOT.parent / "shared" / "bench" / "gpu_anchor.py",
-              Path("/work/shared/bench/gpu_anchor.py")]
+    paths += [
+        ROOT / ".whl" / "gpu_anchor.py",
+        ROOT.parent / "shared" / "bench" / "gpu_anchor.py",
+        Path("/work/shared/bench/gpu_anchor.py"),
+    ]
     return paths
 
 
@@ -400,10 +516,14 @@ def load_anchor(explicit: str | None = None):
 
 
 def anchor_layout(kinds: str, dims: dict | None = None, vocab: int = ANCHOR_VOCAB):
-    """Our layout for the anchor's TinyLM: each mixer ('a' attention, 'd' DeltaNet) followed by a SwiGLU FFN."""
+    """Our layout for the anchor's TinyLM: each mixer ('a' attention, 'd' DeltaNet) followed by a SwiGLU
+    FFN."""
     from search.layout import Layout
+
     ops = " ".join({"a": "A", "d": "D"}[k] + " F" for k in kinds)
-    return Layout.from_dict({"operators": ops, **(ANCHOR_DIMS if dims is None else dims), "vocab_size": vocab})
+    return Layout.from_dict(
+        {"operators": ops, **(ANCHOR_DIMS if dims is None else dims), "vocab_size": vocab}
+    )
 
 
 def set_rope(model, on: bool) -> int:
@@ -418,18 +538,31 @@ def set_rope(model, on: bool) -> int:
     return n
 
 
-def ours_decode_latency(model, *, steps: int = ANCHOR_STEPS, start: int = ANCHOR_START,
-                        buffer_tokens: int = ANCHOR_BUFFER, device="cuda", eager: bool = True,
-                        graph: bool = True, warmup: int = 10) -> dict:
+def ours_decode_latency(
+    model,
+    *,
+    steps: int = ANCHOR_STEPS,
+    start: int = ANCHOR_START,
+    buffer_tokens: int = ANCHOR_BUFFER,
+    device="cuda",
+    eager: bool = True,
+    graph: bool = True,
+    warmup: int = 10,
+) -> dict:
     """The anchor's method on our model: prefill `start` tokens into caches sized for `buffer_tokens`, then
     `steps` greedy decode steps timed eagerly, and `steps` replays of ONE CUDA graph of the whole step (token
-    feedback and position increment inside the graph). Same batch (1), dtype (the model's), buffer and start."""
+    feedback and position increment inside the graph). Same batch (1), dtype (the model's), buffer and
+    start."""
     if start + max(steps, warmup) > buffer_tokens:
         raise ValueError(f"buffer {buffer_tokens} too small for start {start} + {max(steps, warmup)} steps")
     model.eval()
     dtype = model.embed.weight.dtype
-    out: dict = {"buffer_tokens": buffer_tokens + model.n_meta, "start": start, "steps": steps,
-                 "dtype": str(dtype).replace("torch.", "")}
+    out: dict = {
+        "buffer_tokens": buffer_tokens + model.n_meta,
+        "start": start,
+        "steps": steps,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
     with torch.no_grad():
         caches = model.init_cache(1, buffer_tokens, device, dtype)
         out["cache_bytes"] = sum(t.numel() * t.element_size() for c in caches for t in c.values())
@@ -477,40 +610,77 @@ def ours_decode_latency(model, *, steps: int = ANCHOR_STEPS, start: int = ANCHOR
             torch.cuda.synchronize()
             out["cudagraph_ms_per_token"] = round((time.perf_counter() - t0) / steps * 1e3, 4)
             del g
-    del caches
+    caches = None  # free the GPU memory (the closure above holds it)
     return out
 
 
-def profile_latency(model, method: str, *, device="cuda", prompt_len: int = ANCHOR_START,
-                    decode_tokens: int = ANCHOR_STEPS, dtype: str = "bf16") -> dict:
-    """`latency.profiler.profile` at the anchor's prompt/decode lengths (its buffer: prompt + decode tokens)."""
+def profile_latency(
+    model,
+    method: str,
+    *,
+    device="cuda",
+    prompt_len: int = ANCHOR_START,
+    decode_tokens: int = ANCHOR_STEPS,
+    dtype: str = "bf16",
+) -> dict:
+    """`latency.profiler.profile` at the anchor's prompt/decode lengths (its buffer: prompt + decode
+    tokens)."""
     from latency.profiler import LatencyConfig, profile
+
     repeats, warmup = (5, 1) if method == "cuda-graph" else (2, 0)  # eager runs after the graph run (warm)
-    config = LatencyConfig(prompt_len=prompt_len, decode_tokens=decode_tokens, dtype=dtype, method=method,
-                           throughput=False, repeats=repeats, warmup=warmup, vocab_size=model.vocab_size)
+    config = LatencyConfig(
+        prompt_len=prompt_len,
+        decode_tokens=decode_tokens,
+        dtype=dtype,
+        method=method,
+        throughput=False,
+        repeats=repeats,
+        warmup=warmup,
+        vocab_size=model.vocab_size,
+    )
     res = profile(model, config, device)
-    return {"method": method, "ms_per_token": round(res.decode_ms_per_token.median, 4),
-            "iqr_ms": round(res.decode_ms_per_token.iqr, 4), "repeats": repeats,
-            "prefill_ms": round(res.prefill_ms.median, 3), "buffer_tokens": res.cache_buffer_tokens,
-            "cache_bytes": res.cache_bytes_per_sequence}
+    return {
+        "method": method,
+        "ms_per_token": round(res.decode_ms_per_token.median, 4),
+        "iqr_ms": round(res.decode_ms_per_token.iqr, 4),
+        "repeats": repeats,
+        "prefill_ms": round(res.prefill_ms.median, 3),
+        "buffer_tokens": res.cache_buffer_tokens,
+        "cache_bytes": res.cache_bytes_per_sequence,
+    }
 
 
-def decode_compare(run: Run, anchor, tag: str, kinds: str, *, device="cuda", dims: dict | None = None,
-                   vocab: int = ANCHOR_VOCAB, steps: int = ANCHOR_STEPS, start: int = ANCHOR_START,
-                   buffer_tokens: int = ANCHOR_BUFFER, graph: bool = True) -> dict:
-    """The anchor's decode_latency(tag, kinds) beside our HybridLM of the same shapes (defaults: the anchor's).
-    On CPU (tests): anchor=None, tiny dims, graph=False — exercises the code paths, eager only."""
+def decode_compare(
+    run: Run,
+    anchor,
+    tag: str,
+    kinds: str,
+    *,
+    device="cuda",
+    dims: dict | None = None,
+    vocab: int = ANCHOR_VOCAB,
+    steps: int = ANCHOR_STEPS,
+    start: int = ANCHOR_START,
+    buffer_tokens: int = ANCHOR_BUFFER,
+    graph: bool = True,
+) -> dict:
+    """The anchor's decode_latency(tag, kinds) beside our HybridLM of the same shapes (defaults: the
+    anchor's). On CPU (tests): anchor=None, tiny dims, graph=False — exercises the code paths, eager only."""
     from models.hybrid import HybridLM
+
     out: dict = {"layers": kinds, "anchor_buffer_tokens": ANCHOR_BUFFER}
-    # The anchor's own measurement (its TinyLM: fused QKV / gate-up, F.rms_norm, no RoPE; fla's fused recurrent
-    # DeltaNet step without short convs), same process, same card.
+    # The anchor's own measurement (its TinyLM: fused QKV / gate-up, F.rms_norm, no RoPE; fla's fused
+    # recurrent DeltaNet step without short convs), same process, same card.
     t0 = time.time()
     if anchor is None:
         out["anchor"] = {"error": "gpu_anchor.py could not be loaded (see anchor_error)"}
     else:
         n_before = len(anchor.RESULTS)
-        res = _guard(lambda: {"nbytes": anchor.decode_latency(tag, list(kinds), steps=ANCHOR_STEPS,
-                                                                start=ANCHOR_START)})
+        res = _guard(
+            lambda: {
+                "nbytes": anchor.decode_latency(tag, list(kinds), steps=ANCHOR_STEPS, start=ANCHOR_START)
+            }
+        )
         rows = [r for r in anchor.RESULTS[n_before:] if r.get("name") == f"decode.{tag}"]
         out["anchor"] = {**rows[-1], "wall_s": round(time.time() - t0, 1)} if rows else res
     run.log(f"decode {tag}: anchor {json.dumps(out['anchor'])[:300]}")
@@ -523,10 +693,12 @@ def decode_compare(run: Run, anchor, tag: str, kinds: str, *, device="cuda", dim
     out["ours_layout"] = layout.compact()
     timing = dict(steps=steps, start=start, buffer_tokens=buffer_tokens, device=device, graph=graph)
     lengths = dict(device=device, prompt_len=start, decode_tokens=steps)
-    parts = [("ours_buffer4096", lambda: ours_decode_latency(model, **timing)),
-             ("ours_buffer4096_norope", lambda: _norope(model, **timing)),
-             ("profile_graph", lambda: profile_latency(model, "cuda-graph", **lengths)),
-             ("profile_eager", lambda: profile_latency(model, "eager", **lengths))]
+    parts = [
+        ("ours_buffer4096", lambda: ours_decode_latency(model, **timing)),
+        ("ours_buffer4096_norope", lambda: _norope(model, **timing)),
+        ("profile_graph", lambda: profile_latency(model, "cuda-graph", **lengths)),
+        ("profile_eager", lambda: profile_latency(model, "eager", **lengths)),
+    ]
     if not graph:
         parts = [p for p in parts if p[0] != "profile_graph"]
     for key, fn in parts:
@@ -536,19 +708,23 @@ def decode_compare(run: Run, anchor, tag: str, kinds: str, *, device="cuda", dim
         t0 = time.time()
         out[key] = _guard(fn)
         out[key]["wall_s"] = round(time.time() - t0, 1)
-        run.log(f"decode {tag}: {key} {json.dumps({k: v for k, v in out[key].items() if k != 'traceback'})[:300]}")
+        run.log(
+            f"decode {tag}: {key} {json.dumps({k: v for k, v in out[key].items() if k != 'traceback'})[:300]}"
+        )
         _empty_cache()
     out["ours_backends"] = model.backends()
-    del model
+    model = None  # free the GPU memory (the closures above hold it)
     _empty_cache()
 
     a = out["anchor"].get("cudagraph_ms_per_token")
     mine = out["ours_buffer4096"].get("cudagraph_ms_per_token")
     ratios = {}
     if a:
-        for key, field in (("ours_buffer4096", "cudagraph_ms_per_token"),
-                           ("ours_buffer4096_norope", "cudagraph_ms_per_token"),
-                           ("profile_graph", "ms_per_token")):
+        for key, field in (
+            ("ours_buffer4096", "cudagraph_ms_per_token"),
+            ("ours_buffer4096_norope", "cudagraph_ms_per_token"),
+            ("profile_graph", "ms_per_token"),
+        ):
             v = out[key].get(field)
             if v:
                 ratios[key] = round(v / a, 3)
@@ -558,8 +734,10 @@ def decode_compare(run: Run, anchor, tag: str, kinds: str, *, device="cuda", dim
     out["ratio_vs_anchor_graph"] = ratios
     if a and mine:
         out["target_met"] = mine / a <= 1.2
-    run.log(f"decode {tag}: anchor graph {a} ms/token, ours (same buffer) {mine} ms/token, ratios ours/anchor "
-            f"{json.dumps(ratios)}, target <= 1.2 met: {out.get('target_met')}")
+    run.log(
+        f"decode {tag}: anchor graph {a} ms/token, ours (same buffer) {mine} ms/token, ratios ours/anchor "
+        f"{json.dumps(ratios)}, target <= 1.2 met: {out.get('target_met')}"
+    )
     return out
 
 
@@ -572,15 +750,20 @@ def _norope(model, **timing) -> dict:
     return {**res, "rope_blocks_switched_off": n}
 
 
-def step_decode(run: Run, anchor_path: str | None, models: dict | None = None, use_anchor: bool = True,
-                **kwargs) -> dict:
-    out: dict = {"note": (f"Anchor: gpu_anchor.decode_latency (TinyLM, KV buffer {ANCHOR_BUFFER}, decode from "
-                          f"position {ANCHOR_START}, {ANCHOR_STEPS} steps, batch 1, bf16). ours_buffer4096: our "
-                          f"HybridLM with the anchor's method and buffer (prefill {ANCHOR_START} tokens, then the "
-                          "same timing loop), with RoPE (as built) and without (like the anchor). profile_*: "
-                          f"latency.profiler.profile, whose caches hold prompt_len + decode_tokens = "
-                          f"{ANCHOR_START + ANCHOR_STEPS} tokens (smaller than the anchor's {ANCHOR_BUFFER}: "
-                          "full attention's masked SDPA reads the whole buffer, so it is not like for like).")}
+def step_decode(
+    run: Run, anchor_path: str | None, models: dict | None = None, use_anchor: bool = True, **kwargs
+) -> dict:
+    out: dict = {
+        "note": (
+            f"Anchor: gpu_anchor.decode_latency (TinyLM, KV buffer {ANCHOR_BUFFER}, decode from "
+            f"position {ANCHOR_START}, {ANCHOR_STEPS} steps, batch 1, bf16). ours_buffer4096: our "
+            f"HybridLM with the anchor's method and buffer (prefill {ANCHOR_START} tokens, then the "
+            "same timing loop), with RoPE (as built) and without (like the anchor). profile_*: "
+            f"latency.profiler.profile, whose caches hold prompt_len + decode_tokens = "
+            f"{ANCHOR_START + ANCHOR_STEPS} tokens (smaller than the anchor's {ANCHOR_BUFFER}: "
+            "full attention's masked SDPA reads the whole buffer, so it is not like for like)."
+        )
+    }
     anchor = None
     try:
         if use_anchor:
@@ -603,16 +786,39 @@ def step_decode(run: Run, anchor_path: str | None, models: dict | None = None, u
 # ------------------------------------------------------------------------------------------------------------
 
 # A small GPU table: one width and one context (the anchor's), every operator, 4 copies per model, 2 rounds.
-LUT_BASE_DIMS = {"head_dim": 64, "kv_group": 4, "mamba_head_dim": 64, "mamba_d_state": 128, "swa_window": 512,
-                 "ffn_ratio": 2.75}
-LUT_TEST_PATTERNS = {"[A F] x 6": "[A F] x 6", "[D F D F A F] x 2": "[D F D F A F] x 2",
-                     "[M2 F S F] x 3": "[M2 F S F] x 3", "[GD F M2 F A F] x 2": "[GD F M2 F A F] x 2"}
+LUT_BASE_DIMS = {
+    "head_dim": 64,
+    "kv_group": 4,
+    "mamba_head_dim": 64,
+    "mamba_d_state": 128,
+    "swa_window": 512,
+    "ffn_ratio": 2.75,
+}
+LUT_TEST_PATTERNS = {
+    "[A F] x 6": "[A F] x 6",
+    "[D F D F A F] x 2": "[D F D F A F] x 2",
+    "[M2 F S F] x 3": "[M2 F S F] x 3",
+    "[GD F M2 F A F] x 2": "[GD F M2 F A F] x 2",
+}
 
 
-def step_lut(run: Run, *, device="cuda", widths=(1024,), contexts=(1024,), operators=(*MIXERS, "ffn"),
-             base_dims: dict | None = None, copies: int = 4, rounds: int = 2, decode_tokens: int = 64,
-             repeats: int = 3, vocab: int = ANCHOR_VOCAB, dtype: str = "bf16", method: str = "cuda-graph",
-             patterns: dict | None = None) -> dict:
+def step_lut(
+    run: Run,
+    *,
+    device="cuda",
+    widths=(1024,),
+    contexts=(1024,),
+    operators=(*MIXERS, "ffn"),
+    base_dims: dict | None = None,
+    copies: int = 4,
+    rounds: int = 2,
+    decode_tokens: int = 64,
+    repeats: int = 3,
+    vocab: int = ANCHOR_VOCAB,
+    dtype: str = "bf16",
+    method: str = "cuda-graph",
+    patterns: dict | None = None,
+) -> dict:
     """Build a small LUT with `latency.lut.build_lut`, then `latency.lut.confirm` (prediction vs a direct
     measurement of the whole model, same config and device) on a few layouts at the table's width/context."""
     if importlib.util.find_spec("latency.lut") is None:
@@ -622,19 +828,46 @@ def step_lut(run: Run, *, device="cuda", widths=(1024,), contexts=(1024,), opera
     from latency import lut
     from latency.profiler import LatencyConfig
     from search.layout import Layout
+
     base_dims = dict(LUT_BASE_DIMS if base_dims is None else base_dims)
-    config = LatencyConfig(prompt_len=min(contexts), decode_tokens=decode_tokens, repeats=repeats, warmup=1,
-                           dtype=dtype, method=method, throughput=False, vocab_size=vocab)
-    out: dict = {"widths": list(widths), "contexts": list(contexts), "operators": list(operators),
-                 "copies": copies, "rounds": rounds, "base_dims": base_dims, "config": config.to_dict()}
+    config = LatencyConfig(
+        prompt_len=min(contexts),
+        decode_tokens=decode_tokens,
+        repeats=repeats,
+        warmup=1,
+        dtype=dtype,
+        method=method,
+        throughput=False,
+        vocab_size=vocab,
+    )
+    out: dict = {
+        "widths": list(widths),
+        "contexts": list(contexts),
+        "operators": list(operators),
+        "copies": copies,
+        "rounds": rounds,
+        "base_dims": base_dims,
+        "config": config.to_dict(),
+    }
     t0 = time.time()
-    data = lut.build_lut(widths, contexts, operators, base_dims=base_dims, config=config, device=device,
-                         copies=copies, rounds=rounds, progress=lambda msg: run.log(f"lut: {msg}"))
+    data = lut.build_lut(
+        widths,
+        contexts,
+        operators,
+        base_dims=base_dims,
+        config=config,
+        device=device,
+        copies=copies,
+        rounds=rounds,
+        progress=lambda msg: run.log(f"lut: {msg}"),
+    )
     out["build_s"] = round(time.time() - t0, 1)
     path = lut.save_lut(data, run.out_dir / "gpu_check_lut.json")
     out["table_file"] = path.name
-    out["entries"] = [{k: e.get(k) for k in ("operator", "d_model", "context", "decode_ms", "spread_ms")}
-                      for e in data["entries"]]
+    out["entries"] = [
+        {k: e.get(k) for k in ("operator", "d_model", "context", "decode_ms", "spread_ms")}
+        for e in data["entries"]
+    ]
     out["overhead"] = [{k: e.get(k) for k in ("d_model", "context", "decode_ms")} for e in data["overhead"]]
     dims_fn = lut.dims_for_widths(base_dims, widths)
     rows = []
@@ -645,14 +878,22 @@ def step_lut(run: Run, *, device="cuda", widths=(1024,), contexts=(1024,), opera
                     rows.append({"layout": label, "skipped": "time budget"})
                     continue
 
-                def one():
+                def one(ops=ops, width=width, context=context):
                     layout = Layout.from_dict({"operators": ops, **dims_fn(width), "d_model": width})
                     cfg = dataclasses.replace(config, prompt_len=context)
                     predicted, measured, rel = lut.confirm(layout, data, cfg, device)
-                    return {"predicted_ms": round(predicted, 4), "measured_ms": round(measured, 4),
-                            "rel_error": round(rel, 3)}
+                    return {
+                        "predicted_ms": round(predicted, 4),
+                        "measured_ms": round(measured, 4),
+                        "rel_error": round(rel, 3),
+                    }
+
                 rows.append({"layout": label, "d_model": width, "context": context, **_guard(one)})
-                run.log(f"lut: confirm {json.dumps({k: v for k, v in rows[-1].items() if k != 'traceback'})}"[:300])
+                run.log(
+                    f"lut: confirm {json.dumps({k: v for k, v in rows[-1].items() if k != 'traceback'})}"[
+                        :300
+                    ]
+                )
     out["confirm"] = rows
     errs = [abs(r["rel_error"]) for r in rows if "rel_error" in r]
     out["max_abs_rel_error"] = max(errs) if errs else None
@@ -662,29 +903,42 @@ def step_lut(run: Run, *, device="cuda", widths=(1024,), contexts=(1024,), opera
 def _md_lut(r: dict) -> list[str]:
     if "skipped" in r:
         return [r["skipped"]]
-    out = [f"Table: widths {r.get('widths')}, contexts {r.get('contexts')}, {r.get('copies')} copies x "
-           f"{r.get('rounds')} rounds, built in {r.get('build_s')} s (`{r.get('table_file')}`).", "",
-           "| operator | d_model | context | decode ms/block | spread ms |", "| --- | --- | --- | --- | --- |"]
+    out = [
+        f"Table: widths {r.get('widths')}, contexts {r.get('contexts')}, {r.get('copies')} copies x "
+        f"{r.get('rounds')} rounds, built in {r.get('build_s')} s (`{r.get('table_file')}`).",
+        "",
+        "| operator | d_model | context | decode ms/block | spread ms |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for e in r.get("overhead", []):
         out.append(f"| (overhead) | {e['d_model']} | {e['context']} | {_fmt(e.get('decode_ms'))} | |")
     for e in r.get("entries", []):
-        out.append(f"| {e['operator']} | {e['d_model']} | {e['context']} | {_fmt(e.get('decode_ms'))} | "
-                   f"{_fmt(e.get('spread_ms'))} |")
-    out += ["", "Predictor (`latency.lut.confirm`): table prediction against a direct measurement.", "",
-            "| layout | d_model | context | predicted ms | measured ms | rel. error |",
-            "| --- | --- | --- | --- | --- | --- |"]
+        out.append(
+            f"| {e['operator']} | {e['d_model']} | {e['context']} | {_fmt(e.get('decode_ms'))} | "
+            f"{_fmt(e.get('spread_ms'))} |"
+        )
+    out += [
+        "",
+        "Predictor (`latency.lut.confirm`): table prediction against a direct measurement.",
+        "",
+        "| layout | d_model | context | predicted ms | measured ms | rel. error |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for row in r.get("confirm", []):
         if "rel_error" not in row:
             out.append(f"| {row.get('layout')} | | | {row.get('skipped') or _err_line(row)} | | |")
             continue
-        out.append(f"| {row['layout']} | {row['d_model']} | {row['context']} | {_fmt(row['predicted_ms'])} | "
-                   f"{_fmt(row['measured_ms'])} | {row['rel_error']:+.3f} |")
+        out.append(
+            f"| {row['layout']} | {row['d_model']} | {row['context']} | {_fmt(row['predicted_ms'])} | "
+            f"{_fmt(row['measured_ms'])} | {row['rel_error']:+.3f} |"
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Markdown
 # ------------------------------------------------------------------------------------------------------------
+
 
 def _fmt(v) -> str:
     if v is None:
@@ -714,10 +968,13 @@ def render_markdown(data: dict) -> str:
     lines.append("")
     if not steps:
         if data.get("status"):
-            lines += ["What it checks on a CUDA machine: kernel-vs-torch parity of every mixer (float32 forward "
-                      "and gradients, bf16 forward), HybridLM prefill + decode against the parallel forward, "
-                      "CUDA-graph decode latency against the reference `gpu_anchor.py` at its llama12_d1024 / "
-                      "hybrid shapes (target: ours / anchor <= 1.2), and the latency LUT if present.", ""]
+            lines += [
+                "What it checks on a CUDA machine: kernel-vs-torch parity of every mixer (float32 forward "
+                "and gradients, bf16 forward), HybridLM prefill + decode against the parallel forward, "
+                "CUDA-graph decode latency against the reference `gpu_anchor.py` at its llama12_d1024 / "
+                "hybrid shapes (target: ours / anchor <= 1.2), and the latency LUT if present.",
+                "",
+            ]
         return "\n".join(lines) + "\n"
     tol = data.get("tolerances", TOL)
     lines.append("Tolerances (max|a-b| / max|b|): " + ", ".join(f"{k} {v:g}" for k, v in tol.items()))
@@ -732,9 +989,16 @@ def render_markdown(data: dict) -> str:
             lines += [f"`{entry.get('error')}`", "", "```", entry.get("traceback", "")[-1500:], "```", ""]
             continue
         result = entry.get("result") or {}
-        renderer = {"env": _md_env, "parity": _md_parity, "hybrid": _md_hybrid, "decode": _md_decode,
-                    "lut": _md_lut}.get(name)
-        lines += renderer(result) if renderer else ["```", json.dumps(result, indent=1, default=str)[:6000], "```"]
+        renderer = {
+            "env": _md_env,
+            "parity": _md_parity,
+            "hybrid": _md_hybrid,
+            "decode": _md_decode,
+            "lut": _md_lut,
+        }.get(name)
+        lines += (
+            renderer(result) if renderer else ["```", json.dumps(result, indent=1, default=str)[:6000], "```"]
+        )
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -749,9 +1013,11 @@ def _md_env(r: dict) -> list[str]:
 
 
 def _md_parity(r: dict) -> list[str]:
-    out = ["| mixer | fp32 path (auto / ref) | fp32 out | fp32 grad x | fp32 grad params (worst) | "
-           "no-grad fp32 path: out | bf16 path: out | torch vs forward_reference | pass |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = [
+        "| mixer | fp32 path (auto / ref) | fp32 out | fp32 grad x | fp32 grad params (worst) | "
+        "no-grad fp32 path: out | bf16 path: out | torch vs forward_reference | pass |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     notes = []
     for name, d in r.items():
         if "skipped" in d or "error" in d:
@@ -761,9 +1027,11 @@ def _md_parity(r: dict) -> list[str]:
         out.append(
             f"| {name} | {_err_line(g) or (str(g.get('path')) + ' / ' + str(g.get('ref_path')))} | "
             f"{_fmt(g.get('out'))} | {_fmt(g.get('grad_x'))} | {_fmt(g.get('grad_params'))} "
-            f"({g.get('worst_param', '')}) | {_err_line(f) or (str(f.get('path')) + ': ' + _fmt(f.get('out')))} | "
+            f"({g.get('worst_param', '')}) | "
+            f"{_err_line(f) or (str(f.get('path')) + ': ' + _fmt(f.get('out')))} | "
             f"{_err_line(b) or (str(b.get('path')) + ': ' + _fmt(b.get('out')))} | "
-            f"{_err_line(ref) or _fmt(ref.get('out'))} | {_fmt(d.get('pass'))} |")
+            f"{_err_line(ref) or _fmt(ref.get('out'))} | {_fmt(d.get('pass'))} |"
+        )
         if d.get("note"):
             notes.append(f"- {name}: {d['note']}")
     shape = next((d.get("shape") for d in r.values() if d.get("shape")), "")
@@ -771,8 +1039,10 @@ def _md_parity(r: dict) -> list[str]:
 
 
 def _md_hybrid(r: dict) -> list[str]:
-    out = ["| dtype | prefill | prefill at start>0 | decode steps | tol | pass | paths (prefill) |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+    out = [
+        "| dtype | prefill | prefill at start>0 | decode steps | tol | pass | paths (prefill) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     shape = ""
     for label, d in r.items():
         if "error" in d:
@@ -780,18 +1050,25 @@ def _md_hybrid(r: dict) -> list[str]:
             continue
         shape = d.get("shape", shape)
         paths = ", ".join(f"{k}={v}" for k, v in (d.get("paths_prefill") or {}).items())
-        out.append(f"| {label} | {_fmt(d.get('prefill'))} | {_fmt(d.get('prefill_continued'))} | "
-                   f"{_fmt(d.get('decode'))} | {d.get('tol')} | {_fmt(d.get('pass'))} | {paths} |")
-    return [f"Layout `{next((d.get('layout') for d in r.values() if d.get('layout')), '')}`, {shape}; "
-            "logits against the parallel forward.", ""] + out
+        out.append(
+            f"| {label} | {_fmt(d.get('prefill'))} | {_fmt(d.get('prefill_continued'))} | "
+            f"{_fmt(d.get('decode'))} | {d.get('tol')} | {_fmt(d.get('pass'))} | {paths} |"
+        )
+    return [
+        f"Layout `{next((d.get('layout') for d in r.values() if d.get('layout')), '')}`, {shape}; "
+        "logits against the parallel forward.",
+        "",
+    ] + out
 
 
 def _md_decode(r: dict) -> list[str]:
     out = [r.get("note", ""), ""]
     if r.get("anchor_error"):
         out += [f"anchor: `{r['anchor_error']}`", ""]
-    out += ["| model | what | buffer tokens | eager ms/token | CUDA-graph ms/token | graph ratio vs anchor |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    out += [
+        "| model | what | buffer tokens | eager ms/token | CUDA-graph ms/token | graph ratio vs anchor |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for tag, d in r.items():
         if not isinstance(d, dict):
             continue
@@ -800,31 +1077,46 @@ def _md_decode(r: dict) -> list[str]:
             continue
         ratios = d.get("ratio_vs_anchor_graph", {})
         a = d.get("anchor", {})
-        out.append(f"| {tag} | anchor TinyLM | {ANCHOR_BUFFER} | {_fmt(a.get('eager_ms_per_token'))} | "
-                   f"{_fmt(a.get('cudagraph_ms_per_token'))} | 1 {_err_line(a)} |")
-        for key, label in (("ours_buffer4096", "ours, anchor's loop (RoPE on)"),
-                           ("ours_buffer4096_norope", "ours, anchor's loop, RoPE off"),
-                           ("profile_graph", "latency.profiler, cuda-graph"),
-                           ("profile_eager", "latency.profiler, eager")):
+        out.append(
+            f"| {tag} | anchor TinyLM | {ANCHOR_BUFFER} | {_fmt(a.get('eager_ms_per_token'))} | "
+            f"{_fmt(a.get('cudagraph_ms_per_token'))} | 1 {_err_line(a)} |"
+        )
+        for key, label in (
+            ("ours_buffer4096", "ours, anchor's loop (RoPE on)"),
+            ("ours_buffer4096_norope", "ours, anchor's loop, RoPE off"),
+            ("profile_graph", "latency.profiler, cuda-graph"),
+            ("profile_eager", "latency.profiler, eager"),
+        ):
             p = d.get(key, {})
             if "error" in p or "skipped" in p:
                 out.append(f"| {tag} | {label} | | {p.get('skipped') or _err_line(p)} | | |")
                 continue
-            eager = p.get("eager_ms_per_token") if "eager_ms_per_token" in p else (
-                p.get("ms_per_token") if p.get("method") == "eager" else None)
-            graph = p.get("cudagraph_ms_per_token") if "cudagraph_ms_per_token" in p else (
-                p.get("ms_per_token") if p.get("method") == "cuda-graph" else None)
-            out.append(f"| {tag} | {label} | {p.get('buffer_tokens', '—')} | {_fmt(eager)} | {_fmt(graph)} | "
-                       f"{_fmt(ratios.get(key))} |")
+            eager = (
+                p.get("eager_ms_per_token")
+                if "eager_ms_per_token" in p
+                else (p.get("ms_per_token") if p.get("method") == "eager" else None)
+            )
+            graph = (
+                p.get("cudagraph_ms_per_token")
+                if "cudagraph_ms_per_token" in p
+                else (p.get("ms_per_token") if p.get("method") == "cuda-graph" else None)
+            )
+            out.append(
+                f"| {tag} | {label} | {p.get('buffer_tokens', '—')} | {_fmt(eager)} | {_fmt(graph)} | "
+                f"{_fmt(ratios.get(key))} |"
+            )
         if "target_met" in d:
-            out.append(f"| {tag} | **target ours/anchor <= 1.2 (same buffer, RoPE on)** | | | | "
-                       f"{_fmt(d['target_met'])} |")
+            out.append(
+                f"| {tag} | **target ours/anchor <= 1.2 (same buffer, RoPE on)** | | | | "
+                f"{_fmt(d['target_met'])} |"
+            )
     return out
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------------------
+
 
 def command_line(argv: list[str]) -> str:
     script = Path(__file__).resolve()
@@ -836,9 +1128,16 @@ def command_line(argv: list[str]) -> str:
 
 
 def write_not_run(out_dir: Path, command: str, reason: str = "not run: no GPU") -> None:
-    data = {"status": reason, "meta": {"date": _now(), "command": command, "torch": torch.__version__,
-                                       "reason": "torch.cuda.is_available() is False on this machine"},
-            "steps": {}}
+    data = {
+        "status": reason,
+        "meta": {
+            "date": _now(),
+            "command": command,
+            "torch": torch.__version__,
+            "reason": "torch.cuda.is_available() is False on this machine",
+        },
+        "steps": {},
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu_check.json").write_text(json.dumps(data, indent=1) + "\n")
     (out_dir / "gpu_check.md").write_text(render_markdown(data))
@@ -852,11 +1151,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results)")
-    parser.add_argument("--anchor", default=None, help="path to gpu_anchor.py (default: .whl/ or ../shared/bench/)")
-    parser.add_argument("--steps", default=",".join(DEFAULT_STEPS),
-                        help=f"comma-separated, run in this order (default {','.join(DEFAULT_STEPS)})")
-    parser.add_argument("--budget-s", type=float, default=450.0,
-                        help="steps (and sub-steps) are skipped once this many seconds have passed")
+    parser.add_argument(
+        "--anchor", default=None, help="path to gpu_anchor.py (default: .whl/ or ../shared/bench/)"
+    )
+    parser.add_argument(
+        "--steps",
+        default=",".join(DEFAULT_STEPS),
+        help=f"comma-separated, run in this order (default {','.join(DEFAULT_STEPS)})",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=450.0,
+        help="steps (and sub-steps) are skipped once this many seconds have passed",
+    )
     args = parser.parse_args(argv)
     out_dir = Path(args.out) if args.out else default_out()
     command = command_line(argv)
@@ -870,11 +1178,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging_setup()
     run = Run(out_dir, command, args.budget_s)
-    run.log(f"gpu_check: out={out_dir} steps={steps} budget={args.budget_s}s device={torch.cuda.get_device_name()}")
+    run.log(
+        f"gpu_check: out={out_dir} steps={steps} budget={args.budget_s}s "
+        f"device={torch.cuda.get_device_name()}"
+    )
     run.write()
     # rough minimum time for a step to be worth starting
-    plan = {"env": (step_env, (), 0), "decode": (step_decode, (args.anchor,), 40),
-            "parity": (step_parity, (), 45), "hybrid": (step_hybrid, (), 30), "lut": (step_lut, (), 90)}
+    plan = {
+        "env": (step_env, (), 0),
+        "decode": (step_decode, (args.anchor,), 40),
+        "parity": (step_parity, (), 45),
+        "hybrid": (step_hybrid, (), 30),
+        "lut": (step_lut, (), 90),
+    }
     for name in steps:
         fn, fargs, min_s = plan[name]
         run.step(name, fn, *fargs, min_s=min_s)
@@ -885,12 +1201,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def logging_setup() -> None:
     """Show the kernels' fallback warnings (models.kernels, models.attention) on stderr, with timestamps; let
-    torch.compile (FlexAttention) recompile for the ~10 shapes this one process uses instead of falling back to
-    uncompiled flex_attention after its default limit of 8."""
+    torch.compile (FlexAttention) recompile for the ~10 shapes this one process uses instead of falling back
+    to uncompiled flex_attention after its default limit of 8."""
     import logging
+
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         import torch._dynamo.config as dynamo_config
+
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(dynamo_config, name):
                 setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))

@@ -6,6 +6,7 @@
 
     .venv/bin/python benchmarks/models_cpu.py [--steps 12] [--repeats 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,7 @@ def preset_tokens_per_s(name: str, steps: int) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
+
     return 8 * 128 / timed(step, steps, warmup=2)
 
 
@@ -60,7 +62,9 @@ def mixer_times(op_name: str, repeats: int, T: int = 256) -> tuple[float, float]
     def run(fn):
         def go():
             fn(x).sum().backward()
+
         return go
+
     chunked = timed(run(lambda v: op(v)), repeats)
     recurrent = timed(run(op.forward_reference), max(1, repeats // 2))
     return chunked, recurrent
@@ -69,6 +73,7 @@ def mixer_times(op_name: str, repeats: int, T: int = 256) -> tuple[float, float]
 def op_times(repeats: int, B: int = 8, T: int = 256, H: int = 4, D: int = 32):
     from models.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent
     from models.ops.ssd import ssd_chunked, ssd_recurrent
+
     torch.manual_seed(0)
     q = F.normalize(torch.randn(B, T, H, D), dim=-1).requires_grad_()
     k = F.normalize(torch.randn(B, T, H, D), dim=-1).requires_grad_()
@@ -78,12 +83,16 @@ def op_times(repeats: int, B: int = 8, T: int = 256, H: int = 4, D: int = 32):
     dt = (torch.rand(B, T, H) * 0.1).requires_grad_()
     A = -torch.rand(H)
     Bm, Cm = torch.randn(B, T, 1, 32, requires_grad=True), torch.randn(B, T, 1, 32, requires_grad=True)
-    cases = [("delta rule", lambda f: f(q, k, v, beta)[0], delta_rule_chunked, delta_rule_recurrent),
-             ("gated delta rule", lambda f: f(q, k, v, beta, g)[0], delta_rule_chunked, delta_rule_recurrent),
-             ("SSD (Mamba2, d_state 32)", lambda f: f(v, dt, A, Bm, Cm)[0], ssd_chunked, ssd_recurrent)]
+    cases = [
+        ("delta rule", lambda f: f(q, k, v, beta)[0], delta_rule_chunked, delta_rule_recurrent),
+        ("gated delta rule", lambda f: f(q, k, v, beta, g)[0], delta_rule_chunked, delta_rule_recurrent),
+        ("SSD (Mamba2, d_state 32)", lambda f: f(v, dt, A, Bm, Cm)[0], ssd_chunked, ssd_recurrent),
+    ]
     for label, call, chunked, recurrent in cases:
-        fast = timed(lambda: call(chunked).sum().backward(), repeats)
-        slow = timed(lambda: call(recurrent).sum().backward(), max(1, repeats // 2))
+        fast = timed(lambda call=call, chunked=chunked: call(chunked).sum().backward(), repeats)
+        slow = timed(
+            lambda call=call, recurrent=recurrent: call(recurrent).sum().backward(), max(1, repeats // 2)
+        )
         yield label, fast, slow
 
 
@@ -93,24 +102,46 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/models_cpu.md")
     args = parser.parse_args()
-    lines = [f"# models_cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}", "", "command: `.venv/bin/python benchmarks/models_cpu.py "
-             f"--steps {args.steps} --repeats {args.repeats}`", "",
-             "## Training tokens/s (batch 8 x 128, AdamW, fp32; median step)", "",
-             "| preset | params | tokens/s | vs llama |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"# models_cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}",
+        "",
+        f"command: `.venv/bin/python benchmarks/models_cpu.py --steps {args.steps} --repeats {args.repeats}`",
+        "",
+        "## Training tokens/s (batch 8 x 128, AdamW, fp32; median step)",
+        "",
+        "| preset | params | tokens/s | vs llama |",
+        "| --- | --- | --- | --- |",
+    ]
     speeds = {name: preset_tokens_per_s(name, args.steps) for name in CPU_PRESETS}
     for name in CPU_PRESETS:
         params = HybridLM(get_preset(name), 257).num_parameters()
-        lines.append(f"| {name} | {params / 1e6:.2f}M | {speeds[name]:,.0f} | {speeds[name] / speeds['llama']:.2f}x |")
-    lines += ["", "## Mixers at d_model 128, batch 8, T=256: forward+backward ms (median)", "",
-              "| mixer | chunked / parallel | token-by-token recurrence | speed-up |", "| --- | --- | --- | --- |"]
+        lines.append(
+            f"| {name} | {params / 1e6:.2f}M | {speeds[name]:,.0f} | {speeds[name] / speeds['llama']:.2f}x |"
+        )
+    lines += [
+        "",
+        "## Mixers at d_model 128, batch 8, T=256: forward+backward ms (median)",
+        "",
+        "| mixer | chunked / parallel | token-by-token recurrence | speed-up |",
+        "| --- | --- | --- | --- |",
+    ]
     for op_name in ("attention", "swa", "mamba2", "deltanet", "gated_deltanet"):
         chunked, recurrent = mixer_times(op_name, args.repeats)
-        lines.append(f"| {op_name} | {chunked * 1e3:.1f} | {recurrent * 1e3:.1f} | {recurrent / chunked:.1f}x |")
-    lines += ["", "## The mixing ops alone (no projections/convs): B=8, T=256, 4 heads x 32, chunk 64, fwd+bwd ms",
-              "", "| op | chunked | recurrence | speed-up |", "| --- | --- | --- | --- |"]
+        lines.append(
+            f"| {op_name} | {chunked * 1e3:.1f} | {recurrent * 1e3:.1f} | {recurrent / chunked:.1f}x |"
+        )
+    lines += [
+        "",
+        "## The mixing ops alone (no projections/convs): B=8, T=256, 4 heads x 32, chunk 64, fwd+bwd ms",
+        "",
+        "| op | chunked | recurrence | speed-up |",
+        "| --- | --- | --- | --- |",
+    ]
     for label, chunked, recurrent in op_times(args.repeats):
-        lines.append(f"| {label} | {chunked * 1e3:.1f} | {recurrent * 1e3:.1f} | {recurrent / chunked:.1f}x |")
+        lines.append(
+            f"| {label} | {chunked * 1e3:.1f} | {recurrent * 1e3:.1f} | {recurrent / chunked:.1f}x |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)

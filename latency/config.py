@@ -1,4 +1,5 @@
 """The latency profiler's settings (torch-free, so the coordinator can validate a search before it runs)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,7 @@ class LatencyConfig:
     method: str = "auto"  # "auto" (cuda-graph on GPU, eager on CPU) | "eager" | "cuda-graph"
     throughput: bool = True
     throughput_max_batch: int = 64
-    memory_cap_bytes: int = 2 * 1024 ** 3  # weights + caches at the throughput batch must fit under this
+    memory_cap_bytes: int = 2 * 1024**3  # weights + caches at the throughput batch must fit under this
     threads: int | None = None  # CPU threads (None: torch's default)
     vocab_size: int = 257
 

@@ -1,6 +1,6 @@
-"""Build a latency look-up table (LUT) on this device: the decode ms/token of ONE block of each operator type at
-each width and context, plus the per-model overhead, so that the search predicts a candidate's latency by a sum
-(`search.latency_model.LatencyTable`) instead of measuring it (method.md section 4: "Latency comes from a
+"""Build a latency look-up table (LUT) on this device: the decode ms/token of ONE block of each operator type
+at each width and context, plus the per-model overhead, so that the search predicts a candidate's latency by a
+sum (`search.latency_model.LatencyTable`) instead of measuring it (method.md section 4: "Latency comes from a
 pre-measured look-up table").
 
 How a cell is measured (every number comes from `latency.profiler.profile`, so it is the same metric, method
@@ -15,15 +15,17 @@ and dtype as a whole-model measurement — on GPU the whole decode step in one C
 its per-round estimates, which keeps a burst of background load from landing on one operator only. Prefill ms
 (of a `context`-token prompt) is recorded the same way.
 
-Size curve (CPU default; `size_levels_mb=()` turns it off, the GPU default): a block's cost above is measured in a
-model small enough for the CPU caches, but a deep model streams its weights from further out and each block
-gets slower (measured on a 2-core EPYC: +25 % at 11 MB of weights, +60 % at 20 MB). So each round also times a
-reference block — every measured mixer followed by an FFN — repeated n times, with n chosen to reach each size
-level, and stores factor(bytes) = (ms(n blocks) - overhead) / (n * sum of the block's costs); the predictor
-multiplies the sum of block costs by the factor at the layout's weight bytes (search/latency_model.py).
+Size curve (CPU default; `size_levels_mb=()` turns it off, the GPU default): a block's cost above is measured
+in a model small enough for the CPU caches, but a deep model streams its weights from further out and each
+block gets slower (measured on a 2-core EPYC: +25 % at 11 MB of weights, +60 % at 20 MB). So each round also
+times a reference block — every measured mixer followed by an FFN — repeated n times, with n chosen to reach
+each size level, and stores factor(bytes) = (ms(n blocks) - overhead) / (n * sum of the block's costs); the
+predictor multiplies the sum of block costs by the factor at the layout's weight bytes
+(search/latency_model.py).
 
 Imports only the standard library, torch and project modules (a GPU machine may have nothing else).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +35,9 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -48,8 +51,13 @@ from search.operators import OPERATORS
 from search.space import SearchSpace
 
 # The scaled-down presets' dims (search/presets.py `_MINI_DIMS`): heads of 32 follow the width.
-DEFAULT_CPU_DIMS: dict[str, Any] = {"head_dim": 32, "kv_group": 2, "mamba_head_dim": 32, "mamba_d_state": 32,
-                                    "swa_window": 64}
+DEFAULT_CPU_DIMS: dict[str, Any] = {
+    "head_dim": 32,
+    "kv_group": 2,
+    "mamba_head_dim": 32,
+    "mamba_d_state": 32,
+    "swa_window": 64,
+}
 # Weight-byte levels of the size curve on CPU (the reference model is always measured at 1 block too).
 DEFAULT_CPU_SIZE_LEVELS_MB = (8, 16, 32)
 _MAX_REFERENCE_OPERATORS = 128  # the layout limit; also bounds the time of the largest reference model
@@ -91,10 +99,21 @@ def _layout_dims(layout: Layout) -> dict:
     return data
 
 
-def build_lut(widths: Iterable[int], contexts: Iterable[int], operators: Iterable[str], base_dims: dict | None = None,
-              config: Any = None, device: str | torch.device | None = None, *, copies: int = 4, rounds: int = 3,
-              dims_fn: Callable[[int], dict] | None = None, backend: str = "auto",
-              size_levels_mb: Iterable[float] | None = None, progress: Callable[[str], None] | None = None) -> dict:
+def build_lut(
+    widths: Iterable[int],
+    contexts: Iterable[int],
+    operators: Iterable[str],
+    base_dims: dict | None = None,
+    config: Any = None,
+    device: str | torch.device | None = None,
+    *,
+    copies: int = 4,
+    rounds: int = 3,
+    dims_fn: Callable[[int], dict] | None = None,
+    backend: str = "auto",
+    size_levels_mb: Iterable[float] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Measure the LUT on `device` (default: cuda if available, else cpu). Returns the JSON-able table.
 
     widths: d_model values; contexts: prompt lengths before decoding; operators: names from search.operators;
@@ -132,22 +151,50 @@ def build_lut(widths: Iterable[int], contexts: Iterable[int], operators: Iterabl
     if config.threads is not None and device.type == "cpu":
         torch.set_num_threads(config.threads)
     try:
-        return _build(widths, contexts, operators, base_dims, config, device, copies, rounds, dims_fn, backend,
-                      size_levels_mb, say)
+        return _build(
+            widths,
+            contexts,
+            operators,
+            base_dims,
+            config,
+            device,
+            copies,
+            rounds,
+            dims_fn,
+            backend,
+            size_levels_mb,
+            say,
+        )
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _build(widths, contexts, operators, base_dims, config, device, copies, rounds, dims_fn, backend, size_levels_mb,
-           say) -> dict:
+def _build(
+    widths,
+    contexts,
+    operators,
+    base_dims,
+    config,
+    device,
+    copies,
+    rounds,
+    dims_fn,
+    backend,
+    size_levels_mb,
+    say,
+) -> dict:
     element_bytes = _ELEMENT_BYTES[resolve_dtype(config, device)]
     started = time.perf_counter()
     entries, overhead, size_curve, dims_rows, fingerprint = [], [], [], [], None
-    shell_ops = list(dict.fromkeys(["deltanet", *operators]))  # a mixer, so the dims carrier is a valid layout
+    shell_ops = list(
+        dict.fromkeys(["deltanet", *operators])
+    )  # a mixer, so the dims carrier is a valid layout
     reference = _reference_block(operators)
     for width in widths:
         layout = Layout.from_dict({"operators": shell_ops, **dims_fn(width), "d_model": width})
-        dims_rows.append({"d_model": width, **{k: v for k, v in _layout_dims(layout).items() if k != "d_model"}})
+        dims_rows.append(
+            {"d_model": width, **{k: v for k, v in _layout_dims(layout).items() if k != "d_model"}}
+        )
         empty = _model(layout, [], config.vocab_size, backend)
         models = {op: _model(layout, [op] * copies, config.vocab_size, backend) for op in operators}
         levels = _reference_levels(layout, reference, size_levels_mb, config.vocab_size, element_bytes)
@@ -177,25 +224,57 @@ def _build(widths, contexts, operators, base_dims, config, device, copies, round
             # A bigger working set is never faster: the stored curve is the non-decreasing fit (pool adjacent
             # violators) of the measured factors, which also damps the noise of a busy machine.
             for (n, raw), fit in zip(measured, _non_decreasing([f for _, f in measured])):
-                size_curve.append({"d_model": width, "context": context, "n_blocks": n, "weight_bytes": levels[n],
-                                   "factor": round(max(fit, 1e-3), 6), "factor_measured": round(raw, 6)})
-            overhead.append({"d_model": width, "context": context, "vocab_size": config.vocab_size,
-                             "decode_ms": round(statistics.median(base_decode), 6),
-                             "prefill_ms": round(statistics.median(base_prefill), 6)})
+                size_curve.append(
+                    {
+                        "d_model": width,
+                        "context": context,
+                        "n_blocks": n,
+                        "weight_bytes": levels[n],
+                        "factor": round(max(fit, 1e-3), 6),
+                        "factor_measured": round(raw, 6),
+                    }
+                )
+            overhead.append(
+                {
+                    "d_model": width,
+                    "context": context,
+                    "vocab_size": config.vocab_size,
+                    "decode_ms": round(statistics.median(base_decode), 6),
+                    "prefill_ms": round(statistics.median(base_prefill), 6),
+                }
+            )
             for op in operators:
                 decode, prefill = est[op]
                 value = statistics.median(decode)
-                entries.append({"operator": op, "d_model": width, "context": context,
-                                "decode_ms": round(max(value, 0.0), 6),
-                                "prefill_ms": round(max(statistics.median(prefill), 0.0), 6),
-                                "spread_ms": round(max(decode) - min(decode), 6)})
+                entries.append(
+                    {
+                        "operator": op,
+                        "d_model": width,
+                        "context": context,
+                        "decode_ms": round(max(value, 0.0), 6),
+                        "prefill_ms": round(max(statistics.median(prefill), 0.0), 6),
+                        "spread_ms": round(max(decode) - min(decode), 6),
+                    }
+                )
                 if value <= 0:
-                    say(f"warning: {op} at d_model={width}, context={context} measured {value:.4f} ms "
-                        f"(noise above its cost); stored as 0")
-            say(f"d_model={width} context={context}: overhead {statistics.median(base_decode):.4f} ms, "
+                    say(
+                        f"warning: {op} at d_model={width}, context={context} measured {value:.4f} ms "
+                        f"(noise above its cost); stored as 0"
+                    )
+            say(
+                f"d_model={width} context={context}: overhead {statistics.median(base_decode):.4f} ms, "
                 + ", ".join(f"{op} {statistics.median(est[op][0]):.4f}" for op in operators)
-                + ("; size factor " + ", ".join(f"{levels[n] / 1e6:.1f} MB x{statistics.median(v):.2f}"
-                                                for n, v in factors.items() if v) if levels else ""))
+                + (
+                    "; size factor "
+                    + ", ".join(
+                        f"{levels[n] / 1e6:.1f} MB x{statistics.median(v):.2f}"
+                        for n, v in factors.items()
+                        if v
+                    )
+                    if levels
+                    else ""
+                )
+            )
         del models, empty, ref_models
     config_dict = config.to_dict()
     config_dict.pop("prompt_len")
@@ -214,9 +293,10 @@ def _build(widths, contexts, operators, base_dims, config, device, copies, round
         "element_bytes": element_bytes,
         "size_reference_block": reference,
         "size_levels_mb": size_levels_mb,
-        "method_note": "cost = (decode ms of a model of `copies` blocks of the operator - decode ms of the same "
-                       "model with no blocks) / copies; overhead = the model with no blocks",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "method_note": "cost = (decode ms of a model of `copies` blocks of the operator - decode ms of the "
+        "same "
+        "model with no blocks) / copies; overhead = the model with no blocks",
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "build_seconds": round(time.perf_counter() - started, 2),
         "entries": entries,
         "overhead": overhead,
@@ -244,8 +324,9 @@ def _reference_block(operators: list[str]) -> list[str]:
     return [op for mixer in mixers for op in [mixer, *ffn]]
 
 
-def _reference_levels(layout: Layout, block: list[str], levels_mb: list[float], vocab: int,
-                      element_bytes: int) -> dict[int, int]:
+def _reference_levels(
+    layout: Layout, block: list[str], levels_mb: list[float], vocab: int, element_bytes: int
+) -> dict[int, int]:
     """Block counts n reaching each weight-size level (n = 1 always) -> the model's weight bytes."""
     if not levels_mb or not any(OPERATORS[op].kind == "mixer" for op in block):
         return {}
@@ -289,8 +370,15 @@ def load_lut(path: str | Path) -> dict:
     return data
 
 
-def confirm(layout: Layout, lut: dict | LatencyTable, config: Any = None, device: str | torch.device | None = None,
-            *, strict: bool = True, backend: str = "auto") -> tuple[float, float, float]:
+def confirm(
+    layout: Layout,
+    lut: dict | LatencyTable,
+    config: Any = None,
+    device: str | torch.device | None = None,
+    *,
+    strict: bool = True,
+    backend: str = "auto",
+) -> tuple[float, float, float]:
     """Measure `layout` directly and compare with the table's prediction at context = config.prompt_len.
 
     Returns (predicted ms/token, measured ms/token, signed relative error (predicted - measured) / measured).
@@ -303,9 +391,13 @@ def confirm(layout: Layout, lut: dict | LatencyTable, config: Any = None, device
     if strict:
         for key in _MATCHING_KEYS:
             if key in table.config and table.config[key] != getattr(config, key):
-                raise ValueError(f"config.{key}={getattr(config, key)!r} differs from the table's "
-                                 f"{table.config[key]!r}: the measurement would not be comparable")
-    predicted = table.predict_decode_ms(layout, config.prompt_len)  # fails fast if the table does not cover it
+                raise ValueError(
+                    f"config.{key}={getattr(config, key)!r} differs from the table's "
+                    f"{table.config[key]!r}: the measurement would not be comparable"
+                )
+    predicted = table.predict_decode_ms(
+        layout, config.prompt_len
+    )  # fails fast if the table does not cover it
     torch.manual_seed(0)
     model = HybridLM(layout, config.vocab_size, backend)
     previous_threads = torch.get_num_threads()
@@ -316,9 +408,11 @@ def confirm(layout: Layout, lut: dict | LatencyTable, config: Any = None, device
     finally:
         torch.set_num_threads(previous_threads)
     if strict and table.fingerprint_hash and fingerprint_hash(result.fingerprint) != table.fingerprint_hash:
-        raise ValueError("the measurement's device fingerprint differs from the table's "
-                         f"({result.fingerprint.get('device')!r}, threads {result.fingerprint.get('threads')} vs "
-                         f"{table.device_fingerprint.get('device')!r}, threads "
-                         f"{table.device_fingerprint.get('threads')}): rebuild the table on this device")
+        raise ValueError(
+            "the measurement's device fingerprint differs from the table's "
+            f"({result.fingerprint.get('device')!r}, threads {result.fingerprint.get('threads')} vs "
+            f"{table.device_fingerprint.get('device')!r}, threads "
+            f"{table.device_fingerprint.get('threads')}): rebuild the table on this device"
+        )
     measured = result.decode_ms_per_token.median
     return predicted, measured, (predicted - measured) / measured

@@ -8,6 +8,7 @@ layouts wrongly (gpu-notes.md). On CPU: eager under `torch.inference_mode`.
 
 Imports only the standard library and torch (a GPU machine may have nothing else).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +33,7 @@ class Stat:
     values: list[float] = field(default_factory=list)
 
     @classmethod
-    def of(cls, values: list[float]) -> "Stat":
+    def of(cls, values: list[float]) -> Stat:
         if len(values) >= 2:
             q = statistics.quantiles(values, n=4, method="inclusive")
             iqr = q[2] - q[0]
@@ -77,18 +78,41 @@ def device_fingerprint(device: torch.device, dtype: torch.dtype, method: str) ->
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         name, driver = props.name, _nvidia_driver()
-        extra = {"cuda": torch.version.cuda, "capability": f"{props.major}.{props.minor}",
-                 "memory_bytes": props.total_memory}
+        extra = {
+            "cuda": torch.version.cuda,
+            "capability": f"{props.major}.{props.minor}",
+            "memory_bytes": props.total_memory,
+        }
     else:
         name, driver, extra = _cpu_name(), None, {"machine": platform.machine()}
-    return {"device": name, "device_type": device.type, "driver": driver, **kernel_versions(),
-            "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "method": method,
-            **extra}
+    return {
+        "device": name,
+        "device_type": device.type,
+        "driver": driver,
+        **kernel_versions(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "method": method,
+        **extra,
+    }
 
 
 def fingerprint_hash(fingerprint: dict) -> str:
-    keys = ("device", "device_type", "driver", "torch", "triton", "fla", "mamba_ssm", "dtype", "threads", "method")
-    return hashlib.sha256(json.dumps({k: fingerprint.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()
+    keys = (
+        "device",
+        "device_type",
+        "driver",
+        "torch",
+        "triton",
+        "fla",
+        "mamba_ssm",
+        "dtype",
+        "threads",
+        "method",
+    )
+    return hashlib.sha256(
+        json.dumps({k: fingerprint.get(k) for k in keys}, sort_keys=True).encode()
+    ).hexdigest()
 
 
 def _cpu_name() -> str:
@@ -116,8 +140,15 @@ def _sync(device: torch.device) -> None:
 
 
 def cache_bytes(caches: list[dict], batch: int) -> int:
-    return sum(t.numel() * t.element_size() for cache in caches for t in cache.values()
-               if isinstance(t, torch.Tensor)) // batch
+    return (
+        sum(
+            t.numel() * t.element_size()
+            for cache in caches
+            for t in cache.values()
+            if isinstance(t, torch.Tensor)
+        )
+        // batch
+    )
 
 
 class _Decoder:
@@ -180,7 +211,9 @@ class _Decoder:
         return time.perf_counter() - t0
 
 
-def profile(model: HybridLM, config: LatencyConfig, device: str | torch.device | None = None) -> LatencyResult:
+def profile(
+    model: HybridLM, config: LatencyConfig, device: str | torch.device | None = None
+) -> LatencyResult:
     """Measure `model` (its weights are cast to the measurement dtype on the device)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(config, device)
@@ -211,14 +244,18 @@ def profile(model: HybridLM, config: LatencyConfig, device: str | torch.device |
         fingerprint = device_fingerprint(device, dtype, method)  # while the configured threads are in force
     finally:
         torch.set_num_threads(previous_threads)
-    return LatencyResult(Stat.of(per_token), Stat.of(prefill), throughput, batch, per_seq, buffer_tokens, fingerprint)
+    return LatencyResult(
+        Stat.of(per_token), Stat.of(prefill), throughput, batch, per_seq, buffer_tokens, fingerprint
+    )
 
 
 def _throughput(model, config, method, device, dtype, per_seq_bytes) -> tuple[Stat | None, int | None]:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     batch = 1
-    while (batch * 2 <= config.throughput_max_batch
-           and weight_bytes + batch * 2 * per_seq_bytes * 2 <= config.memory_cap_bytes):  # x2: activations headroom
+    while (
+        batch * 2 <= config.throughput_max_batch
+        and weight_bytes + batch * 2 * per_seq_bytes * 2 <= config.memory_cap_bytes
+    ):  # x2: activations headroom
         batch *= 2
     if weight_bytes + batch * per_seq_bytes > config.memory_cap_bytes:
         return None, None

@@ -2,14 +2,15 @@
 
 The database URL, first found wins: a connection handed in by `Storage.create_schema()`
 (`config.attributes["connection"]`), `alembic -x url=...`, the `DATABASE_URL` environment variable, then
-`sqlalchemy.url` in alembic.ini. Connections are made through `search.storage.Storage`, so SQLite gets the same
-pragmas as the application (WAL, busy timeout).
+`sqlalchemy.url` in alembic.ini. Connections are made through `search.storage.Storage`, so SQLite gets the
+same pragmas as the application (WAL, busy timeout).
 
-SQLite: migrations run in batch mode (`render_as_batch`: ALTERs become copy-and-move, which is why the MetaData
-has a naming convention), with foreign-key enforcement off while they run (else the table copy of a batch
-migration could cascade deletes), all in one transaction holding the write lock. PostgreSQL: one transaction
-under an advisory lock, so coordinators starting together upgrade once.
+SQLite: migrations run in batch mode (`render_as_batch`: ALTERs become copy-and-move, which is why the
+MetaData has a naming convention), with foreign-key enforcement off while they run (else the table copy of a
+batch migration could cascade deletes), all in one transaction holding the write lock. PostgreSQL: one
+transaction under an advisory lock, so coordinators starting together upgrade once.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,11 @@ def render_item(type_: str, obj: object, autogen_context: object) -> str | bool:
 
 
 def database_url() -> str:
-    url = context.get_x_argument(as_dictionary=True).get("url") or os.environ.get("DATABASE_URL") \
+    url = (
+        context.get_x_argument(as_dictionary=True).get("url")
+        or os.environ.get("DATABASE_URL")
         or config.get_main_option("sqlalchemy.url")
+    )
     if not url:
         raise RuntimeError("no database URL: pass -x url=..., set DATABASE_URL, or set sqlalchemy.url")
     return url
@@ -47,9 +51,14 @@ def database_url() -> str:
 
 def run_migrations_offline() -> None:
     url = database_url()
-    context.configure(url=url, target_metadata=target_metadata, literal_binds=True,
-                      render_as_batch=url.startswith("sqlite"), dialect_opts={"paramstyle": "named"},
-                      render_item=render_item)
+    context.configure(
+        url=url,
+        target_metadata=target_metadata,
+        literal_binds=True,
+        render_as_batch=url.startswith("sqlite"),
+        dialect_opts={"paramstyle": "named"},
+        render_item=render_item,
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -60,8 +69,14 @@ def run_on(connection: Connection) -> None:
     if sqlite and not connection.in_transaction():
         raw.execute("PRAGMA foreign_keys = OFF")  # no effect inside a transaction: set before it begins
     try:
-        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=sqlite,
-                          transactional_ddl=True, compare_type=True, render_item=render_item)
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=sqlite,
+            transactional_ddl=True,
+            compare_type=True,
+            render_item=render_item,
+        )
         with context.begin_transaction():
             if connection.dialect.name == "postgresql":
                 connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")

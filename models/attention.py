@@ -23,6 +23,7 @@ Caches (`init_cache`):
           the last W non-sink positions (position p >= n_sink lives in slot n_sink + (p - n_sink) % W).
           "pos" is the position each slot holds (shared by the batch), so masks are static-shaped.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,8 +35,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Operator
-from .common import (apply_rope_reference, cached_arange, cached_cat, rope_compute_dtype, rope_cos_sin,
-                     rope_frequencies, rope_rotate, rope_signed_frequencies, rope_table)
+from .common import (
+    apply_rope_reference,
+    cached_arange,
+    cached_cat,
+    rope_compute_dtype,
+    rope_cos_sin,
+    rope_frequencies,
+    rope_rotate,
+    rope_signed_frequencies,
+    rope_table,
+)
 
 log = logging.getLogger("hybridnas.attention")
 
@@ -46,13 +56,16 @@ BACKENDS = ("auto", "torch", "flex", "flex-eager")
 # FlexAttention (GPU SWA path)
 # --------------------------------------------------------------------------------------------------------
 
+
 @functools.cache
 def _flex_functions(compiled: bool = True):
     """(flex_attention [compiled once], create_block_mask) or None, logging one line when unavailable."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except Exception as exc:  # old torch
-        log.warning("FlexAttention unavailable (%s): sliding-window attention uses the blocked torch path", exc)
+        log.warning(
+            "FlexAttention unavailable (%s): sliding-window attention uses the blocked torch path", exc
+        )
         return None
     fn = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
     return fn, create_block_mask
@@ -89,6 +102,7 @@ def _swa_block_mask(window: int, n_sink: int, q_len: int, device: str, compiled:
 # Blocked SWA (pure torch, O(T * W))
 # --------------------------------------------------------------------------------------------------------
 
+
 def blocked_swa(q, sk, sv, spos, wk, wv, wpos, start: int, window: int, scale: float) -> torch.Tensor:
     """Sliding-window attention over a sink part and a window part, blocked by `window`.
 
@@ -117,16 +131,16 @@ def blocked_swa(q, sk, sv, spos, wk, wv, wpos, start: int, window: int, scale: f
         wv = F.pad(wv, (0, 0, 0, pad))
         wpos = F.pad(wpos, (0, pad), value=-1)
     qb = q.reshape(B, Hkv, G, nb, W, hd)
-    kb = wk.unfold(2, 2 * W, W).unsqueeze(2)                   # (B, Hkv, 1, nb, hd, 2W)
+    kb = wk.unfold(2, 2 * W, W).unsqueeze(2)  # (B, Hkv, 1, nb, hd, 2W)
     vb = wv.unfold(2, 2 * W, W).transpose(-1, -2).unsqueeze(2)  # (B, Hkv, 1, nb, 2W, hd)
     qpos = torch.arange(start, start + nb * W, device=q.device).view(nb, W, 1)
-    kpos = wpos.unfold(0, 2 * W, W).unsqueeze(1)                # (nb, 1, 2W)
+    kpos = wpos.unfold(0, 2 * W, W).unsqueeze(1)  # (nb, 1, 2W)
     wmask = (kpos >= 0) & (kpos <= qpos) & ((qpos - kpos) < W)  # (nb, W, 2W)
-    scores = torch.matmul(qb, kb) * scale                       # (B, Hkv, G, nb, W, 2W)
+    scores = torch.matmul(qb, kb) * scale  # (B, Hkv, G, nb, W, 2W)
     S = sk.shape[2]
     if S:
         sk, sv = sk.to(ct), sv.to(ct)
-        smask = (spos >= 0) & (spos <= qpos)                    # (nb, W, S)
+        smask = (spos >= 0) & (spos <= qpos)  # (nb, W, S)
         s_scores = torch.matmul(qb, sk.transpose(-1, -2)[:, :, None, None]) * scale
         scores = torch.cat([s_scores, scores], dim=-1)
         mask = torch.cat([smask, wmask], dim=-1)
@@ -145,9 +159,20 @@ def blocked_swa(q, sk, sv, spos, wk, wv, wpos, start: int, window: int, scale: f
 # The operator
 # --------------------------------------------------------------------------------------------------------
 
+
 class Attention(Operator):
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, window: int | None = None,
-                 n_sink: int = 0, rope: bool = True, rope_base: float = 10000.0, backend: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        window: int | None = None,
+        n_sink: int = 0,
+        rope: bool = True,
+        rope_base: float = 10000.0,
+        backend: str = "auto",
+    ):
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
@@ -168,8 +193,9 @@ class Attention(Operator):
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
-        # Not a buffer: `model.to(bfloat16)` must not round the frequencies. The cos/sin rows come from a table
-        # shared by every module with these frequencies (`models.common.rope_table`, per device and dtype).
+        # Not a buffer: `model.to(bfloat16)` must not round the frequencies. The cos/sin rows come from a
+        # table shared by every module with these frequencies (`models.common.rope_table`, per device and
+        # dtype).
         self._inv_freq = {"cpu": rope_frequencies(head_dim, rope_base)} if rope else {}
 
     @property
@@ -184,10 +210,11 @@ class Attention(Operator):
     def _rope_rows(self, start: int, T: int, x: torch.Tensor) -> torch.Tensor:
         """RoPE rotation rows (T, 2, hd) of positions start .. start+T-1 (a slice of the table: no kernel)."""
         table = rope_table(self._inv_freq["cpu"], start + T, x.device, rope_compute_dtype(x.dtype))
-        return table[start:start + T]
+        return table[start : start + T]
 
     def _qkv(self, x: torch.Tensor, start: int):
-        """x (B, T, d) -> q (B, H, T, hd), k, v (B, Hkv, T, hd), RoPE applied at positions start .. start+T-1."""
+        """x (B, T, d) -> q (B, H, T, hd), k, v (B, Hkv, T, hd), RoPE applied at positions start ..
+        start+T-1."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -200,9 +227,9 @@ class Attention(Operator):
     def _qkv_step(self, x: torch.Tensor, p1: torch.Tensor, cache: dict):
         """One token x (B, d) at the device position p1 (1,) -> q (B, H, 1, hd), k, v (B, Hkv, 1, hd).
 
-        With autograd off (decode): one GEMM on the concatenated q/k/v weights (cached) and one rotation of q and
-        k together. The RoPE rows: full attention indexes the table (positions < the cache length); sliding
-        window computes them from the position (unbounded)."""
+        With autograd off (decode): one GEMM on the concatenated q/k/v weights (cached) and one rotation of q
+        and k together. The RoPE rows: full attention indexes the table (positions < the cache length);
+        sliding window computes them from the position (unbounded)."""
         B = x.shape[0]
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         cs = None
@@ -241,8 +268,10 @@ class Attention(Operator):
     def init_cache(self, batch: int, max_len: int, device, dtype) -> dict:
         n = self.cache_len(max_len)
         shape = (batch, self.n_kv_heads, n, self.head_dim)
-        cache = {"k": torch.zeros(shape, device=device, dtype=dtype),
-                 "v": torch.zeros(shape, device=device, dtype=dtype)}
+        cache = {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "v": torch.zeros(shape, device=device, dtype=dtype),
+        }
         if self.window is not None:
             cache["pos"] = torch.full((n,), -1, device=device, dtype=torch.long)
         return cache
@@ -261,15 +290,15 @@ class Attention(Operator):
         dev = k.device
         if start < ns:
             n = min(ns, end) - start
-            cache["k"][:, :, start:start + n] = k[:, :, :n].to(cache["k"].dtype)
-            cache["v"][:, :, start:start + n] = v[:, :, :n].to(cache["v"].dtype)
-            cache["pos"][start:start + n] = torch.arange(start, start + n, device=dev)
+            cache["k"][:, :, start : start + n] = k[:, :, :n].to(cache["k"].dtype)
+            cache["v"][:, :, start : start + n] = v[:, :, :n].to(cache["v"].dtype)
+            cache["pos"][start : start + n] = torch.arange(start, start + n, device=dev)
         lo = max(ns, end - W, start)
         if lo < end:
             p = torch.arange(lo, end, device=dev)
             slots = self._slot(p)  # <= W consecutive non-sink positions: distinct slots
-            cache["k"].index_copy_(2, slots, k[:, :, lo - start:].to(cache["k"].dtype))
-            cache["v"].index_copy_(2, slots, v[:, :, lo - start:].to(cache["v"].dtype))
+            cache["k"].index_copy_(2, slots, k[:, :, lo - start :].to(cache["k"].dtype))
+            cache["v"].index_copy_(2, slots, v[:, :, lo - start :].to(cache["v"].dtype))
             cache["pos"].index_copy_(0, slots, p)
 
     def _swa_context(self, k, v, cache: dict | None, start: int):
@@ -339,7 +368,7 @@ class Attention(Operator):
             kk, vv = torch.cat([sk, wk], 2).to(dt), torch.cat([sv, wv], 2).to(dt)
             kpos = torch.cat([spos, wpos])
             is_sink = torch.zeros_like(kpos, dtype=torch.bool)
-            is_sink[:spos.shape[0]] = True
+            is_sink[: spos.shape[0]] = True
             Lp = _round_up(kk.shape[2], FLEX_PAD)
             kpos = F.pad(kpos, (0, Lp - kpos.shape[0]), value=-1)
             is_sink = F.pad(is_sink, (0, Lp - is_sink.shape[0]), value=False)
@@ -355,8 +384,9 @@ class Attention(Operator):
         q = F.pad(q, (0, 0, 0, Tp - T))
         kk = F.pad(kk, (0, 0, 0, block_mask.seq_lengths[1] - kk.shape[2]))
         vv = F.pad(vv, (0, 0, 0, block_mask.seq_lengths[1] - vv.shape[2]))
-        o = flex_attention(q, kk, vv, block_mask=block_mask, scale=self.scale,
-                           enable_gqa=self.n_heads != self.n_kv_heads)
+        o = flex_attention(
+            q, kk, vv, block_mask=block_mask, scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads
+        )
         return o[:, :, :T]
 
     def _swa(self, q, k, v, cache, start: int) -> torch.Tensor:
@@ -366,8 +396,12 @@ class Attention(Operator):
                 o = self._flex_swa(q, k, v, cache, start, compiled=self.backend != "flex-eager")
             except Exception as exc:
                 msg = (str(exc).strip().splitlines() or [""])[0][:200]
-                log.warning("FlexAttention failed (%s: %s): sliding-window attention falls back to the blocked "
-                            "torch path from now on", type(exc).__name__, msg)
+                log.warning(
+                    "FlexAttention failed (%s: %s): sliding-window attention falls back to the blocked "
+                    "torch path from now on",
+                    type(exc).__name__,
+                    msg,
+                )
                 _flex_failed = True
                 o = None
             if o is not None:
@@ -397,8 +431,8 @@ class Attention(Operator):
         q, k, v = self._qkv(x, start)
         if self.window is None:
             if cache is not None:
-                cache["k"][:, :, start:start + T] = k.to(cache["k"].dtype)
-                cache["v"][:, :, start:start + T] = v.to(cache["v"].dtype)
+                cache["k"][:, :, start : start + T] = k.to(cache["k"].dtype)
+                cache["v"][:, :, start : start + T] = v.to(cache["v"].dtype)
             o = self._full(q, k, v, cache, start)
         else:
             o = self._swa(q, k, v, cache, start)  # reads the cache before it is written
@@ -418,8 +452,9 @@ class Attention(Operator):
                 # static shape over the whole buffer, no host sync (CUDA-graph capturable)
                 kk, vv = cache["k"].to(q.dtype), cache["v"].to(q.dtype)
                 mask = cached_arange(kk.shape[2], x.device) <= pos
-                o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask.view(1, 1, 1, -1), scale=self.scale,
-                                                   enable_gqa=gqa)
+                o = F.scaled_dot_product_attention(
+                    q, kk, vv, attn_mask=mask.view(1, 1, 1, -1), scale=self.scale, enable_gqa=gqa
+                )
             else:
                 n = int(pos) + 1  # CPU: decode cost follows the real context
                 kk, vv = cache["k"][:, :, :n].to(q.dtype), cache["v"][:, :, :n].to(q.dtype)
@@ -432,8 +467,9 @@ class Attention(Operator):
             sp = cache["pos"]
             mask = (sp >= 0) & (sp <= pos) & (((pos - sp) < self.window) | (sp < self.n_sink))
             kk, vv = cache["k"].to(q.dtype), cache["v"].to(q.dtype)
-            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask.view(1, 1, 1, -1), scale=self.scale,
-                                               enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(
+                q, kk, vv, attn_mask=mask.view(1, 1, 1, -1), scale=self.scale, enable_gqa=gqa
+            )
         self.last_backend = "sdpa"
         return self._out(o).squeeze(1)
 

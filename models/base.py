@@ -17,6 +17,7 @@ Operators do not hold their pre-norm: `HybridLM` wraps each one in `norm -> op -
 `backend` names the path in use ("torch" for the pure-torch reference, or a kernel library); every kernel
 path has the torch reference beside it and the tests hold them equal.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ Every operator module in `models/` implements the same three-method interface (s
 Fast paths here have their plain-torch reference beside them (`rms_norm_reference`, `apply_rope_reference`),
 and the tests hold them equal.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,7 +54,8 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm on the float32 (at least) tensor: the same arithmetic as `forward_reference`, fewer kernels.
+        # F.rms_norm on the float32 (at least) tensor: the same arithmetic as `forward_reference`, fewer
+        # kernels.
         dtype = x.dtype
         ct = torch.promote_types(dtype, torch.float32)
         D = x.shape[-1]
@@ -102,13 +104,13 @@ class ShortConv(nn.Module):
             left = conv_state.transpose(1, 2).to(x.dtype)  # (B, size-1, C)
         full = torch.cat([left, x], dim=1)  # (B, size-1+T, C)
         if conv_state is not None:
-            conv_state.copy_(full[:, full.shape[1] - (self.size - 1):].transpose(1, 2))
+            conv_state.copy_(full[:, full.shape[1] - (self.size - 1) :].transpose(1, 2))
         # A sum of `size` shifted products, in (B, T, C) layout: on CPU this (and its backward) is several
         # times faster than a grouped F.conv1d, and needs no transposes.
         weight = self.weight.squeeze(1).to(x.dtype)  # (C, size)
         y = full[:, :T] * weight[:, 0]
         for i in range(1, self.size):
-            y = y + full[:, i:i + T] * weight[:, i]
+            y = y + full[:, i : i + T] * weight[:, i]
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return F.silu(y) if self.activation else y
@@ -118,10 +120,16 @@ class ShortConv(nn.Module):
         return short_conv_step(x, conv_state, self.weight.squeeze(1), self.bias, self.activation)
 
 
-def short_conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    activation: bool) -> torch.Tensor:
-    """One token of a causal depthwise conv: x (B, C), conv_state (B, C, size-1) rolled in place, weight (C, size).
-    Also runs several ShortConvs as one, on concatenated channels (`models.deltanet` does for q, k, v)."""
+def short_conv_step(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: bool,
+) -> torch.Tensor:
+    """One token of a causal depthwise conv: x (B, C), conv_state (B, C, size-1) rolled in place, weight (C,
+    size). Also runs several ShortConvs as one, on concatenated channels (`models.deltanet` does for q, k,
+    v)."""
     window = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (B, C, size)
     conv_state.copy_(window[:, :, 1:])
     y = (window * weight.to(x.dtype)).sum(-1)
@@ -134,6 +142,7 @@ def short_conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Ten
 # RoPE
 # --------------------------------------------------------------------------------------------------------
 
+
 def rope_frequencies(head_dim: int, base: float = 10000.0) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
 
@@ -144,8 +153,9 @@ def rope_compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def apply_rope_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (rotate-half convention), the plain reference. x: (B, T, H, hd); positions: (T,) or (B, T)
-    long; inv_freq (hd/2,) float64. Angles = position * inv_freq in the compute dtype (float32 for bf16/fp32 x)."""
+    """Rotary embedding (rotate-half convention), the plain reference. x: (B, T, H, hd); positions: (T,) or
+    (B, T) long; inv_freq (hd/2,) float64. Angles = position * inv_freq in the compute dtype (float32 for
+    bf16/fp32 x)."""
     ct = rope_compute_dtype(x.dtype)
     angles = positions.to(ct).unsqueeze(-1) * inv_freq.to(device=x.device, dtype=ct)  # (..., T, hd/2)
     if angles.dim() == 2:
@@ -194,9 +204,9 @@ def rope_table(inv_freq: torch.Tensor, length: int, device, dtype: torch.dtype) 
     """`rope_cos_sin` at positions 0 .. L-1 for some L >= length: (L, 2, hd) in `dtype` on `device`.
 
     Computed once per (frequencies, device, dtype) and grown (to a power of two) when a longer one is needed.
-    Not a module buffer on purpose: `model.to(torch.bfloat16)` must not round it, and state dicts and parameter
-    counts stay as they are. Shorter tables are kept, never freed, so that a captured CUDA graph holding one
-    stays valid."""
+    Not a module buffer on purpose: `model.to(torch.bfloat16)` must not round it, and state dicts and
+    parameter counts stay as they are. Shorter tables are kept, never freed, so that a captured CUDA graph
+    holding one stays valid."""
     key = _rope_key(inv_freq, device, dtype)
     tables = _ROPE_TABLES.setdefault(key, [])
     if tables and tables[-1].shape[0] >= length:
@@ -233,8 +243,8 @@ _ARANGES: dict[str, list[torch.Tensor]] = {}
 
 
 def cached_arange(n: int, device) -> torch.Tensor:
-    """torch.arange(n) (long) on `device`: a view of one table per device, grown to a power of two when needed.
-    Shorter tables are kept, never freed (a captured CUDA graph may hold one)."""
+    """torch.arange(n) (long) on `device`: a view of one table per device, grown to a power of two when
+    needed. Shorter tables are kept, never freed (a captured CUDA graph may hold one)."""
     n = int(n)
     tables = _ARANGES.setdefault(str(torch.device(device)), [])
     if not tables or tables[-1].shape[0] < n:
@@ -254,12 +264,12 @@ def _version(t: torch.Tensor):
 def cached_cat(owner: nn.Module, name: str, tensors, dim: int = 0) -> torch.Tensor:
     """torch.cat(tensors, dim) of `owner`'s weights, computed once and reused while none of them changes.
 
-    For inference (autograd off) only: e.g. the q, k, v projection weights as one matrix, so that a decode step
-    runs one GEMM. The cache is refreshed when a tensor is modified in place (its version counter moves: an
-    optimizer step, `load_state_dict`, weight normalization) or replaced (another data pointer: `.to()`,
+    For inference (autograd off) only: e.g. the q, k, v projection weights as one matrix, so that a decode
+    step runs one GEMM. The cache is refreshed when a tensor is modified in place (its version counter moves:
+    an optimizer step, `load_state_dict`, weight normalization) or replaced (another data pointer: `.to()`,
     `param.data = ...`); the sources are held, so a freed weight's address cannot come back under a new
-    tensor unnoticed. `Operator._apply` (every `.to()`, `.cuda()`, `.half()`) drops the cache. Not a buffer: no
-    change to state dicts or parameter counts."""
+    tensor unnoticed. `Operator._apply` (every `.to()`, `.cuda()`, `.half()`) drops the cache. Not a buffer:
+    no change to state dicts or parameter counts."""
     tensors = tuple(tensors)
     sig = tuple((t.data_ptr(), _version(t), t.dtype, t.device, t.shape) for t in tensors)
     store = owner.__dict__.setdefault("_cat_cache", {})

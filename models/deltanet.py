@@ -1,9 +1,10 @@
 """DeltaNet and Gated DeltaNet token mixers, in flash-linear-attention 0.6.0's layer conventions.
 
 DeltaNet      = fla.layers.DeltaNet(use_beta=True, use_gate=False, use_short_conv=True, qk_activation='silu',
-                qk_norm='l2', conv_bias=False, expand_k=expand_v=1): q/k/v projections, SiLU short convs, q and k
-                L2-normalised per head, beta = sigmoid(b_proj(x)), delta rule, per-head RMSNorm, o_proj.
-GatedDeltaNet = fla.layers.GatedDeltaNet(expand_v=1, use_gate=True, use_short_conv=True, allow_neg_eigval=False):
+                qk_norm='l2', conv_bias=False, expand_k=expand_v=1): q/k/v projections, SiLU short convs, q
+                and k L2-normalised per head, beta = sigmoid(b_proj(x)), delta rule, per-head RMSNorm, o_proj.
+GatedDeltaNet = fla.layers.GatedDeltaNet(expand_v=1, use_gate=True, use_short_conv=True,
+allow_neg_eigval=False):
                 as above plus the decay g = -exp(A_log) * softplus(a_proj(x) + dt_bias) (log space) and the
                 output gate o_norm(o, g_proj(x)) = rmsnorm(o) * weight * silu(gate).
 
@@ -13,11 +14,13 @@ fla path (CUDA only; never imported on the CPU path). Both take q, k already L2-
 
 The decode step (`step`), with autograd off, runs every projection that reads x as one GEMM (cached
 concatenated weights) and the q, k, v short convs as one (their cache states are views of one buffer), and on
-CUDA the mixing as ONE fla kernel, `fused_recurrent_gated_delta_rule` (forward only; for DeltaNet with no gate):
-the q/k L2 norm, beta's sigmoid and Gated DeltaNet's decay -exp(A_log) * softplus(a + dt_bias) are computed
-inside it. The torch step (`delta_rule_step`) is the reference beside it and mixes whenever the kernel is not
-taken (autograd on, CPU, float64, backend "torch", or the kernel raised once: logged, torch from then on).
+CUDA the mixing as ONE fla kernel, `fused_recurrent_gated_delta_rule` (forward only; for DeltaNet with no
+gate): the q/k L2 norm, beta's sigmoid and Gated DeltaNet's decay -exp(A_log) * softplus(a + dt_bias) are
+computed inside it. The torch step (`delta_rule_step`) is the reference beside it and mixes whenever the
+kernel is not taken (autograd on, CPU, float64, backend "torch", or the kernel raised once: logged, torch from
+then on).
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +35,8 @@ from models.base import Operator, state_dtype
 from models.common import GatedRMSNorm, RMSNorm, ShortConv, cached_cat, short_conv_step
 from models.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
 
-NORM_EPS = 1e-5       # fla's norm_eps default for both layers
-L2_EPS = 1e-6         # fla.modules.l2norm default
+NORM_EPS = 1e-5  # fla's norm_eps default for both layers
+L2_EPS = 1e-6  # fla.modules.l2norm default
 BACKENDS = ("auto", "torch", "fla")
 
 
@@ -45,7 +48,9 @@ def l2norm(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
 
 _FLA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 log = logging.getLogger("hybridnas.deltanet")
-_fla_step_failed = False  # set (process-wide) if the fused recurrent kernel raised once: torch steps from then on
+_fla_step_failed = (
+    False  # set (process-wide) if the fused recurrent kernel raised once: torch steps from then on
+)
 
 
 def joint_conv_state(cache: dict) -> torch.Tensor | None:
@@ -68,8 +73,15 @@ def joint_conv_state(cache: dict) -> torch.Tensor | None:
 class _DeltaNetBase(Operator):
     gated = False
 
-    def __init__(self, d_model: int, n_heads: int, head_dim: int, conv_size: int = 4, chunk_size: int = 64,
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        head_dim: int,
+        conv_size: int = 4,
+        chunk_size: int = 64,
+        backend: str = "auto",
+    ):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -130,8 +142,9 @@ class _DeltaNetBase(Operator):
         raise NotImplementedError
 
     def _step_inputs(self, x: torch.Tensor, cache: dict):
-        """One token x (B, d) -> q, k, v (B, H, hd) after the short convs (not normalised) and the raw outputs of
-        the other projections (`_in_projections()[3:]`), each (B, out). Updates the conv states in place."""
+        """One token x (B, d) -> q, k, v (B, H, hd) after the short convs (not normalised) and the raw outputs
+        of the other projections (`_in_projections()[3:]`), each (B, out). Updates the conv states in
+        place."""
         B = x.shape[0]
         H, hd = self.n_heads, self.head_dim
         inner = H * hd
@@ -151,20 +164,26 @@ class _DeltaNetBase(Operator):
                 q, k, v = short_conv_step(qkv, joint, w, None, True).split(inner, dim=-1)
             else:
                 q = self.q_conv.step(qkv[:, :inner], cache["q_conv"])
-                k = self.k_conv.step(qkv[:, inner:2 * inner], cache["k_conv"])
-                v = self.v_conv.step(qkv[:, 2 * inner:], cache["v_conv"])
+                k = self.k_conv.step(qkv[:, inner : 2 * inner], cache["k_conv"])
+                v = self.v_conv.step(qkv[:, 2 * inner :], cache["v_conv"])
         return q.reshape(B, H, hd), k.reshape(B, H, hd), v.reshape(B, H, hd), rest
 
     def _step_kernel(self, x: torch.Tensor, cache: dict):
         """fla's fused recurrent kernel for this decode step, or None for the torch step."""
-        if (self.backend == "torch" or _fla_step_failed or not x.is_cuda or x.dtype not in _FLA_DTYPES
-                or torch.is_grad_enabled() or cache["state"].dtype != torch.float32):
+        if (
+            self.backend == "torch"
+            or _fla_step_failed
+            or not x.is_cuda
+            or x.dtype not in _FLA_DTYPES
+            or torch.is_grad_enabled()
+            or cache["state"].dtype != torch.float32
+        ):
             return None
         return kernels.fla_recurrent_step()
 
     def _fla_step(self, kern, q, k, v, rest, state: torch.Tensor) -> torch.Tensor:
-        """The fused recurrent kernel on one token: q, k (B, H, K) un-normalised, v (B, H, V), the raw b (and a)
-        projections; state (B, H, K, V) float32 updated. Returns o (B, H, V) in v's dtype."""
+        """The fused recurrent kernel on one token: q, k (B, H, K) un-normalised, v (B, H, V), the raw b (and
+        a) projections; state (B, H, K, V) float32 updated. Returns o (B, H, V) in v's dtype."""
         raise NotImplementedError
 
     def _beta_g(self, x: torch.Tensor):
@@ -182,10 +201,11 @@ class _DeltaNetBase(Operator):
         conv = torch.zeros(batch, 3 * inner, self.conv_size - 1, device=device, dtype=dtype)
         return {
             "q_conv": conv[:, :inner],
-            "k_conv": conv[:, inner:2 * inner],
-            "v_conv": conv[:, 2 * inner:],
-            "state": torch.zeros(batch, self.n_heads, self.head_dim, self.head_dim, device=device,
-                                 dtype=state_dtype(dtype)),
+            "k_conv": conv[:, inner : 2 * inner],
+            "v_conv": conv[:, 2 * inner :],
+            "state": torch.zeros(
+                batch, self.n_heads, self.head_dim, self.head_dim, device=device, dtype=state_dtype(dtype)
+            ),
         }
 
     # -- the three forms ----------------------------------------------------------------------------------
@@ -219,15 +239,21 @@ class _DeltaNetBase(Operator):
                 if x.is_cuda and torch.cuda.is_current_stream_capturing():
                     raise
                 msg = (str(exc).strip().splitlines() or [""])[0][:200]
-                log.warning("fla fused recurrent decode step failed (%s: %s): decode steps use the torch "
-                            "recurrence from now on", type(exc).__name__, msg)
+                log.warning(
+                    "fla fused recurrent decode step failed (%s: %s): decode steps use the torch "
+                    "recurrence from now on",
+                    type(exc).__name__,
+                    msg,
+                )
                 _fla_step_failed = True
         if o is None:
             beta, g = self._gates(*rest)
             o = delta_rule_step(l2norm(q), l2norm(k), v, beta, cache["state"], g)
             self.last_backend = "torch"
         gate = rest[0] if self.gated else None
-        return self._out(o.unsqueeze(1), x.unsqueeze(1), None if gate is None else gate.unsqueeze(1)).squeeze(1)
+        return self._out(o.unsqueeze(1), x.unsqueeze(1), None if gate is None else gate.unsqueeze(1)).squeeze(
+            1
+        )
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same function, token by token with the recurrent reference (differentiable, no cache)."""
@@ -239,10 +265,18 @@ class _DeltaNetBase(Operator):
 
 class DeltaNet(_DeltaNetBase):
     """DeltaNet token mixer (fla's DeltaNet layer, qk_norm='l2', short convs, beta, no output gate)."""
+
     gated = False
 
-    def __init__(self, d_model: int, n_heads: int, head_dim: int, conv_size: int = 4, chunk_size: int = 64,
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        head_dim: int,
+        conv_size: int = 4,
+        chunk_size: int = 64,
+        backend: str = "auto",
+    ):
         super().__init__(d_model, n_heads, head_dim, conv_size, chunk_size, backend)
         self.b_proj = nn.Linear(d_model, n_heads, bias=False)
         self._build_convs_and_output(RMSNorm(head_dim, eps=NORM_EPS))
@@ -262,9 +296,17 @@ class DeltaNet(_DeltaNetBase):
     def _fla_step(self, kern, q, k, v, rest, state):
         (b,) = rest
         B, H, hd = q.shape
-        o, ht = kern(q=q.view(B, 1, H, hd), k=k.view(B, 1, H, hd), v=v.reshape(B, 1, H, -1),
-                     beta=b.view(B, 1, H), scale=hd ** -0.5, initial_state=state, output_final_state=True,
-                     use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+        o, ht = kern(
+            q=q.view(B, 1, H, hd),
+            k=k.view(B, 1, H, hd),
+            v=v.reshape(B, 1, H, -1),
+            beta=b.view(B, 1, H),
+            scale=hd**-0.5,
+            initial_state=state,
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+            use_beta_sigmoid_in_kernel=True,
+        )
         state.copy_(ht)
         return o.view(B, H, -1)
 
@@ -275,26 +317,43 @@ class DeltaNet(_DeltaNetBase):
     def _fla_mix(self, kern, q, k, v, beta, g, initial_state, want_state):
         chunk_delta_rule, fused_recurrent_delta_rule = kern
         # fla 0.6.0's ChunkDeltaRuleFunction refuses float32 inputs; float32 takes the fused recurrent kernel
-        # (float32 throughout, with a backward). Both: q, k, v (B, T, H, K|V), beta (B, T, H), state (B, H, K, V)
-        # in float32; returns (o in q's dtype, final state float32 or None).
+        # (float32 throughout, with a backward). Both: q, k, v (B, T, H, K|V), beta (B, T, H), state (B, H, K,
+        # V) in float32; returns (o in q's dtype, final state float32 or None).
         fn = fused_recurrent_delta_rule if q.dtype == torch.float32 else chunk_delta_rule
         beta = beta.to(q.dtype)
         h0 = None if initial_state is None else initial_state.float()
-        return fn(q=q, k=k, v=v, beta=beta, scale=self.head_dim ** -0.5, initial_state=h0,
-                  output_final_state=want_state, use_qk_l2norm_in_kernel=False)
+        return fn(
+            q=q,
+            k=k,
+            v=v,
+            beta=beta,
+            scale=self.head_dim**-0.5,
+            initial_state=h0,
+            output_final_state=want_state,
+            use_qk_l2norm_in_kernel=False,
+        )
 
 
 class GatedDeltaNet(_DeltaNetBase):
     """Gated DeltaNet token mixer (fla's GatedDeltaNet layer, expand_v=1, output gate, short convs)."""
+
     gated = True
 
-    def __init__(self, d_model: int, n_heads: int, head_dim: int, conv_size: int = 4, chunk_size: int = 64,
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        head_dim: int,
+        conv_size: int = 4,
+        chunk_size: int = 64,
+        backend: str = "auto",
+    ):
         super().__init__(d_model, n_heads, head_dim, conv_size, chunk_size, backend)
         inner = n_heads * head_dim
         self.a_proj = nn.Linear(d_model, n_heads, bias=False)
         self.b_proj = nn.Linear(d_model, n_heads, bias=False)
-        # As fla: A ~ U(0, 16), A_log = log A; dt log-uniform in [1e-3, 1e-1] (floor 1e-4), dt_bias = softplus^-1.
+        # As fla: A ~ U(0, 16), A_log = log A; dt log-uniform in [1e-3, 1e-1] (floor 1e-4), dt_bias =
+        # softplus^-1.
         A = torch.empty(n_heads, dtype=torch.float32).uniform_(0, 16)
         self.A_log = nn.Parameter(torch.log(A))
         self.A_log._no_weight_decay = True
@@ -325,10 +384,21 @@ class GatedDeltaNet(_DeltaNetBase):
         _gate, b, a = rest
         B, H, hd = q.shape
         # The decay from the raw a inside the kernel: g = -exp(A_log) * softplus(a + dt_bias), in float32.
-        o, ht = kern(q=q.view(B, 1, H, hd), k=k.view(B, 1, H, hd), v=v.reshape(B, 1, H, -1), g=a.view(B, 1, H),
-                     beta=b.view(B, 1, H), scale=hd ** -0.5, initial_state=state, output_final_state=True,
-                     use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log,
-                     dt_bias=self.dt_bias, use_beta_sigmoid_in_kernel=True)
+        o, ht = kern(
+            q=q.view(B, 1, H, hd),
+            k=k.view(B, 1, H, hd),
+            v=v.reshape(B, 1, H, -1),
+            g=a.view(B, 1, H),
+            beta=b.view(B, 1, H),
+            scale=hd**-0.5,
+            initial_state=state,
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+            use_gate_in_kernel=True,
+            A_log=self.A_log,
+            dt_bias=self.dt_bias,
+            use_beta_sigmoid_in_kernel=True,
+        )
         state.copy_(ht)
         return o.view(B, H, -1)
 
@@ -344,7 +414,16 @@ class GatedDeltaNet(_DeltaNetBase):
         # beta (B, T, H) post-sigmoid (use_beta_sigmoid_in_kernel=False), state (B, H, K, V) float32
         # (state_v_first=False). Returns (o in q's dtype, final state float32 or None).
         h0 = None if initial_state is None else initial_state.float()
-        return chunk_gated_delta_rule(q=q, k=k, v=v, g=g.float(), beta=beta.to(q.dtype),
-                                      scale=self.head_dim ** -0.5, initial_state=h0,
-                                      output_final_state=want_state, use_qk_l2norm_in_kernel=False,
-                                      use_beta_sigmoid_in_kernel=False, state_v_first=False)
+        return chunk_gated_delta_rule(
+            q=q,
+            k=k,
+            v=v,
+            g=g.float(),
+            beta=beta.to(q.dtype),
+            scale=self.head_dim**-0.5,
+            initial_state=h0,
+            output_final_state=want_state,
+            use_qk_l2norm_in_kernel=False,
+            use_beta_sigmoid_in_kernel=False,
+            state_v_first=False,
+        )

@@ -1,5 +1,6 @@
 """SwiGLU feed-forward block: y = down(silu(gate(x)) * up(x)). Stateless; implements the Operator interface.
 The decode step (autograd off) runs gate and up as one GEMM."""
+
 from __future__ import annotations
 
 import torch

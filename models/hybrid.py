@@ -9,6 +9,7 @@ Three ways to run it, all on the same weights:
     decode_step(token, caches, pos)       one token through every operator's recurrent step (static shapes,
                                           `pos` a device tensor: a whole step can be one CUDA graph)
 """
+
 from __future__ import annotations
 
 import math
@@ -61,7 +62,9 @@ class HybridLM(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 leaf = name.rsplit(".", 1)[-1]
-                nn.init.normal_(module.weight, 0.0, residual_std if leaf in ("o_proj", "down_proj", "out_proj") else std)
+                nn.init.normal_(
+                    module.weight, 0.0, residual_std if leaf in ("o_proj", "down_proj", "out_proj") else std
+                )
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
@@ -85,7 +88,7 @@ class HybridLM(nn.Module):
         x = self._embed(tokens, with_meta=True)
         for block in self.blocks:
             x = block(x)
-        return self._logits(x[:, self.n_meta:])
+        return self._logits(x[:, self.n_meta :])
 
     def init_cache(self, batch: int, max_tokens: int, device=None, dtype=None) -> list[dict]:
         """Static caches for sequences of up to `max_tokens` real tokens (meta tokens are added)."""
@@ -102,13 +105,14 @@ class HybridLM(nn.Module):
         x = self._embed(tokens, with_meta)
         for block, cache in zip(self.blocks, caches):
             x = block(x, cache, start)
-        return self._logits(x[:, self.n_meta:] if with_meta else x)
+        return self._logits(x[:, self.n_meta :] if with_meta else x)
 
     def next_position(self, start: int, n_tokens: int) -> int:
         return start + n_tokens + (self.n_meta if start == 0 else 0)
 
     def decode_step(self, token: torch.Tensor, caches: list[dict], pos: torch.Tensor) -> torch.Tensor:
-        """token (B,) long at cache position `pos` (0-dim long tensor on the model's device) -> logits (B, vocab)."""
+        """token (B,) long at cache position `pos` (0-dim long tensor on the model's device) -> logits (B,
+        vocab)."""
         x = self.embed(token)  # (B, d)
         for block, cache in zip(self.blocks, caches):
             x = block.step(x, cache, pos)

@@ -4,6 +4,7 @@ Each loader returns the kernel functions or None, and logs one clear line the fi
 unavailable, so a fallback to the pure-torch path is never silent. Nothing here is imported on the CPU path
 unless asked.
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,28 +62,43 @@ def fla_gated_delta_rule(need_backward: bool = True):
     major, _minor = torch.cuda.get_device_capability()
     tv = _version_tuple(triton.__version__)
     if need_backward and major == 9 and (3, 4) <= tv < (3, 7, 1):
-        log.warning("fla gated delta-rule backward refuses Triton %s on Hopper (needs >= 3.7.1): "
-                    "training uses the pure-torch chunked path", triton.__version__)
+        log.warning(
+            "fla gated delta-rule backward refuses Triton %s on Hopper (needs >= 3.7.1): "
+            "training uses the pure-torch chunked path",
+            triton.__version__,
+        )
         return None
     return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
 
-STEP_KERNEL_ARGS = ("g", "beta", "scale", "initial_state", "output_final_state", "use_qk_l2norm_in_kernel",
-                    "use_gate_in_kernel", "A_log", "dt_bias", "use_beta_sigmoid_in_kernel")
+STEP_KERNEL_ARGS = (
+    "g",
+    "beta",
+    "scale",
+    "initial_state",
+    "output_final_state",
+    "use_qk_l2norm_in_kernel",
+    "use_gate_in_kernel",
+    "A_log",
+    "dt_bias",
+    "use_beta_sigmoid_in_kernel",
+)
 
 
 @functools.cache
 def fla_recurrent_step():
     """fla's `fused_recurrent_gated_delta_rule` for the one-token decode step of DeltaNet (g=None) and Gated
-    DeltaNet, or None. Forward only (its backward is not implemented), so no Hopper/Triton restriction applies.
-    Needs the fla >= 0.6 arguments that put the q/k L2 norm, beta's sigmoid and the gated decay in the kernel."""
+    DeltaNet, or None. Forward only (its backward is not implemented), so no Hopper/Triton restriction
+    applies. Needs the fla >= 0.6 arguments that put the q/k L2 norm, beta's sigmoid and the gated decay in
+    the kernel."""
     if not cuda_ready():
         return None
     try:
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
     except Exception as exc:
-        log.warning("fla fused recurrent kernel unavailable (%s): DeltaNet decode steps use the torch recurrence",
-                    exc)
+        log.warning(
+            "fla fused recurrent kernel unavailable (%s): DeltaNet decode steps use the torch recurrence", exc
+        )
         return None
     try:
         params = inspect.signature(fused_recurrent_gated_delta_rule).parameters
@@ -90,8 +106,10 @@ def fla_recurrent_step():
         params = {}
     missing = [name for name in STEP_KERNEL_ARGS if name not in params]
     if missing:
-        log.warning("fla fused_recurrent_gated_delta_rule lacks %s: DeltaNet decode steps use the torch recurrence",
-                    ", ".join(missing))
+        log.warning(
+            "fla fused_recurrent_gated_delta_rule lacks %s: DeltaNet decode steps use the torch recurrence",
+            ", ".join(missing),
+        )
         return None
     return fused_recurrent_gated_delta_rule
 
@@ -130,7 +148,10 @@ def kernel_versions() -> dict[str, str | None]:
             continue
         try:
             from importlib.metadata import version
-            dist = {"fla": "fla-core", "mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d"}.get(name, name)
+
+            dist = {"fla": "fla-core", "mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d"}.get(
+                name, name
+            )
             out[name] = version(dist)
         except Exception:
             out[name] = "unknown"

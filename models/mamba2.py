@@ -1,5 +1,6 @@
 """Mamba2 token mixer, following mamba_ssm 2.3.2's `modules/mamba2.py` (rmsnorm=True, norm_before_gate=False,
-D per head, no dt_limit, no d_mlp), so that its Triton SSD kernel and the pure-torch path compute one function.
+D per head, no dt_limit, no d_mlp), so that its Triton SSD kernel and the pure-torch path compute one
+function.
 
     u -> in_proj -> [z | xBC | dt]
     xBC -> causal depthwise conv (+bias) -> SiLU -> [x | B | C]
@@ -11,6 +12,7 @@ Backends (`self.backend`): "torch" (models.ops.ssd, chunked), "mamba_ssm" (`mamb
 parallel form), "auto" (mamba_ssm when x is a CUDA half/bf16/fp32 tensor and the kernel loads, else torch).
 Decode (`step`) always uses the torch `ssd_step`. `self.last_backend` records the path the last call took.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,10 +31,23 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class Mamba2(Operator):
-    def __init__(self, d_model: int, expand: int = 2, head_dim: int = 64, d_state: int = 128, conv_size: int = 4,
-                 n_groups: int = 1, chunk_size: int = 64, backend: str = "auto", kernel_chunk_size: int = 256,
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
-                 A_init_range: tuple[float, float] = (1.0, 16.0), norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int,
+        expand: int = 2,
+        head_dim: int = 64,
+        d_state: int = 128,
+        conv_size: int = 4,
+        n_groups: int = 1,
+        chunk_size: int = 64,
+        backend: str = "auto",
+        kernel_chunk_size: int = 256,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -130,8 +145,20 @@ class Mamba2(Operator):
             if init is not None and torch.is_grad_enabled():
                 init = init.clone()  # the kernel saves it for backward; the cache is overwritten below
             A = -torch.exp(self.A_log.float())
-            out = scan(xs, dt, A, Bm, Cm, self.kernel_chunk_size, D=self.D, z=None, dt_bias=self.dt_bias,
-                       initial_states=init, dt_softplus=True, return_final_states=cache is not None)
+            out = scan(
+                xs,
+                dt,
+                A,
+                Bm,
+                Cm,
+                self.kernel_chunk_size,
+                D=self.D,
+                z=None,
+                dt_bias=self.dt_bias,
+                initial_states=init,
+                dt_softplus=True,
+                return_final_states=cache is not None,
+            )
             if cache is not None:
                 y, final = out
                 cache["ssm"].copy_(final)
@@ -139,7 +166,9 @@ class Mamba2(Operator):
                 y = out
         else:
             dtp, A = self._dt_A(dt)
-            y, final = ssd_chunked(xs, dtp, A, Bm, Cm, D=self.D, initial_state=init, chunk_size=self.chunk_size)
+            y, final = ssd_chunked(
+                xs, dtp, A, Bm, Cm, D=self.D, initial_state=init, chunk_size=self.chunk_size
+            )
             if cache is not None:
                 cache["ssm"].copy_(final)
         return self._post_ssd(y, z)
@@ -158,14 +187,21 @@ class Mamba2(Operator):
         xBC = self.conv.step(xBC, cache["conv"])
         xs, Bm, Cm = self._split_xbc(xBC)
         dtp, A = self._dt_A(dt)
-        y = ssd_step(xs.reshape(Bsz, self.nheads, self.head_dim), dtp, A,
-                     Bm.reshape(Bsz, self.n_groups, self.d_state), Cm.reshape(Bsz, self.n_groups, self.d_state),
-                     cache["ssm"], D=self.D)
+        y = ssd_step(
+            xs.reshape(Bsz, self.nheads, self.head_dim),
+            dtp,
+            A,
+            Bm.reshape(Bsz, self.n_groups, self.d_state),
+            Cm.reshape(Bsz, self.n_groups, self.d_state),
+            cache["ssm"],
+            D=self.D,
+        )
         return self._post_ssd(y, z)
 
     def init_cache(self, batch: int, max_len: int, device, dtype) -> dict:
         return {
             "conv": self.conv.init_state(batch, device, dtype),
-            "ssm": torch.zeros(batch, self.nheads, self.head_dim, self.d_state, device=device,
-                               dtype=state_dtype(dtype)),
+            "ssm": torch.zeros(
+                batch, self.nheads, self.head_dim, self.d_state, device=device, dtype=state_dtype(dtype)
+            ),
         }

@@ -1,6 +1,7 @@
 """Weight normalization (method.md section 5): after every optimizer step, project each weight matrix to
 unit L2 norm — each row for matrices that read the hidden state, each column for matrices whose output is
 added back to it. Used with Adam without weight decay."""
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,10 @@ def weight_norm_axes(model: nn.Module) -> list[tuple[str, torch.Tensor, int]]:
         elif leaf in WRITES_RESIDUAL:
             out.append((name, module.weight, 0))
         else:
-            raise ValueError(f"weight normalization: unknown role of Linear {name!r}; add its name to "
-                             f"READS_HIDDEN or WRITES_RESIDUAL in models/weight_norm.py")
+            raise ValueError(
+                f"weight normalization: unknown role of Linear {name!r}; add its name to "
+                f"READS_HIDDEN or WRITES_RESIDUAL in models/weight_norm.py"
+            )
     return out
 
 

@@ -1,6 +1,7 @@
 """The artifact store: trained weights (safetensors), tokenizer and layout of each evaluation, under the
 data directory (a shared path on a cluster), keyed by training key, with a retention policy (keep the
 Pareto-front members and the last N) so that export can hand them over."""
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ class ArtifactStore:
 
     def save(self, key: str, model, tokenizer, layout_json: str, metadata: dict) -> Path:
         from safetensors.torch import save_file
+
         final = self.path_for(key)
         tmp = final.with_name(f".{key}.{time.time_ns()}.tmp")
         tmp.mkdir(parents=True)
@@ -39,6 +41,7 @@ class ArtifactStore:
 
     def load_state_dict(self, key: str) -> dict:
         from safetensors.torch import load_file
+
         return load_file(str(self.path_for(key) / "model.safetensors"))
 
     def keys(self) -> list[str]:

@@ -1,4 +1,6 @@
-"""The short-training proxy's settings (torch-free, so the coordinator can validate a search before it runs)."""
+"""The short-training proxy's settings (torch-free, so the coordinator can validate a search before it
+runs)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -60,7 +62,7 @@ class ProxyConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ProxyConfig":
+    def from_dict(cls, data: dict) -> ProxyConfig:
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"{unknown[0]}: unknown proxy setting")
@@ -76,4 +78,6 @@ class ProxyConfig:
         if step < warmup:
             return self.lr * (step + 1) / warmup
         progress = (step - warmup) / max(1, self.total_steps - warmup)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return self.lr * (
+            self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        )

@@ -7,17 +7,31 @@ Sources:
 
 Paths resolve only inside the configured data roots (no `../` escapes, no symlinks out).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import sysconfig
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
-TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text", ".json", ".jsonl", ".csv", ".html", ".tex", ".c", ".h"}
+TEXT_SUFFIXES = {
+    ".txt",
+    ".md",
+    ".py",
+    ".rst",
+    ".text",
+    ".json",
+    ".jsonl",
+    ".csv",
+    ".html",
+    ".tex",
+    ".c",
+    ".h",
+}
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -129,7 +143,9 @@ def _hf_documents(path: Path, field: str) -> Iterator[Document]:
     try:
         import datasets  # optional: only for corpora saved with `datasets.save_to_disk`
     except ImportError:
-        raise CorpusError(str(path), "the `datasets` package is not installed (pip install datasets)") from None
+        raise CorpusError(
+            str(path), "the `datasets` package is not installed (pip install datasets)"
+        ) from None
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:

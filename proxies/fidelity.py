@@ -9,6 +9,7 @@ the correlation within a parameter-count band (within ±25 % of the median size)
 The table is written row by row (CSV) and a rerun resumes from it, so a long background run can outlive a
 session; the report is recomputed from whatever rows exist.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,16 +18,29 @@ import math
 import os
 import random
 import statistics
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
-from search.layout import Layout
 from proxies.pool import train_many
+from search.layout import Layout
 from search.space import cpu_space
 
-COLUMNS = ["layout_hash", "name", "operators", "n_params", "run", "steps", "seed", "status", "val_bpb", "val_loss",
-           "final_train_loss", "wall_s", "failure_reason"]
+COLUMNS = [
+    "layout_hash",
+    "name",
+    "operators",
+    "n_params",
+    "run",
+    "steps",
+    "seed",
+    "status",
+    "val_bpb",
+    "val_loss",
+    "final_train_loss",
+    "wall_s",
+    "failure_reason",
+]
 
 
 @dataclass(frozen=True)
@@ -104,26 +118,39 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def run_fidelity(config: FidelityConfig, out_dir: Path, data_dir: Path, command: str,
-                 on_row: Callable[[dict], None] | None = None) -> dict:
+def run_fidelity(
+    config: FidelityConfig,
+    out_dir: Path,
+    data_dir: Path,
+    command: str,
+    on_row: Callable[[dict], None] | None = None,
+) -> dict:
     """Train what is missing from `out_dir/runs.csv`, appending row by row; then write the report."""
 
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "runs.csv"
     (out_dir / "config.json").write_text(json.dumps({"config": asdict(config), "command": command}, indent=1))
     done = {(r["layout_hash"], r["run"]) for r in read_rows(table)}
-    proxy = dict(lr=config.lr, warmup_fraction=config.warmup_fraction, batch_size=config.batch_size,
-                 seq_len=config.seq_len, eval_tokens=config.eval_tokens)
-    jobs = [(lo, {**proxy, "steps": steps, "seed": seed}, {"run": run})
-            for lo, run, steps, seed in planned_runs(config, fidelity_layouts(config))
-            if (lo.content_hash, run) not in done]
+    proxy = dict(
+        lr=config.lr,
+        warmup_fraction=config.warmup_fraction,
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+        eval_tokens=config.eval_tokens,
+    )
+    jobs = [
+        (lo, {**proxy, "steps": steps, "seed": seed}, {"run": run})
+        for lo, run, steps, seed in planned_runs(config, fidelity_layouts(config))
+        if (lo.content_hash, run) not in done
+    ]
     append_rows(table, COLUMNS, train_many(jobs, config.workers, data_dir), on_row)
     report = fidelity_report(read_rows(table), config)
     write_report(report, out_dir, command)
     return report
 
 
-# ---- statistics ---------------------------------------------------------------------------------------------
+# ---- statistics --------------------------------------------------------------------------------------------
+
 
 def _paired(rows: list[dict], run_a: str, run_b: str) -> list[tuple[str, float, float, int]]:
     by_key = {(r["layout_hash"], r["run"]): r for r in rows if r["status"] == "completed" and r["val_bpb"]}
@@ -137,6 +164,7 @@ def _paired(rows: list[dict], run_a: str, run_b: str) -> list[tuple[str, float, 
 
 def rank_correlation(xs: list[float], ys: list[float], bootstrap: int = 2000, seed: int = 0) -> dict:
     from scipy import stats
+
     n = len(xs)
     if n < 3:
         return {"n": n, "spearman": None, "kendall": None, "spearman_ci95": None, "kendall_ci95": None}
@@ -157,7 +185,14 @@ def rank_correlation(xs: list[float], ys: list[float], bootstrap: int = 2000, se
         if not values:
             return None
         return [values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]]
-    return {"n": n, "spearman": spearman, "kendall": kendall, "spearman_ci95": ci(boot_s), "kendall_ci95": ci(boot_k)}
+
+    return {
+        "n": n,
+        "spearman": spearman,
+        "kendall": kendall,
+        "spearman_ci95": ci(boot_s),
+        "kendall_ci95": ci(boot_k),
+    }
 
 
 def fidelity_report(rows: list[dict], config: FidelityConfig) -> dict:
@@ -175,27 +210,42 @@ def fidelity_report(rows: list[dict], config: FidelityConfig) -> dict:
     target_met = None
     if overall.get("spearman") is not None and overall.get("spearman_ci95"):
         target_met = overall["spearman"] >= 0.9 and overall["spearman_ci95"][0] >= 0.75
-    return {"short_vs_long": overall, "seed_noise_ceiling": ceiling, "within_param_band": band,
-            "rows": len(rows), "failed_runs": len(failed), "target_met": target_met,
-            "planned_runs": 3 * config.n_layouts}
+    return {
+        "short_vs_long": overall,
+        "seed_noise_ceiling": ceiling,
+        "within_param_band": band,
+        "rows": len(rows),
+        "failed_runs": len(failed),
+        "target_met": target_met,
+        "planned_runs": 3 * config.n_layouts,
+    }
 
 
 def _fmt(stat: dict) -> str:
     if stat.get("spearman") is None:
         return f"n={stat.get('n', 0)}: not enough pairs"
     s_ci, k_ci = stat["spearman_ci95"], stat["kendall_ci95"]
-    return (f"n={stat['n']}: Spearman {stat['spearman']:.3f} (95% CI {s_ci[0]:.3f} to {s_ci[1]:.3f}), "
-            f"Kendall {stat['kendall']:.3f} (95% CI {k_ci[0]:.3f} to {k_ci[1]:.3f})")
+    return (
+        f"n={stat['n']}: Spearman {stat['spearman']:.3f} (95% CI {s_ci[0]:.3f} to {s_ci[1]:.3f}), "
+        f"Kendall {stat['kendall']:.3f} (95% CI {k_ci[0]:.3f} to {k_ci[1]:.3f})"
+    )
 
 
 def write_report(report: dict, out_dir: Path, command: str) -> None:
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
-    lines = ["# Proxy fidelity", "", f"command: `{command}`", "",
-             f"runs: {report['rows']} of {report['planned_runs']} planned, {report['failed_runs']} failed", "",
-             f"- short vs long val_bpb: {_fmt(report['short_vs_long'])}",
-             f"- seed-noise ceiling (short seed A vs seed B): {_fmt(report['seed_noise_ceiling'])}",
-             f"- within ±25% of the median parameter count "
-             f"({report['within_param_band'].get('median_params', 0):,.0f}): {_fmt(report['within_param_band'])}",
-             f"- target (Spearman >= 0.9, CI lower bound >= 0.75): "
-             f"{ {True: 'met', False: 'missed', None: 'not yet measurable'}[report['target_met']] }", ""]
+    lines = [
+        "# Proxy fidelity",
+        "",
+        f"command: `{command}`",
+        "",
+        f"runs: {report['rows']} of {report['planned_runs']} planned, {report['failed_runs']} failed",
+        "",
+        f"- short vs long val_bpb: {_fmt(report['short_vs_long'])}",
+        f"- seed-noise ceiling (short seed A vs seed B): {_fmt(report['seed_noise_ceiling'])}",
+        f"- within ±25% of the median parameter count "
+        f"({report['within_param_band'].get('median_params', 0):,.0f}): {_fmt(report['within_param_band'])}",
+        f"- target (Spearman >= 0.9, CI lower bound >= 0.75): "
+        f"{ {True: 'met', False: 'missed', None: 'not yet measurable'}[report['target_met']] }",
+        "",
+    ]
     (out_dir / "report.md").write_text("\n".join(lines))

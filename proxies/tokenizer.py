@@ -1,12 +1,13 @@
 """Tokenizers: bytes (the default, no training), a BPE trained on the corpus (cached), or a local Hugging Face
 `tokenizer.json`. Every one reports the byte length of the text behind each token it produces, so that the
 quality objective, `val_bpb` (bits per byte), is comparable across tokenizers."""
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -42,7 +43,12 @@ class HFTokenizer:
         self.tok = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
         eos = None
-        for candidate in ([eos_token] if eos_token else []) + ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]:
+        for candidate in ([eos_token] if eos_token else []) + [
+            "<|endoftext|>",
+            "</s>",
+            "<eos>",
+            "<|end_of_text|>",
+        ]:
             eos = tokenizer.token_to_id(candidate)
             if eos is not None:
                 break
@@ -52,8 +58,9 @@ class HFTokenizer:
         self.eos_id = eos
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "HFTokenizer":
+    def from_file(cls, path: str | Path) -> HFTokenizer:
         from tokenizers import Tokenizer
+
         return cls(Tokenizer.from_file(str(path)))
 
     def encode_with_bytes(self, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -83,17 +90,23 @@ class HFTokenizer:
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return HFTokenizer(tok)
 
 
-def tokenizer_from_spec(spec: str, train_texts: Sequence[str] | None = None, cache_dir: Path | None = None,
-                        corpus_key: str = "") -> ByteTokenizer | HFTokenizer:
+def tokenizer_from_spec(
+    spec: str, train_texts: Sequence[str] | None = None, cache_dir: Path | None = None, corpus_key: str = ""
+) -> ByteTokenizer | HFTokenizer:
     """'bytes' | 'bpe:VOCAB' (trained on `train_texts`, cached under `cache_dir`) | 'file:PATH'."""
     if spec == "bytes":
         return ByteTokenizer()

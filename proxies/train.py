@@ -5,15 +5,14 @@ when weight normalization is on), grad clipping, seeded; bf16 autocast on GPU, f
 Failure is data: a NaN/inf or diverging loss, out-of-memory, a timeout or an exception in an operator ends
 the run with `status="failed"`, a reason, the traceback and whatever metrics existed.
 """
+
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -74,13 +73,16 @@ def make_optimizer(model: HybridLM, config: ProxyConfig) -> torch.optim.Optimize
         return torch.optim.Adam(model.parameters(), lr=config.lr, betas=betas)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=betas)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=betas,
+    )
 
 
 def sample_batch(tokens: np.ndarray, rng: np.random.Generator, batch: int, seq_len: int, device) -> tuple:
     starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch)
-    window = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
+    window = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
     window = torch.from_numpy(window).to(device)
     return window[:, :-1], window[:, 1:]
 
@@ -99,10 +101,20 @@ def evaluate_bpb(model: HybridLM, data: TokenData, config: ProxyConfig, device: 
     total_nats, total_bytes, total_tokens = 0.0, 0, 0
     for first in range(0, n_windows, config.batch_size):
         rows = range(first, min(n_windows, first + config.batch_size))
-        window = np.stack([np.asarray(data.val[r * config.seq_len:(r + 1) * config.seq_len + 1], dtype=np.int64)
-                           for r in rows])
-        nbytes = np.stack([np.asarray(data.val_bytes[r * config.seq_len + 1:(r + 1) * config.seq_len + 1],
-                                      dtype=np.int64) for r in rows])
+        window = np.stack(
+            [
+                np.asarray(data.val[r * config.seq_len : (r + 1) * config.seq_len + 1], dtype=np.int64)
+                for r in rows
+            ]
+        )
+        nbytes = np.stack(
+            [
+                np.asarray(
+                    data.val_bytes[r * config.seq_len + 1 : (r + 1) * config.seq_len + 1], dtype=np.int64
+                )
+                for r in rows
+            ]
+        )
         x = torch.from_numpy(window[:, :-1]).to(device)
         y = torch.from_numpy(window[:, 1:]).to(device)
         with _autocast(config, device):
@@ -112,12 +124,21 @@ def evaluate_bpb(model: HybridLM, data: TokenData, config: ProxyConfig, device: 
         total_bytes += int(nbytes.sum())
         total_tokens += y.numel()
     model.train()
-    return {"val_loss": total_nats / total_tokens, "val_bpb": bits_per_byte(total_nats, total_bytes),
-            "val_ppl": math.exp(min(total_nats / total_tokens, 50.0)), "val_tokens": total_tokens}
+    return {
+        "val_loss": total_nats / total_tokens,
+        "val_bpb": bits_per_byte(total_nats, total_bytes),
+        "val_ppl": math.exp(min(total_nats / total_tokens, 50.0)),
+        "val_tokens": total_tokens,
+    }
 
 
-def train_proxy(layout: Layout, config: ProxyConfig, data: TokenData, device: str | torch.device | None = None,
-                progress: Callable[[int, int, float], None] | None = None) -> tuple[TrainResult, HybridLM | None]:
+def train_proxy(
+    layout: Layout,
+    config: ProxyConfig,
+    data: TokenData,
+    device: str | torch.device | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> tuple[TrainResult, HybridLM | None]:
     """Short-train `layout` on `data`; returns the result (never raises for a failing candidate) and the
     trained model (None if it could not be built)."""
     device = resolve_device(device) if not isinstance(device, torch.device) else device
@@ -148,8 +169,10 @@ def train_proxy(layout: Layout, config: ProxyConfig, data: TokenData, device: st
             if not math.isfinite(loss_value):
                 raise TrainingFailed(f"non-finite loss ({loss_value}) at step {step}")
             if step >= config.warmup_steps and loss_value > best * config.divergence_factor:
-                raise TrainingFailed(f"diverged: loss {loss_value:.3f} at step {step} is more than "
-                                     f"{config.divergence_factor}x its best {best:.3f}")
+                raise TrainingFailed(
+                    f"diverged: loss {loss_value:.3f} at step {step} is more than "
+                    f"{config.divergence_factor}x its best {best:.3f}"
+                )
             best = min(best, loss_value)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -178,7 +201,9 @@ def train_proxy(layout: Layout, config: ProxyConfig, data: TokenData, device: st
         elif isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
             result.failure_reason = f"out of memory: {str(exc).splitlines()[0][:300]}"
         else:
-            result.failure_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            result.failure_reason = (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            )
         result.traceback = traceback.format_exc()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -195,6 +220,7 @@ def train_proxy(layout: Layout, config: ProxyConfig, data: TokenData, device: st
 def _peak_rss_bytes() -> int | None:
     try:
         import resource
+
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
     except Exception:
         return None

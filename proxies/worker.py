@@ -8,6 +8,7 @@ The CLI calls it now; Ray actors in the search reach it by this module path. Wor
 long-lived: the tokenized corpus is loaded once per process and compiled kernels stay cached
 (TRITON_CACHE_DIR under the data dir).
 """
+
 from __future__ import annotations
 
 import collections
@@ -17,9 +18,10 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from search.keys import latency_key, training_key
 from search.layout import Layout
@@ -74,6 +76,7 @@ _DATA_CACHE: dict = {}
 
 def _load_data(data_config, data_dir: Path, data_roots):
     from proxies.dataset import load_data
+
     key = (data_config, str(data_dir), tuple(map(str, data_roots)))
     if key not in _DATA_CACHE:
         _DATA_CACHE[key] = load_data(data_config, data_dir, data_roots)
@@ -88,32 +91,62 @@ def _as_layout(layout: Layout | dict | str) -> Layout:
     return Layout.from_dict(layout)
 
 
-def result_keys(layout: Layout | dict | str, proxy_config: Any = None, latency_config: Any = None, *,
-                data_config: Any = None, data_dir: str | Path | None = None, data_roots: tuple = (".",),
-                device: str | None = None) -> dict:
+def result_keys(
+    layout: Layout | dict | str,
+    proxy_config: Any = None,
+    latency_config: Any = None,
+    *,
+    data_config: Any = None,
+    data_dir: str | Path | None = None,
+    data_roots: tuple = (".",),
+    device: str | None = None,
+) -> dict:
     """The training and latency keys `evaluate` would give these inputs on this worker (cheap: the corpus is
     cached per process), so a search can reuse stored results instead of evaluating again."""
-    from latency.profiler import (LatencyConfig, device_fingerprint, fingerprint_hash, resolve_dtype,
-                                  resolve_method)
+    from latency.profiler import (
+        LatencyConfig,
+        device_fingerprint,
+        fingerprint_hash,
+        resolve_dtype,
+        resolve_method,
+    )
     from proxies.dataset import DataConfig
     from proxies.train import ProxyConfig, resolve_device
+
     layout = _as_layout(layout)
-    proxy_config = proxy_config if isinstance(proxy_config, ProxyConfig) else ProxyConfig.from_dict(proxy_config or {})
-    latency_config = (latency_config if isinstance(latency_config, LatencyConfig)
-                      else LatencyConfig(**(latency_config or {})))
+    proxy_config = (
+        proxy_config if isinstance(proxy_config, ProxyConfig) else ProxyConfig.from_dict(proxy_config or {})
+    )
+    latency_config = (
+        latency_config
+        if isinstance(latency_config, LatencyConfig)
+        else LatencyConfig(**(latency_config or {}))
+    )
     data_config = data_config if isinstance(data_config, DataConfig) else DataConfig(**(data_config or {}))
     data_dir = Path(data_dir or os.environ.get("HYBRIDNAS_DATA_DIR", ".hybridnas")).resolve()
     torch_device = resolve_device(device)
     data = _load_data(data_config, data_dir, data_roots)
-    fingerprint = device_fingerprint(torch_device, resolve_dtype(latency_config, torch_device),
-                                     resolve_method(latency_config, torch_device))
-    return {"training_key": training_key(layout, proxy_config.content_hash, data.fingerprint, torch_device.type,
-                                         _precision(proxy_config, torch_device)),
-            "latency_key": latency_key(layout, latency_config.content_hash, fingerprint_hash(fingerprint))}
+    fingerprint = device_fingerprint(
+        torch_device,
+        resolve_dtype(latency_config, torch_device),
+        resolve_method(latency_config, torch_device),
+    )
+    return {
+        "training_key": training_key(
+            layout,
+            proxy_config.content_hash,
+            data.fingerprint,
+            torch_device.type,
+            _precision(proxy_config, torch_device),
+        ),
+        "latency_key": latency_key(layout, latency_config.content_hash, fingerprint_hash(fingerprint)),
+    }
 
 
 def _precision(proxy_config, torch_device) -> str:
-    bf16 = proxy_config.precision == "bf16" or (proxy_config.precision == "auto" and torch_device.type == "cuda")
+    bf16 = proxy_config.precision == "bf16" or (
+        proxy_config.precision == "auto" and torch_device.type == "cuda"
+    )
     return "bf16" if bf16 else "fp32"
 
 
@@ -139,7 +172,14 @@ def evaluate(
     latency is measured, so that nothing trains on the node's devices during a measurement."""
     import torch
 
-    from latency.profiler import LatencyConfig, fingerprint_hash, profile, resolve_dtype, resolve_method, device_fingerprint
+    from latency.profiler import (
+        LatencyConfig,
+        device_fingerprint,
+        fingerprint_hash,
+        profile,
+        resolve_dtype,
+        resolve_method,
+    )
     from proxies.artifacts import ArtifactStore
     from proxies.dataset import DataConfig
     from proxies.train import ProxyConfig, resolve_device, train_proxy
@@ -155,10 +195,19 @@ def evaluate(
     try:
         layout = _as_layout(layout)
         result.layout_hash = layout.content_hash
-        proxy_config = proxy_config if isinstance(proxy_config, ProxyConfig) else ProxyConfig.from_dict(proxy_config or {})
-        latency_config = (latency_config if isinstance(latency_config, LatencyConfig)
-                          else LatencyConfig(**(latency_config or {})))
-        data_config = data_config if isinstance(data_config, DataConfig) else DataConfig(**(data_config or {}))
+        proxy_config = (
+            proxy_config
+            if isinstance(proxy_config, ProxyConfig)
+            else ProxyConfig.from_dict(proxy_config or {})
+        )
+        latency_config = (
+            latency_config
+            if isinstance(latency_config, LatencyConfig)
+            else LatencyConfig(**(latency_config or {}))
+        )
+        data_config = (
+            data_config if isinstance(data_config, DataConfig) else DataConfig(**(data_config or {}))
+        )
         data_dir = Path(data_dir or os.environ.get("HYBRIDNAS_DATA_DIR", ".hybridnas")).resolve()
         os.environ.setdefault("TRITON_CACHE_DIR", str(data_dir / "cache" / "triton"))
         torch_device = resolve_device(device)
@@ -168,8 +217,13 @@ def evaluate(
         data = _load_data(data_config, data_dir, data_roots)
         timings["data_s"] = time.perf_counter() - t0
         result.corpus_fingerprint = dict(data.fingerprint)
-        result.training_key = training_key(layout, proxy_config.content_hash, data.fingerprint,
-                                           torch_device.type, _precision(proxy_config, torch_device))
+        result.training_key = training_key(
+            layout,
+            proxy_config.content_hash,
+            data.fingerprint,
+            torch_device.type,
+            _precision(proxy_config, torch_device),
+        )
         model = None
         if train:
             t0 = time.perf_counter()
@@ -185,13 +239,23 @@ def evaluate(
             log.info("trained %d steps: val_bpb %.4f", train_result.steps_done, train_result.val_bpb)
             if save_artifacts:
                 store = ArtifactStore(data_dir / "artifacts")
-                path = store.save(result.training_key, model, data.tokenizer, layout.to_json(),
-                                  {"layout_hash": layout.content_hash, "proxy_config": proxy_config.to_dict(),
-                                   "corpus": data.fingerprint, "val_bpb": train_result.val_bpb,
-                                   "vocab_size": data.vocab_size})
+                path = store.save(
+                    result.training_key,
+                    model,
+                    data.tokenizer,
+                    layout.to_json(),
+                    {
+                        "layout_hash": layout.content_hash,
+                        "proxy_config": proxy_config.to_dict(),
+                        "corpus": data.fingerprint,
+                        "val_bpb": train_result.val_bpb,
+                        "vocab_size": data.vocab_size,
+                    },
+                )
                 result.artifact_path = str(path)
         if measure_latency:
             from models.hybrid import HybridLM
+
             t0 = time.perf_counter()
             if model is None:
                 torch.manual_seed(0)
@@ -199,8 +263,9 @@ def evaluate(
             dtype = resolve_dtype(latency_config, torch_device)
             method = resolve_method(latency_config, torch_device)
             result.device_fingerprint = device_fingerprint(torch_device, dtype, method)
-            result.latency_key = latency_key(layout, latency_config.content_hash,
-                                             fingerprint_hash(result.device_fingerprint))
+            result.latency_key = latency_key(
+                layout, latency_config.content_hash, fingerprint_hash(result.device_fingerprint)
+            )
             with device_lock.exclusive() if device_lock is not None else contextlib.nullcontext():
                 latency = profile(model, latency_config, torch_device)
             result.latency = latency.to_dict()

@@ -1,8 +1,9 @@
 """A search's configuration: validated before anything runs (pydantic; errors name the field).
 
-    name, space (a named space or its settings), strategy + options, objectives, budget, constraints,
-    proxy / latency / data settings (passed to the workers as plain dicts), executor and resources.
+name, space (a named space or its settings), strategy + options, objectives, budget, constraints,
+proxy / latency / data settings (passed to the workers as plain dicts), executor and resources.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,25 +33,39 @@ class SpaceSettings(BaseModel):
         overrides = {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
         for key in ("mixers", "ratios", "ffn_counts", "widths"):
             if key in overrides:
-                overrides[key] = tuple(tuple(x) if isinstance(x, (list, tuple)) else x for x in overrides[key])
+                overrides[key] = tuple(
+                    tuple(x) if isinstance(x, (list, tuple)) else x for x in overrides[key]
+                )
         if "dims" in overrides:
             overrides["dims"] = {**base.dims, **overrides["dims"]}
-        settings = {f: getattr(base, f) for f in ("mixers", "ratios", "ffn_counts", "n_stages", "max_operators",
-                                                  "widths", "dims")}
+        settings = {
+            f: getattr(base, f)
+            for f in ("mixers", "ratios", "ffn_counts", "n_stages", "max_operators", "widths", "dims")
+        }
         settings.update(overrides)
         return SearchSpace(**settings)
 
 
 class DataSettings(BaseModel):
-    """Where the training text comes from (the worker's `proxies.dataset.DataConfig`). A corpus path must resolve
-    inside the configured data roots: the service checks it at submission, the worker again when it loads."""
+    """Where the training text comes from (the worker's `proxies.dataset.DataConfig`). A corpus path must
+    resolve inside the configured data roots: the service checks it at submission, the worker again when it
+    loads."""
 
     model_config = ConfigDict(extra="forbid")
-    corpus: str = Field("stdlib", min_length=1, max_length=4096, pattern=r"^[^\x00]+$",
-                        description='"stdlib" (the embedded default), a file/folder/JSONL path, or "hf:PATH"')
+    corpus: str = Field(
+        "stdlib",
+        min_length=1,
+        max_length=4096,
+        pattern=r"^[^\x00]+$",
+        description='"stdlib" (the embedded default), a file/folder/JSONL path, or "hf:PATH"',
+    )
     text_field: str = Field("text", min_length=1, max_length=200, description="JSONL / datasets text column")
-    tokenizer: str = Field("bytes", max_length=4096, pattern=r"^(bytes|bpe:[0-9]{3,7}|file:[^\x00]+)$",
-                           description='"bytes", "bpe:VOCAB" or "file:PATH" (a tokenizer.json)')
+    tokenizer: str = Field(
+        "bytes",
+        max_length=4096,
+        pattern=r"^(bytes|bpe:[0-9]{3,7}|file:[^\x00]+)$",
+        description='"bytes", "bpe:VOCAB" or "file:PATH" (a tokenizer.json)',
+    )
     val_fraction: float = Field(0.05, gt=0, lt=1)
     split_seed: int = Field(0, ge=0, le=2**31 - 1)
     min_val_tokens: int = Field(4096, ge=1, le=10**9)
@@ -67,19 +82,25 @@ class SearchConfig(BaseModel):
     name: str | None = Field(None, max_length=200)
     space: SpaceSettings = Field(default_factory=SpaceSettings)
     strategy: str = "pareto-aging"
-    strategy_options: dict[str, Any] = Field(default_factory=dict, max_length=32,
-                                             description="the strategy's own settings (population_size, ...)")
+    strategy_options: dict[str, Any] = Field(
+        default_factory=dict, max_length=32, description="the strategy's own settings (population_size, ...)"
+    )
     objectives: tuple[str, str] = ("val_bpb", "decode_ms")
     budget: int = Field(16, ge=1, le=100_000, description="evaluations (a reused result counts as one)")
     reused_counts: bool = True
-    cycle: int | None = Field(None, ge=1, le=1024, description="children proposed per cycle (default: workers)")
+    cycle: int | None = Field(
+        None, ge=1, le=1024, description="children proposed per cycle (default: workers)"
+    )
     initial: Literal["presets", "random"] = "presets"
-    warm_start_job: int | None = Field(None, ge=1, le=2**31 - 1, description="start from this search's Pareto front")
+    warm_start_job: int | None = Field(
+        None, ge=1, le=2**31 - 1, description="start from this search's Pareto front"
+    )
     constraints: Constraints = Field(default_factory=Constraints)
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds every random choice (numpy takes < 2**32)")
     proxy: dict[str, Any] = Field(default_factory=lambda: {"steps": 100})
-    latency: dict[str, Any] = Field(default_factory=lambda: {"prompt_len": 128, "decode_tokens": 32, "repeats": 3,
-                                                             "throughput": False})
+    latency: dict[str, Any] = Field(
+        default_factory=lambda: {"prompt_len": 128, "decode_tokens": 32, "repeats": 3, "throughput": False}
+    )
     data: DataSettings = Field(default_factory=DataSettings)
     executor: Literal["ray", "inline"] = "ray"
     workers: int = Field(2, ge=1, le=1024)
@@ -87,13 +108,20 @@ class SearchConfig(BaseModel):
     gpus_per_worker: float = Field(0, ge=0, le=8)
     timeout_s: float = Field(1800, gt=0, le=7 * 24 * 3600, description="per evaluation")
     max_retries: int = Field(1, ge=0, le=10)
-    latency_lut: str | None = Field(None, min_length=1, max_length=4096, pattern=r"^[^\x00]+$",
-                                    description="a latency table (`hybridnas latency build-lut`): the "
-                                                "latency-target strategy's width rule reads it")
+    latency_lut: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        pattern=r"^[^\x00]+$",
+        description="a latency table (`hybridnas latency build-lut`): the "
+        "latency-target strategy's width rule reads it",
+    )
     hypervolume_bounds: dict[str, tuple[float, float]] | None = Field(
-        None, description="per objective [lower, upper] of the normalized hypervolume space (fixed for the "
-                          "search; searches compare only with equal bounds). Default: lower 0, upper 1.2 x the "
-                          "largest value in the initial population's results (the presets, by default)")
+        None,
+        description="per objective [lower, upper] of the normalized hypervolume space (fixed for the "
+        "search; searches compare only with equal bounds). Default: lower 0, upper 1.2 x the "
+        "largest value in the initial population's results (the presets, by default)",
+    )
 
     @field_validator("hypervolume_bounds")
     @classmethod
@@ -121,6 +149,7 @@ class SearchConfig(BaseModel):
     @classmethod
     def _strategy(cls, value):
         from search.strategies import STRATEGIES
+
         if value not in STRATEGIES:
             raise ValueError(f"unknown strategy {value!r} (known: {', '.join(STRATEGIES)})")
         return value
@@ -141,13 +170,22 @@ class SearchConfig(BaseModel):
         # a budget no layout can meet) are refused at submission, not when a runner starts the search.
         if self.strategy == "latency-target":  # its table is read when the search starts (a path check first)
             if not self.latency_lut:
-                raise ValueError("latency_lut: the latency-target strategy needs a latency table (a file written "
-                                 "by `hybridnas latency build-lut`)")
+                raise ValueError(
+                    "latency_lut: the latency-target strategy needs a latency table (a file written "
+                    "by `hybridnas latency build-lut`)"
+                )
             return self
         from search.strategies import make_strategy
+
         try:
-            make_strategy(self.strategy, space, objectives=tuple(self.objectives), seed=self.seed,
-                          constraints=self.constraints.model_dump(), **self.strategy_options)
+            make_strategy(
+                self.strategy,
+                space,
+                objectives=tuple(self.objectives),
+                seed=self.seed,
+                constraints=self.constraints.model_dump(),
+                **self.strategy_options,
+            )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"strategy_options: {exc}") from None
         return self

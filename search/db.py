@@ -11,6 +11,7 @@ Pure SQLAlchemy (no torch). The schema is created and changed only by the Alembi
 - JSON columns use `sqlalchemy.JSON` (JSON text on SQLite, `json` on PostgreSQL, key order kept); Python
   `None` is SQL NULL.
 """
+
 from __future__ import annotations
 
 from datetime import UTC, datetime
@@ -63,9 +64,9 @@ def utcnow() -> datetime:
 class UTCDateTime(TypeDecorator):
     """A timezone-aware UTC datetime on every backend.
 
-    Binds must be aware (a naive datetime is a bug: whose local time?); they are converted to UTC. SQLite stores
-    naive UTC text (so string comparisons order correctly); PostgreSQL stores `timestamptz`. Results are always
-    aware UTC.
+    Binds must be aware (a naive datetime is a bug: whose local time?); they are converted to UTC. SQLite
+    stores naive UTC text (so string comparisons order correctly); PostgreSQL stores `timestamptz`. Results
+    are always aware UTC.
     """
 
     impl = DateTime(timezone=True)
@@ -136,7 +137,8 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True, unique=True)
     schedule_id: Mapped[int | None] = mapped_column(
-        ForeignKey("schedules.id", ondelete="SET NULL"), nullable=True, index=True)
+        ForeignKey("schedules.id", ondelete="SET NULL"), nullable=True, index=True
+    )
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -165,7 +167,8 @@ class Candidate(Base):
         UniqueConstraint("job_id", "layout_hash"),
         Index(None, "job_id", "on_front"),
         Index(None, "job_id", "status"),
-        # Pages sorted by a metric, and the live feed (by finished_at), read the index instead of sorting rows.
+        # Pages sorted by a metric, and the live feed (by finished_at), read the index instead of sorting
+        # rows.
         *(Index(None, "job_id", column, "id") for column in SORTED_CANDIDATE_COLUMNS),
     )
 
@@ -174,7 +177,8 @@ class Candidate(Base):
     layout_hash: Mapped[str] = mapped_column(String(KEY_LENGTH), index=True)
     layout: Mapped[dict] = mapped_column(JSONType)
     parent_id: Mapped[int | None] = mapped_column(
-        ForeignKey("candidates.id", ondelete="SET NULL"), nullable=True, index=True)
+        ForeignKey("candidates.id", ondelete="SET NULL"), nullable=True, index=True
+    )
     generation: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     mutation: Mapped[dict | None] = mapped_column(JSONType, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="pending")

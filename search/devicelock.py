@@ -6,6 +6,7 @@ waiting measurement from being starved by a stream of trainings (a new training 
 while no measurement is waiting). Works across processes (Ray actors on one node share the file system);
 on a cluster, each node has its own lock under its local data dir.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,18 +5,19 @@ database; no result key ever has two completed results (unique keys in storage);
 the kill is rerun at most once (its candidate goes back to pending, attempts counted); nothing completed is
 lost (every result is committed before the strategy hears of it).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from search.config import SearchConfig
 from search.layout import Layout
-from search.pareto import HypervolumeSpace, pareto_front
 from search.params import count_parameters
+from search.pareto import HypervolumeSpace, pareto_front
 from search.presets import get_preset
 from search.strategies import make_strategy
 
@@ -58,9 +59,15 @@ def initial_layouts(config: SearchConfig, space, storage) -> list[Layout]:
 
 
 class SearchEngine:
-    def __init__(self, storage, job_id: int, executor_factory: Callable[[SearchConfig], object],
-                 stop: threading.Event | None = None, on_progress: Callable[[Progress], None] | None = None,
-                 lease_owner: str | None = None):
+    def __init__(
+        self,
+        storage,
+        job_id: int,
+        executor_factory: Callable[[SearchConfig], object],
+        stop: threading.Event | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        lease_owner: str | None = None,
+    ):
         self.storage, self.job_id = storage, job_id
         # Under a service runner's lease, status changes go through the lease: a runner that lost the job
         # (cancelled, or taken over after its lease lapsed) writes no status.
@@ -75,9 +82,15 @@ class SearchEngine:
         # Fixed per search: from the config's bounds, else (set once, in `_after_tell`) from the initial
         # population's results; stored with the strategy state either way.
         bounds = self.config.hypervolume_bounds
-        self.hv_space: HypervolumeSpace | None = None if bounds is None else HypervolumeSpace(
-            tuple(self.config.objectives), tuple(bounds[name][0] for name in self.config.objectives),
-            tuple(bounds[name][1] for name in self.config.objectives))
+        self.hv_space: HypervolumeSpace | None = (
+            None
+            if bounds is None
+            else HypervolumeSpace(
+                tuple(self.config.objectives),
+                tuple(bounds[name][0] for name in self.config.objectives),
+                tuple(bounds[name][1] for name in self.config.objectives),
+            )
+        )
         self._payloads: dict[int, dict] = {}  # candidate id -> what was sent (for retries)
 
     # ---- strategy state ------------------------------------------------------------------------------------
@@ -86,10 +99,17 @@ class SearchEngine:
         options = dict(config.strategy_options)
         if config.latency_lut:
             from search.latency_model import LatencyTable
+
             options["latency_table"] = LatencyTable.load(config.latency_lut)
-        strategy = make_strategy(config.strategy, self.space, objectives=tuple(config.objectives), seed=config.seed,
-                                 initial=initial_layouts(config, self.space, self.storage),
-                                 constraints=config.constraints.model_dump(), **options)
+        strategy = make_strategy(
+            config.strategy,
+            self.space,
+            objectives=tuple(config.objectives),
+            seed=config.seed,
+            initial=initial_layouts(config, self.space, self.storage),
+            constraints=config.constraints.model_dump(),
+            **options,
+        )
         state = self.storage.load_strategy_state(self.job_id)
         if state:
             strategy.load_state_dict(state["strategy"])
@@ -107,9 +127,14 @@ class SearchEngine:
         for layout_hash, proposal in list(strategy.pending.items()):
             cand = self.storage.find_candidate(self.job_id, layout_hash)
             if cand is None:
-                self.storage.add_candidate(self.job_id, proposal.layout.to_json(None), layout_hash,
-                                           parent_id=self._candidate_id(proposal.parent_hash),
-                                           generation=proposal.generation, mutation=proposal.mutation)
+                self.storage.add_candidate(
+                    self.job_id,
+                    proposal.layout.to_json(None),
+                    layout_hash,
+                    parent_id=self._candidate_id(proposal.parent_hash),
+                    generation=proposal.generation,
+                    mutation=proposal.mutation,
+                )
             elif cand.status in ("completed", "reused"):
                 strategy.tell(layout_hash, cand.objectives)
                 changed = True
@@ -121,9 +146,13 @@ class SearchEngine:
         self._save_state(strategy)
 
     def _save_state(self, strategy) -> None:
-        self.storage.save_strategy_state(self.job_id, {
-            "strategy": strategy.state_dict(),
-            "hypervolume_space": self.hv_space.to_dict() if self.hv_space else None})
+        self.storage.save_strategy_state(
+            self.job_id,
+            {
+                "strategy": strategy.state_dict(),
+                "hypervolume_space": self.hv_space.to_dict() if self.hv_space else None,
+            },
+        )
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def run(self) -> Progress:
@@ -150,7 +179,9 @@ class SearchEngine:
                 for outcome in executor.poll(timeout=0.5):
                     self._handle(outcome, strategy, executor)
             status = "completed" if self._count_done() >= config.budget else "queued"
-            if self.stop.is_set():  # running evaluations are abandoned (shutdown below kills them) and rerun on resume
+            if (
+                self.stop.is_set()
+            ):  # running evaluations are abandoned (shutdown below kills them) and rerun on resume
                 if getattr(self.stop, "lost", False):  # another runner owns the job now: touch nothing of it
                     return self._progress()
                 storage.reset_running(self.job_id)
@@ -158,8 +189,10 @@ class SearchEngine:
             self._set_status(status)
         except BaseException as exc:
             storage.reset_running(self.job_id)
-            self._set_status("queued" if isinstance(exc, KeyboardInterrupt) else "failed",
-                             error=None if isinstance(exc, KeyboardInterrupt) else repr(exc))
+            self._set_status(
+                "queued" if isinstance(exc, KeyboardInterrupt) else "failed",
+                error=None if isinstance(exc, KeyboardInterrupt) else repr(exc),
+            )
             raise
         finally:
             executor.shutdown()
@@ -169,8 +202,11 @@ class SearchEngine:
         if self.lease_owner is None:
             self.storage.set_job_status(self.job_id, status, error=error)
         elif not self.storage.release_job(self.job_id, self.lease_owner, status, error=error):
-            log.info("job %d: no longer held by %s; its status stays as others set it", self.job_id,
-                     self.lease_owner)
+            log.info(
+                "job %d: no longer held by %s; its status stays as others set it",
+                self.job_id,
+                self.lease_owner,
+            )
 
     def _count_done(self) -> int:
         counted = ("completed", "failed", "reused") if self.config.reused_counts else ("completed", "failed")
@@ -178,8 +214,14 @@ class SearchEngine:
 
     def _payload(self, layout_json: str, train: bool = True, measure_latency: bool = True) -> dict:
         c = self.config
-        return {"layout": layout_json, "proxy": c.proxy, "latency": c.latency, "data": c.data.model_dump(),
-                "train": train, "measure_latency": measure_latency}
+        return {
+            "layout": layout_json,
+            "proxy": c.proxy,
+            "latency": c.latency,
+            "data": c.data.model_dump(),
+            "train": train,
+            "measure_latency": measure_latency,
+        }
 
     def _fill(self, executor, strategy, room: int, cycle: int) -> None:
         pending = self.storage.candidates(self.job_id, status="pending", limit=room)
@@ -191,9 +233,14 @@ class SearchEngine:
             self._save_state(strategy)
             known = {c.id for c in pending}
             for p in proposals:
-                cid = self.storage.add_candidate(self.job_id, p.layout.to_json(None), p.layout.content_hash,
-                                                 parent_id=self._candidate_id(p.parent_hash),
-                                                 generation=p.generation, mutation=p.mutation)
+                cid = self.storage.add_candidate(
+                    self.job_id,
+                    p.layout.to_json(None),
+                    p.layout.content_hash,
+                    parent_id=self._candidate_id(p.parent_hash),
+                    generation=p.generation,
+                    mutation=p.mutation,
+                )
                 cand = self.storage.get_candidate(cid)
                 if cid not in known and cand.status == "pending":
                     known.add(cid)
@@ -211,7 +258,9 @@ class SearchEngine:
         payload = self._payload(json.dumps(cand.layout))
         try:
             keys = executor.keys(payload)
-        except Exception as exc:  # e.g. the data cannot load on the worker: the candidate fails, not the search
+        except (
+            Exception
+        ) as exc:  # e.g. the data cannot load on the worker: the candidate fails, not the search
             self.storage.fail_candidate(cand.id, f"keys: {type(exc).__name__}: {exc}", None)
             strategy.tell(cand.layout_hash, None)
             return
@@ -220,8 +269,16 @@ class SearchEngine:
         training = training if training is not None and training.status == "completed" else None
         latency = latency if latency is not None and latency.status == "completed" else None
         if training is not None and latency is not None:  # evaluated before (this or another search): reuse
-            self._complete(cand, keys["training_key"], keys["latency_key"], training.val_bpb,
-                           latency.decode_ms, strategy, reused=True, trained_params=(training.result or {}).get("n_params"))
+            self._complete(
+                cand,
+                keys["training_key"],
+                keys["latency_key"],
+                training.val_bpb,
+                latency.decode_ms,
+                strategy,
+                reused=True,
+                trained_params=(training.result or {}).get("n_params"),
+            )
             return
         payload.update(train=training is None, measure_latency=latency is None, keys=keys)
         self.storage.mark_running(cand.id)
@@ -243,40 +300,77 @@ class SearchEngine:
                 self._after_tell(strategy)
             return
         result = outcome.result
-        training_key, latency_key = payload.get("keys", {}).get("training_key"), payload.get("keys", {}).get("latency_key")
+        training_key, latency_key = (
+            payload.get("keys", {}).get("training_key"),
+            payload.get("keys", {}).get("latency_key"),
+        )
         if result.get("training") and result["training"].get("status") == "completed":
-            self.storage.put_training_result(result["training_key"], layout_hash=cand.layout_hash,
-                                             val_bpb=result["training"]["val_bpb"],
-                                             result={**result["training"], "log_tail": result.get("log_tail") or []},
-                                             artifact_path=result.get("artifact_path"))
+            self.storage.put_training_result(
+                result["training_key"],
+                layout_hash=cand.layout_hash,
+                val_bpb=result["training"]["val_bpb"],
+                result={**result["training"], "log_tail": result.get("log_tail") or []},
+                artifact_path=result.get("artifact_path"),
+            )
             training_key = result["training_key"]
         if result.get("latency"):
-            self.storage.put_latency_result(result["latency_key"], layout_hash=cand.layout_hash,
-                                            decode_ms=result["latency"]["decode_ms_per_token"]["median"],
-                                            device_fingerprint=result.get("device_fingerprint"),
-                                            result=result["latency"])
+            self.storage.put_latency_result(
+                result["latency_key"],
+                layout_hash=cand.layout_hash,
+                decode_ms=result["latency"]["decode_ms_per_token"]["median"],
+                device_fingerprint=result.get("device_fingerprint"),
+                result=result["latency"],
+            )
             latency_key = result["latency_key"]
         if result["status"] != "completed":
             tail = "\n".join(result.get("log_tail") or [])
-            details = (result.get("traceback") or "") + (f"\n--- worker log, last lines ---\n{tail}" if tail else "")
+            details = (result.get("traceback") or "") + (
+                f"\n--- worker log, last lines ---\n{tail}" if tail else ""
+            )
             self.storage.fail_candidate(cand.id, result.get("failure_reason"), details or None)
             strategy.tell(cand.layout_hash, None)
             self._after_tell(strategy)
             return
         training = self.storage.get_training_result(training_key)
         latency = self.storage.get_latency_result(latency_key)
-        self._complete(cand, training_key, latency_key, training.val_bpb, latency.decode_ms, strategy,
-                       trained_params=(training.result or {}).get("n_params"))
+        self._complete(
+            cand,
+            training_key,
+            latency_key,
+            training.val_bpb,
+            latency.decode_ms,
+            strategy,
+            trained_params=(training.result or {}).get("n_params"),
+        )
 
-    def _complete(self, cand, training_key, latency_key, val_bpb, decode_ms, strategy, reused=False,
-                  trained_params: int | None = None) -> None:
+    def _complete(
+        self,
+        cand,
+        training_key,
+        latency_key,
+        val_bpb,
+        decode_ms,
+        strategy,
+        reused=False,
+        trained_params: int | None = None,
+    ) -> None:
         # The trained model's own count (its tokenizer's vocabulary); the analytic count with bytes otherwise.
         layout = Layout.from_dict(cand.layout)
-        n_params = int(trained_params) if trained_params else count_parameters(layout, self.default_vocab_size).total
+        n_params = (
+            int(trained_params) if trained_params else count_parameters(layout, self.default_vocab_size).total
+        )
         values = {"val_bpb": val_bpb, "decode_ms": decode_ms, "n_params": float(n_params)}
         objectives = {name: values[name] for name in self.config.objectives}
-        self.storage.complete_candidate(cand.id, training_key=training_key, latency_key=latency_key, val_bpb=val_bpb,
-                                        decode_ms=decode_ms, n_params=n_params, objectives=objectives, reused=reused)
+        self.storage.complete_candidate(
+            cand.id,
+            training_key=training_key,
+            latency_key=latency_key,
+            val_bpb=val_bpb,
+            decode_ms=decode_ms,
+            n_params=n_params,
+            objectives=objectives,
+            reused=reused,
+        )
         strategy.tell(cand.layout_hash, objectives)
         self._after_tell(strategy, completed_id=cand.id)
 
@@ -294,8 +388,8 @@ class SearchEngine:
 
     def _after_tell(self, strategy, completed_id: int | None = None) -> None:
         """Update the materialized front incrementally (the new result against the current front: the front of
-        all results is the front of the old front plus the new point), then record hypervolume and progress. The
-        cost does not grow with the number of candidates, so a 10,000-candidate search stays cheap."""
+        all results is the front of the old front plus the new point), then record hypervolume and progress.
+        The cost does not grow with the number of candidates, so a 10,000-candidate search stays cheap."""
         names = self.config.objectives
         front = self.storage.candidates(self.job_id, status=("completed", "reused"), on_front=True)
         if completed_id is not None:
@@ -324,5 +418,10 @@ class SearchEngine:
         return int(self.config.strategy_options.get("population_size", 8))
 
     def _progress(self, hv: float | None = None) -> Progress:
-        return Progress(self._count_done(), self.config.budget, self.storage.count_candidates(self.job_id, "failed"),
-                        self.storage.count_candidates(self.job_id, "reused"), hv)
+        return Progress(
+            self._count_done(),
+            self.config.budget,
+            self.storage.count_candidates(self.job_id, "failed"),
+            self.storage.count_candidates(self.job_id, "reused"),
+            hv,
+        )

@@ -5,6 +5,7 @@ Both drive the same `EvaluationWorker`, which reaches the worker entry point by 
 (`proxies.worker`), so `search/` itself never imports torch. Every outcome is data: a result dict, or an
 error of kind "timeout", "worker_died" or "exception" that the engine retries or records.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -29,35 +30,56 @@ class Outcome:
 
 
 class EvaluationWorker:
-    """The code inside a worker (a Ray actor, or this process for `inline`). Long-lived: the corpus and compiled
-    kernels stay loaded across candidates."""
+    """The code inside a worker (a Ray actor, or this process for `inline`). Long-lived: the corpus and
+    compiled kernels stay loaded across candidates."""
 
-    def __init__(self, data_dir: str, threads: int | None = None, lock_dir: str | None = None,
-                 device: str | None = None, data_roots: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        data_dir: str,
+        threads: int | None = None,
+        lock_dir: str | None = None,
+        device: str | None = None,
+        data_roots: tuple[str, ...] | None = None,
+    ):
         self.data_dir, self.device = data_dir, device
-        # Corpus paths must resolve inside these (absolute: a Ray worker's working folder is not the caller's).
+        # Corpus paths must resolve inside these (absolute: a Ray worker's working folder is not the
+        # caller's).
         self.data_roots = tuple(data_roots) if data_roots else (os.path.abspath("."),)
         self.worker = importlib.import_module(WORKER_MODULE)
         if threads:
             torch = importlib.import_module("torch")
             torch.set_num_threads(int(threads))
         from search.devicelock import DeviceLock
+
         self.lock = DeviceLock(lock_dir) if lock_dir else None
 
     def ping(self) -> int:
         return os.getpid()
 
     def keys(self, payload: dict) -> dict:
-        return self.worker.result_keys(payload["layout"], payload.get("proxy"), payload.get("latency"),
-                                       data_config=payload.get("data"), data_dir=self.data_dir, device=self.device,
-                                       data_roots=self.data_roots)
+        return self.worker.result_keys(
+            payload["layout"],
+            payload.get("proxy"),
+            payload.get("latency"),
+            data_config=payload.get("data"),
+            data_dir=self.data_dir,
+            device=self.device,
+            data_roots=self.data_roots,
+        )
 
     def evaluate(self, payload: dict) -> dict:
-        result = self.worker.evaluate(payload["layout"], payload.get("proxy"), payload.get("latency"),
-                                      data_config=payload.get("data"), data_dir=self.data_dir, device=self.device,
-                                      data_roots=self.data_roots, train=payload.get("train", True),
-                                      measure_latency=payload.get("measure_latency", True),
-                                      device_lock=self.lock)
+        result = self.worker.evaluate(
+            payload["layout"],
+            payload.get("proxy"),
+            payload.get("latency"),
+            data_config=payload.get("data"),
+            data_dir=self.data_dir,
+            device=self.device,
+            data_roots=self.data_roots,
+            train=payload.get("train", True),
+            measure_latency=payload.get("measure_latency", True),
+            device_lock=self.lock,
+        )
         return result.to_dict()
 
 
@@ -84,8 +106,14 @@ class InlineExecutor(Executor):
     """Runs each evaluation in this process when polled (unit tests; a GPU machine without Ray).
     A timeout cannot interrupt in-process work: it is enforced by the proxy's own `timeout_s`."""
 
-    def __init__(self, data_dir: str, threads: int | None = None, lock_dir: str | None = None, device: str | None = None,
-                 data_roots: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        data_dir: str,
+        threads: int | None = None,
+        lock_dir: str | None = None,
+        device: str | None = None,
+        data_roots: tuple[str, ...] | None = None,
+    ):
         self.capacity = 1
         self.worker = EvaluationWorker(data_dir, threads, lock_dir, device, data_roots)
         self.queue: list[tuple[int, dict]] = []
@@ -103,7 +131,13 @@ class InlineExecutor(Executor):
         try:
             return [Outcome(task_id, result=self.worker.evaluate(payload))]
         except Exception as exc:  # pragma: no cover - evaluate() itself turns failures into results
-            return [Outcome(task_id, error_kind="exception", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")]
+            return [
+                Outcome(
+                    task_id,
+                    error_kind="exception",
+                    error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
+                )
+            ]
 
     def in_flight(self) -> list[int]:
         return [task_id for task_id, _ in self.queue]
@@ -126,17 +160,28 @@ class RayExecutor(Executor):
     `num_gpus`: Ray method calls cannot ask for more). A local Ray is started (and shut down at the end)
     unless RAY_ADDRESS names a cluster to join."""
 
-    def __init__(self, data_dir: str, workers: int, cpus_per_worker: float = 1, gpus_per_worker: float = 0,
-                 timeout_s: float = 1800, lock_dir: str | None = None, namespace: str = "hybridnas",
-                 data_roots: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        data_dir: str,
+        workers: int,
+        cpus_per_worker: float = 1,
+        gpus_per_worker: float = 0,
+        timeout_s: float = 1800,
+        lock_dir: str | None = None,
+        namespace: str = "hybridnas",
+        data_roots: tuple[str, ...] | None = None,
+    ):
         import ray
+
         self.ray = ray
         self.timeout_s = timeout_s
         self.started_ray = False
         if not ray.is_initialized():
             init_ray(max(1, int(workers * cpus_per_worker)), None if gpus_per_worker else 0, namespace)
             self.started_ray = True
-        self.actor_class = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)(EvaluationWorker)
+        self.actor_class = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)(
+            EvaluationWorker
+        )
         threads = max(1, int(cpus_per_worker))
         roots = tuple(data_roots) if data_roots else (os.path.abspath("."),)
         self.make_actor = lambda: self.actor_class.remote(data_dir, threads, lock_dir, None, roots)
@@ -170,16 +215,25 @@ class RayExecutor(Executor):
                 try:
                     outcomes.append(Outcome(slot.task_id, result=self.ray.get(slot.ref)))
                 except self.ray.exceptions.RayActorError as exc:
-                    outcomes.append(Outcome(slot.task_id, error_kind="worker_died", error=str(exc).splitlines()[0]))
+                    outcomes.append(
+                        Outcome(slot.task_id, error_kind="worker_died", error=str(exc).splitlines()[0])
+                    )
                     slot.actor = self.make_actor()
                 except Exception as exc:
-                    outcomes.append(Outcome(slot.task_id, error_kind="exception", error=f"{type(exc).__name__}: {exc}"))
+                    outcomes.append(
+                        Outcome(slot.task_id, error_kind="exception", error=f"{type(exc).__name__}: {exc}")
+                    )
                 slot.task_id, slot.ref = None, None
             elif time.monotonic() - slot.started > self.timeout_s:
                 # A stuck evaluation: kill its actor (its resources come back) and start a fresh one.
                 self.ray.kill(slot.actor, no_restart=True)
-                outcomes.append(Outcome(slot.task_id, error_kind="timeout",
-                                        error=f"evaluation exceeded {self.timeout_s:.0f} s"))
+                outcomes.append(
+                    Outcome(
+                        slot.task_id,
+                        error_kind="timeout",
+                        error=f"evaluation exceeded {self.timeout_s:.0f} s",
+                    )
+                )
                 slot.actor, slot.task_id, slot.ref = self.make_actor(), None, None
         self._dispatch()
         return outcomes
@@ -202,13 +256,20 @@ def init_ray(num_cpus: int, num_gpus: int | None = None, namespace: str = "hybri
     """Join the cluster RAY_ADDRESS names, else start a local Ray with these resources (`num_gpus` None:
     detected). Ray's head processes die with the thread that calls this: call it from a long-lived one."""
     import ray
+
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, namespace=namespace, log_to_driver=False)
     else:
         # The package directory travels to local workers through the shared file system.
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=namespace, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": _project_root()}})
+        ray.init(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            namespace=namespace,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": _project_root()}},
+        )
 
 
 def _project_root() -> str:

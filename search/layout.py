@@ -5,6 +5,7 @@ names or short codes, a compact string with repeat groups ("[D F M2 F] x 3"), ne
 stages — and always expands to one canonical form, whose content hash is how the service de-duplicates
 candidates: the same architecture gives the same hash however it was written.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ class LayoutError(ValueError):
 @dataclass(frozen=True)
 class LayoutLimits:
     """Size limits a layout must respect (the service passes its configured limits)."""
+
     max_operators: int = 128
     max_d_model: int = 16384
     max_heads: int = 256
@@ -114,7 +116,7 @@ class Layout:
 
     # ---- construction --------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: Any, limits: LayoutLimits = DEFAULT_LIMITS) -> "Layout":
+    def from_dict(cls, data: Any, limits: LayoutLimits = DEFAULT_LIMITS) -> Layout:
         if not isinstance(data, dict):
             raise LayoutError("layout", f"must be a JSON object, not {type(data).__name__}")
         unknown = sorted(set(data) - set(_FIELDS))
@@ -127,8 +129,18 @@ class Layout:
         else:
             ops = _expand_stages(data["stages"], limits)
         dims = {key: data.get(key, default) for key, default in _DIM_DEFAULTS.items()}
-        for key in ("d_model", "n_heads", "n_kv_heads", "mamba_expand", "mamba_head_dim", "mamba_d_state",
-                    "mamba_groups", "conv_size", "swa_window", "meta_tokens"):
+        for key in (
+            "d_model",
+            "n_heads",
+            "n_kv_heads",
+            "mamba_expand",
+            "mamba_head_dim",
+            "mamba_d_state",
+            "mamba_groups",
+            "conv_size",
+            "swa_window",
+            "meta_tokens",
+        ):
             dims[key] = _as_int(dims[key], key)
         if dims["head_dim"] is not None:
             dims["head_dim"] = _as_int(dims["head_dim"], "head_dim")
@@ -145,21 +157,23 @@ class Layout:
         _check_positive(dims, limits)  # before head_dim's division
         if dims["head_dim"] is None:
             if dims["d_model"] % dims["n_heads"]:
-                raise LayoutError("n_heads", f"{dims['n_heads']} heads do not divide d_model={dims['d_model']}")
+                raise LayoutError(
+                    "n_heads", f"{dims['n_heads']} heads do not divide d_model={dims['d_model']}"
+                )
             dims["head_dim"] = dims["d_model"] // dims["n_heads"]
         layout = cls(operators=ops, vocab_size=vocab, name=name, **dims)
         layout.validate(limits)
         return layout
 
     @classmethod
-    def from_json(cls, text: str, limits: LayoutLimits = DEFAULT_LIMITS) -> "Layout":
+    def from_json(cls, text: str, limits: LayoutLimits = DEFAULT_LIMITS) -> Layout:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise LayoutError("layout", f"not valid JSON: {exc}") from None
         return cls.from_dict(data, limits)
 
-    def replace(self, **changes: Any) -> "Layout":
+    def replace(self, **changes: Any) -> Layout:
         """A copy with some fields changed, validated (e.g. another width for the same pattern)."""
         data = self.to_dict()
         data.update(changes)
@@ -169,12 +183,14 @@ class Layout:
 
     # ---- validation ----------------------------------------------------------------------------------
     def validate(self, limits: LayoutLimits = DEFAULT_LIMITS) -> None:
-        """Raise LayoutError naming the field if this layout cannot be built. Invalid input never reaches torch."""
+        """Raise LayoutError naming the field if this layout cannot be built. Invalid input never reaches
+        torch."""
         if not self.operators:
             raise LayoutError("operators", "is empty")
         if len(self.operators) > limits.max_operators:
-            raise LayoutError("operators", f"{len(self.operators)} operators exceed the limit of "
-                                           f"{limits.max_operators}")
+            raise LayoutError(
+                "operators", f"{len(self.operators)} operators exceed the limit of {limits.max_operators}"
+            )
         for index, op in enumerate(self.operators):
             if op not in OPERATORS:
                 raise LayoutError(f"operators[{index}]", f"unknown operator {op!r}")
@@ -187,15 +203,23 @@ class Layout:
             if self.head_dim > limits.max_head_dim:
                 raise LayoutError("head_dim", f"{self.head_dim} exceeds the limit of {limits.max_head_dim}")
         if "n_kv_heads" in used and self.n_heads % self.n_kv_heads:
-            raise LayoutError("n_kv_heads", f"{self.n_kv_heads} KV heads do not divide n_heads={self.n_heads}")
+            raise LayoutError(
+                "n_kv_heads", f"{self.n_kv_heads} KV heads do not divide n_heads={self.n_heads}"
+            )
         if "mamba_expand" in used:
             d_inner = self.mamba_expand * self.d_model
             if d_inner % self.mamba_head_dim:
-                raise LayoutError("mamba_head_dim", f"{self.mamba_head_dim} does not divide the Mamba2 inner "
-                                                    f"width mamba_expand*d_model={d_inner}")
+                raise LayoutError(
+                    "mamba_head_dim",
+                    f"{self.mamba_head_dim} does not divide the Mamba2 inner "
+                    f"width mamba_expand*d_model={d_inner}",
+                )
             if (d_inner // self.mamba_head_dim) % self.mamba_groups:
-                raise LayoutError("mamba_groups", f"{self.mamba_groups} groups do not divide the "
-                                                  f"{d_inner // self.mamba_head_dim} Mamba2 heads")
+                raise LayoutError(
+                    "mamba_groups",
+                    f"{self.mamba_groups} groups do not divide the "
+                    f"{d_inner // self.mamba_head_dim} Mamba2 heads",
+                )
         if self.vocab_size is not None and not 1 <= self.vocab_size <= limits.max_vocab_size:
             raise LayoutError("vocab_size", f"must be between 1 and {limits.max_vocab_size}")
 
@@ -251,6 +275,7 @@ def load_layout(path: str | Path, limits: LayoutLimits = DEFAULT_LIMITS) -> Layo
         raise LayoutError(str(path), f"cannot be read: {exc}") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
+
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -260,6 +285,7 @@ def load_layout(path: str | Path, limits: LayoutLimits = DEFAULT_LIMITS) -> Layo
 
 
 # ---- parsing helpers -----------------------------------------------------------------------------------
+
 
 def _as_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -277,9 +303,14 @@ def _as_float(value: Any, key: str) -> float:
 
 def _check_positive(dims: dict[str, Any], limits: LayoutLimits) -> None:
     bounds = {
-        "d_model": limits.max_d_model, "n_heads": limits.max_heads, "n_kv_heads": limits.max_heads,
-        "mamba_expand": 16, "mamba_head_dim": limits.max_head_dim, "mamba_d_state": limits.max_d_state,
-        "mamba_groups": limits.max_heads, "conv_size": limits.max_conv_size,
+        "d_model": limits.max_d_model,
+        "n_heads": limits.max_heads,
+        "n_kv_heads": limits.max_heads,
+        "mamba_expand": 16,
+        "mamba_head_dim": limits.max_head_dim,
+        "mamba_d_state": limits.max_d_state,
+        "mamba_groups": limits.max_heads,
+        "conv_size": limits.max_conv_size,
         "swa_window": limits.max_swa_window,
     }
     for key, upper in bounds.items():
@@ -297,8 +328,9 @@ def _check_positive(dims: dict[str, Any], limits: LayoutLimits) -> None:
     if dims["rope_base"] <= 1:
         raise LayoutError("rope_base", f"must be greater than 1, got {dims['rope_base']}")
     if not 0 <= dims["meta_tokens"] <= limits.max_meta_tokens:
-        raise LayoutError("meta_tokens", f"must be between 0 and {limits.max_meta_tokens}, "
-                                         f"got {dims['meta_tokens']}")
+        raise LayoutError(
+            "meta_tokens", f"must be between 0 and {limits.max_meta_tokens}, got {dims['meta_tokens']}"
+        )
 
 
 _TOKEN_RE = re.compile(r"\[|\]|\(|\)|[xX*×]\s*\d+|[A-Za-z_][A-Za-z0-9_]*|\S")
@@ -326,10 +358,12 @@ def _expand_into(value: Any, where: str, out: list[str], limits: LayoutLimits) -
     elif isinstance(value, dict):
         extra = sorted(set(value) - {"repeat", "operators"})
         if extra or "operators" not in value:
-            raise LayoutError(where, "a group must be {\"repeat\": n, \"operators\": [...]}")
+            raise LayoutError(where, 'a group must be {"repeat": n, "operators": [...]}')
         repeat = _as_int(value.get("repeat", 1), f"{where}.repeat")
         if not 1 <= repeat <= limits.max_operators:
-            raise LayoutError(f"{where}.repeat", f"must be between 1 and {limits.max_operators}, got {repeat}")
+            raise LayoutError(
+                f"{where}.repeat", f"must be between 1 and {limits.max_operators}, got {repeat}"
+            )
         inner: list[str] = []
         _expand_into(value["operators"], f"{where}.operators", inner, limits)
         out.extend(inner * repeat)
@@ -386,16 +420,18 @@ def _parse_compact(text: str, where: str, limits: LayoutLimits) -> list[str]:
 
 def _expand_stages(stages: Any, limits: LayoutLimits) -> tuple[str, ...]:
     if not isinstance(stages, list) or not stages:
-        raise LayoutError("stages", "must be a non-empty list of {\"block\": [...], \"repeat\": n}")
+        raise LayoutError("stages", 'must be a non-empty list of {"block": [...], "repeat": n}')
     out: list[str] = []
     for index, stage in enumerate(stages):
         where = f"stages[{index}]"
         if not isinstance(stage, dict) or set(stage) - {"block", "repeat"} or "block" not in stage:
-            raise LayoutError(where, "must be {\"block\": [...], \"repeat\": n}")
+            raise LayoutError(where, 'must be {"block": [...], "repeat": n}')
         block = expand_operators(stage["block"], f"{where}.block", limits)
         repeat = _as_int(stage.get("repeat", 1), f"{where}.repeat")
         if not 1 <= repeat <= limits.max_operators:
-            raise LayoutError(f"{where}.repeat", f"must be between 1 and {limits.max_operators}, got {repeat}")
+            raise LayoutError(
+                f"{where}.repeat", f"must be between 1 and {limits.max_operators}, got {repeat}"
+            )
         out.extend(block * repeat)
         if len(out) > limits.max_operators:
             raise LayoutError("stages", f"expand to more than {limits.max_operators} operators")

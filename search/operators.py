@@ -6,10 +6,12 @@ them equal); it excludes the pre-norm that `HybridLM` puts before every operator
 `code_version` is part of every training key: bump it when the operator's code changes what it computes, so
 that stored losses of the old code are not reused.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from search.layout import Layout
@@ -21,7 +23,7 @@ class OperatorSpec:
     code: str  # short code used in compact layout strings, e.g. "M2"
     kind: str  # "mixer" (token mixer) or "ffn" (channel mixer)
     description: str
-    param_count: Callable[["Layout"], int]
+    param_count: Callable[[Layout], int]
     # Layout fields this operator reads: the others do not change the architecture when it is absent.
     dims: tuple[str, ...] = field(default_factory=tuple)
     code_version: int = 1
@@ -57,25 +59,31 @@ def mixers() -> list[str]:
 
 # --- parameter counts (mirror the modules in models/; see method.md section 6) -------------------------
 
-def _attention_params(lo: "Layout") -> int:
+
+def _attention_params(lo: Layout) -> int:
     # q, o: d x (H*hd); k, v: d x (Hkv*hd); no biases.
     return lo.d_model * lo.head_dim * (2 * lo.n_heads + 2 * lo.n_kv_heads)
 
 
-def _deltanet_params(lo: "Layout") -> int:
+def _deltanet_params(lo: Layout) -> int:
     inner = lo.n_heads * lo.head_dim
     # q, k, v, o projections; beta projection; short convs on q, k, v; per-head output RMSNorm.
     return 4 * lo.d_model * inner + lo.d_model * lo.n_heads + 3 * inner * lo.conv_size + lo.head_dim
 
 
-def _gated_deltanet_params(lo: "Layout") -> int:
+def _gated_deltanet_params(lo: Layout) -> int:
     inner = lo.n_heads * lo.head_dim
     # as DeltaNet + output-gate projection, decay projection (a), A_log and dt_bias per head.
-    return (5 * lo.d_model * inner + 2 * lo.d_model * lo.n_heads + 2 * lo.n_heads
-            + 3 * inner * lo.conv_size + lo.head_dim)
+    return (
+        5 * lo.d_model * inner
+        + 2 * lo.d_model * lo.n_heads
+        + 2 * lo.n_heads
+        + 3 * inner * lo.conv_size
+        + lo.head_dim
+    )
 
 
-def _mamba2_params(lo: "Layout") -> int:
+def _mamba2_params(lo: Layout) -> int:
     d_inner = lo.mamba_expand * lo.d_model
     n_heads = d_inner // lo.mamba_head_dim
     bc = 2 * lo.mamba_groups * lo.mamba_d_state
@@ -85,7 +93,7 @@ def _mamba2_params(lo: "Layout") -> int:
     return in_proj + conv + 3 * n_heads + d_inner + d_inner * lo.d_model  # dt_bias, A_log, D; norm; out_proj
 
 
-def _ffn_params(lo: "Layout") -> int:
+def _ffn_params(lo: Layout) -> int:
     return 3 * lo.d_model * lo.ffn_hidden
 
 
@@ -93,15 +101,60 @@ _ATTN_DIMS = ("n_heads", "n_kv_heads", "head_dim", "rope_base")
 _DELTA_DIMS = ("n_heads", "head_dim", "conv_size")
 _MAMBA_DIMS = ("mamba_expand", "mamba_head_dim", "mamba_d_state", "mamba_groups", "conv_size")
 
-register(OperatorSpec("attention", "A", "mixer", "Full causal attention (GQA, RoPE), KV cache.",
-                      _attention_params, _ATTN_DIMS, cache="kv"))
-register(OperatorSpec("swa", "S", "mixer", "Sliding-window attention (GQA, RoPE), ring-buffer cache; "
-                      "meta tokens stay visible as a permanent prefix.",
-                      _attention_params, _ATTN_DIMS + ("swa_window",), cache="window"))
-register(OperatorSpec("mamba2", "M2", "mixer", "Mamba2 (SSD) with short conv and gated RMSNorm.",
-                      _mamba2_params, _MAMBA_DIMS, cache="state"))
-register(OperatorSpec("deltanet", "D", "mixer", "DeltaNet (delta rule), short convs, L2-normalised q/k, "
-                      "no output gate.", _deltanet_params, _DELTA_DIMS, cache="state"))
-register(OperatorSpec("gated_deltanet", "GD", "mixer", "Gated DeltaNet (delta rule with decay) and an "
-                      "output gate.", _gated_deltanet_params, _DELTA_DIMS, cache="state"))
+register(
+    OperatorSpec(
+        "attention",
+        "A",
+        "mixer",
+        "Full causal attention (GQA, RoPE), KV cache.",
+        _attention_params,
+        _ATTN_DIMS,
+        cache="kv",
+    )
+)
+register(
+    OperatorSpec(
+        "swa",
+        "S",
+        "mixer",
+        "Sliding-window attention (GQA, RoPE), ring-buffer cache; "
+        "meta tokens stay visible as a permanent prefix.",
+        _attention_params,
+        _ATTN_DIMS + ("swa_window",),
+        cache="window",
+    )
+)
+register(
+    OperatorSpec(
+        "mamba2",
+        "M2",
+        "mixer",
+        "Mamba2 (SSD) with short conv and gated RMSNorm.",
+        _mamba2_params,
+        _MAMBA_DIMS,
+        cache="state",
+    )
+)
+register(
+    OperatorSpec(
+        "deltanet",
+        "D",
+        "mixer",
+        "DeltaNet (delta rule), short convs, L2-normalised q/k, no output gate.",
+        _deltanet_params,
+        _DELTA_DIMS,
+        cache="state",
+    )
+)
+register(
+    OperatorSpec(
+        "gated_deltanet",
+        "GD",
+        "mixer",
+        "Gated DeltaNet (delta rule with decay) and an output gate.",
+        _gated_deltanet_params,
+        _DELTA_DIMS,
+        cache="state",
+    )
+)
 register(OperatorSpec("ffn", "F", "ffn", "SwiGLU feed-forward network.", _ffn_params, ("ffn_ratio",)))

@@ -2,6 +2,7 @@
 
 Tests hold it equal to the count of the built `HybridLM` for every preset and for random layouts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ class ParamCount:
 def count_parameters(layout: Layout, vocab_size: int | None = None) -> ParamCount:
     vocab = vocab_size if vocab_size is not None else layout.vocab_size
     if vocab is None:
-        raise LayoutError("vocab_size", "needed to count parameters: give one (the tokenizer's) or use a preset")
+        raise LayoutError(
+            "vocab_size", "needed to count parameters: give one (the tokenizer's) or use a preset"
+        )
     d = layout.d_model
     per_op = tuple(OPERATORS[op].param_count(layout) + d for op in layout.operators)  # + the op's pre-norm
     non_embedding = sum(per_op) + d + layout.meta_tokens * d  # + final norm, + meta tokens

@@ -13,16 +13,19 @@ below a lower bound normalizes to a negative coordinate and contributes its whol
 
 Pure Python + numpy + moocore (imported when a hypervolume is first computed); no torch.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 Point = Sequence[float]
 
 
-# ---- dominance, sorting, crowding ---------------------------------------------------------------------------
+# ---- dominance, sorting, crowding --------------------------------------------------------------------------
+
 
 def _as_points(points: Iterable[Point]) -> list[tuple[float, ...]]:
     rows = [tuple(float(v) for v in p) for p in points]
@@ -85,9 +88,9 @@ def pareto_front(points: Iterable[Point]) -> list[int]:
 
 
 def crowding_distance(points: Sequence[Point], indices: Sequence[int] | None = None) -> list[float]:
-    """NSGA-II crowding distance of `points[i]` for i in `indices` (all points when None), computed within that
-    subset (usually one front); returned in the order of `indices`. The extreme points of every objective get
-    infinity; an objective whose values are all equal adds nothing. Ties are ordered by index."""
+    """NSGA-II crowding distance of `points[i]` for i in `indices` (all points when None), computed within
+    that subset (usually one front); returned in the order of `indices`. The extreme points of every objective
+    get infinity; an objective whose values are all equal adds nothing. Ties are ordered by index."""
     rows = _as_points(points)
     idx = list(range(len(rows))) if indices is None else list(indices)
     k = len(idx)
@@ -122,10 +125,10 @@ def rank_and_crowding(points: Sequence[Point]) -> tuple[list[int], list[float]]:
 
 
 def hypervolume_contributions(points: Sequence[Point], reference: Sequence[float]) -> list[float]:
-    """Exclusive hypervolume contribution of every point: hv(points) - hv(points without it), up to `reference`
-    (same units as the points, minimization), by `moocore.hv_contributions`. Dominated points, duplicated
-    points (removing one copy loses nothing) and points not strictly better than the reference in every
-    objective contribute 0 and do not reduce the others' contributions."""
+    """Exclusive hypervolume contribution of every point: hv(points) - hv(points without it), up to
+    `reference` (same units as the points, minimization), by `moocore.hv_contributions`. Dominated points,
+    duplicated points (removing one copy loses nothing) and points not strictly better than the reference in
+    every objective contribute 0 and do not reduce the others' contributions."""
     rows = _as_points(points)
     ref = tuple(float(v) for v in reference)
     if rows and len(ref) != len(rows[0]):
@@ -145,8 +148,10 @@ def hypervolume_contributions(points: Sequence[Point], reference: Sequence[float
         return out
     import moocore
     import numpy as np
-    contributions = moocore.hv_contributions(np.asarray([rows[i] for i in inside], dtype=float),
-                                             ref=np.asarray(ref, dtype=float))
+
+    contributions = moocore.hv_contributions(
+        np.asarray([rows[i] for i in inside], dtype=float), ref=np.asarray(ref, dtype=float)
+    )
     for i, c in zip(inside, contributions):
         out[i] = max(0.0, float(c))
     return out
@@ -165,8 +170,13 @@ def rank_and_contribution(points: Sequence[Point], reference: float = 1.1) -> tu
     n_obj = len(rows[0])
     lower = [min(r[m] for r in rows) for m in range(n_obj)]
     span = [max(r[m] for r in rows) - lower[m] for m in range(n_obj)]
-    normalized = [tuple((r[m] - lower[m]) / span[m] if span[m] > 0 and math.isfinite(span[m]) else 0.0
-                        for m in range(n_obj)) for r in rows]
+    normalized = [
+        tuple(
+            (r[m] - lower[m]) / span[m] if span[m] > 0 and math.isfinite(span[m]) else 0.0
+            for m in range(n_obj)
+        )
+        for r in rows
+    ]
     contribution = [0.0] * len(rows)
     for rank in set(ranks):
         members = [i for i, r in enumerate(ranks) if r == rank]
@@ -176,11 +186,13 @@ def rank_and_contribution(points: Sequence[Point], reference: float = 1.1) -> tu
     return ranks, contribution
 
 
-# ---- hypervolume ---------------------------------------------------------------------------------------------
+# ---- hypervolume -------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class HypervolumeSpace:
     """Normalized objective space for hypervolume: bounds per objective and a reference point (normalized)."""
+
     objectives: tuple[str, ...]
     lower: tuple[float, ...]
     upper: tuple[float, ...]
@@ -210,8 +222,12 @@ class HypervolumeSpace:
         object.__setattr__(self, "reference", reference)
 
     @classmethod
-    def from_points(cls, objectives: Sequence[str], points: Iterable[Point | Mapping[str, float]],
-                    reference: Sequence[float] | None = None) -> "HypervolumeSpace":
+    def from_points(
+        cls,
+        objectives: Sequence[str],
+        points: Iterable[Point | Mapping[str, float]],
+        reference: Sequence[float] | None = None,
+    ) -> HypervolumeSpace:
         """Bounds = the per-objective min and max of `points` (e.g. the presets, or an exhaustive table)."""
         rows = [_row(p, tuple(objectives)) for p in points]
         rows = [r for r in rows if all(math.isfinite(v) for v in r)]
@@ -219,7 +235,9 @@ class HypervolumeSpace:
             raise ValueError("no finite points to take bounds from")
         lower = tuple(min(r[m] for r in rows) for m in range(len(objectives)))
         upper = tuple(max(r[m] for r in rows) for m in range(len(objectives)))
-        upper = tuple(hi if hi > lo else lo + max(abs(lo), 1.0) * 1e-9 + 1e-12 for lo, hi in zip(lower, upper))
+        upper = tuple(
+            hi if hi > lo else lo + max(abs(lo), 1.0) * 1e-9 + 1e-12 for lo, hi in zip(lower, upper)
+        )
         return cls(tuple(objectives), lower, upper, None if reference is None else tuple(reference))
 
     def normalize(self, point: Point | Mapping[str, float]) -> tuple[float, ...]:
@@ -242,18 +260,28 @@ class HypervolumeSpace:
             return float(ref[0] - min(r[0] for r in rows))
         import moocore  # maintained WFG/HV implementations (no torch)
         import numpy as np
+
         return float(moocore.hypervolume(np.asarray(rows, dtype=float), ref=np.asarray(ref, dtype=float)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"objectives": list(self.objectives), "lower": list(self.lower), "upper": list(self.upper),
-                "reference": list(self.reference), "normalization": "(x - lower) / (upper - lower)",
-                "minimize": True}
+        return {
+            "objectives": list(self.objectives),
+            "lower": list(self.lower),
+            "upper": list(self.upper),
+            "reference": list(self.reference),
+            "normalization": "(x - lower) / (upper - lower)",
+            "minimize": True,
+        }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "HypervolumeSpace":
+    def from_dict(cls, data: Mapping[str, Any]) -> HypervolumeSpace:
         try:
-            return cls(tuple(data["objectives"]), tuple(data["lower"]), tuple(data["upper"]),
-                       tuple(data["reference"]) if data.get("reference") is not None else None)
+            return cls(
+                tuple(data["objectives"]),
+                tuple(data["lower"]),
+                tuple(data["upper"]),
+                tuple(data["reference"]) if data.get("reference") is not None else None,
+            )
         except KeyError as exc:
             raise ValueError(f"a hypervolume space needs {exc.args[0]!r}") from None
 
@@ -265,10 +293,16 @@ def same_bounds(a: HypervolumeSpace | Mapping[str, Any], b: HypervolumeSpace | M
     b = b if isinstance(b, HypervolumeSpace) else HypervolumeSpace.from_dict(b)
 
     def close(x: tuple[float, ...], y: tuple[float, ...]) -> bool:
-        return len(x) == len(y) and all(math.isclose(u, v, rel_tol=1e-12, abs_tol=1e-15) for u, v in zip(x, y))
+        return len(x) == len(y) and all(
+            math.isclose(u, v, rel_tol=1e-12, abs_tol=1e-15) for u, v in zip(x, y)
+        )
 
-    return (a.objectives == b.objectives and close(a.lower, b.lower) and close(a.upper, b.upper)
-            and close(a.reference, b.reference))
+    return (
+        a.objectives == b.objectives
+        and close(a.lower, b.lower)
+        and close(a.upper, b.upper)
+        and close(a.reference, b.reference)
+    )
 
 
 def _row(point: Point | Mapping[str, float], objectives: tuple[str, ...]) -> tuple[float, ...]:
@@ -276,7 +310,9 @@ def _row(point: Point | Mapping[str, float], objectives: tuple[str, ...]) -> tup
         try:
             return tuple(float(point[name]) for name in objectives)
         except KeyError as exc:
-            raise ValueError(f"point lacks objective {exc.args[0]!r} (objectives: {', '.join(objectives)})") from None
+            raise ValueError(
+                f"point lacks objective {exc.args[0]!r} (objectives: {', '.join(objectives)})"
+            ) from None
     row = tuple(float(v) for v in point)
     if len(row) != len(objectives):
         raise ValueError(f"point has {len(row)} values for {len(objectives)} objectives {objectives}")
@@ -285,9 +321,10 @@ def _row(point: Point | Mapping[str, float], objectives: tuple[str, ...]) -> tup
 
 @dataclass
 class HypervolumeTracker:
-    """The anytime hypervolume curve of one search: `record` after every evaluation (None = a failed one, which
-    repeats the previous value), so `history[i]` is the hypervolume of the first i+1 evaluations' results.
-    Keeps only the current non-dominated set; the curve is monotone non-decreasing."""
+    """The anytime hypervolume curve of one search: `record` after every evaluation (None = a failed one,
+    which repeats the previous value), so `history[i]` is the hypervolume of the first i+1 evaluations'
+    results. Keeps only the current non-dominated set; the curve is monotone non-decreasing."""
+
     space: HypervolumeSpace
     history: list[float] = field(default_factory=list)
     front: list[tuple[float, ...]] = field(default_factory=list)
@@ -297,7 +334,9 @@ class HypervolumeTracker:
         value = previous
         if point is not None:
             row = _row(point, self.space.objectives)
-            if all(math.isfinite(v) for v in row) and not any(dominates(f, row) or f == row for f in self.front):
+            if all(math.isfinite(v) for v in row) and not any(
+                dominates(f, row) or f == row for f in self.front
+            ):
                 self.front = [f for f in self.front if not dominates(row, f)] + [row]
                 value = max(previous, self.space.hypervolume(self.front))
         self.history.append(value)
@@ -308,9 +347,16 @@ class HypervolumeTracker:
         return self.history[-1] if self.history else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"space": self.space.to_dict(), "history": list(self.history), "front": [list(f) for f in self.front]}
+        return {
+            "space": self.space.to_dict(),
+            "history": list(self.history),
+            "front": [list(f) for f in self.front],
+        }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "HypervolumeTracker":
-        return cls(HypervolumeSpace.from_dict(data["space"]), [float(v) for v in data.get("history", [])],
-                   [tuple(float(v) for v in f) for f in data.get("front", [])])
+    def from_dict(cls, data: Mapping[str, Any]) -> HypervolumeTracker:
+        return cls(
+            HypervolumeSpace.from_dict(data["space"]),
+            [float(v) for v in data.get("history", [])],
+            [tuple(float(v) for v in f) for f in data.get("front", [])],
+        )

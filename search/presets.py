@@ -1,5 +1,6 @@
 """Known designs: the published Nemotron-Flash models (counted, not trained here), their scaled-down CPU
 versions (same pattern), and single-operator baselines. They seed a search's initial population."""
+
 from __future__ import annotations
 
 from search.layout import Layout
@@ -10,18 +11,50 @@ _FLASH_BLOCK_B = "A F M2 F"  # attention block
 FLASH_1B_PATTERN = " ".join([_FLASH_BLOCK_A, _FLASH_BLOCK_B] * 2 + [_FLASH_BLOCK_A] * 2)
 FLASH_3B_PATTERN = " ".join([_FLASH_BLOCK_A, _FLASH_BLOCK_B] * 3 + [_FLASH_BLOCK_A] * 3)
 
-_FLASH_COMMON = dict(ffn_ratio=3.0, mamba_expand=2, mamba_head_dim=64, mamba_d_state=128, mamba_groups=1,
-                     conv_size=4, tied_embeddings=True)
+_FLASH_COMMON = dict(
+    ffn_ratio=3.0,
+    mamba_expand=2,
+    mamba_head_dim=64,
+    mamba_d_state=128,
+    mamba_groups=1,
+    conv_size=4,
+    tied_embeddings=True,
+)
 # CPU scale: d_model 128, 4 query heads of 32 (2 KV heads), Mamba2 heads of 32 with d_state 32.
-_MINI_DIMS = dict(d_model=128, n_heads=4, n_kv_heads=2, head_dim=32, ffn_ratio=3.0, mamba_expand=2,
-                  mamba_head_dim=32, mamba_d_state=32, mamba_groups=1, conv_size=4, swa_window=64,
-                  tied_embeddings=True)
+_MINI_DIMS = dict(
+    d_model=128,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=32,
+    ffn_ratio=3.0,
+    mamba_expand=2,
+    mamba_head_dim=32,
+    mamba_d_state=32,
+    mamba_groups=1,
+    conv_size=4,
+    swa_window=64,
+    tied_embeddings=True,
+)
 
 _PRESETS: dict[str, dict] = {
-    "nemotron-flash-1b": dict(operators=FLASH_1B_PATTERN, d_model=2048, n_heads=16, n_kv_heads=4,
-                              head_dim=128, vocab_size=131072, **_FLASH_COMMON),
-    "nemotron-flash-3b": dict(operators=FLASH_3B_PATTERN, d_model=3072, n_heads=24, n_kv_heads=6,
-                              head_dim=128, vocab_size=131072, **_FLASH_COMMON),
+    "nemotron-flash-1b": dict(
+        operators=FLASH_1B_PATTERN,
+        d_model=2048,
+        n_heads=16,
+        n_kv_heads=4,
+        head_dim=128,
+        vocab_size=131072,
+        **_FLASH_COMMON,
+    ),
+    "nemotron-flash-3b": dict(
+        operators=FLASH_3B_PATTERN,
+        d_model=3072,
+        n_heads=24,
+        n_kv_heads=6,
+        head_dim=128,
+        vocab_size=131072,
+        **_FLASH_COMMON,
+    ),
     "nemotron-flash-1b-mini": dict(operators=FLASH_1B_PATTERN, **_MINI_DIMS),
     "nemotron-flash-3b-mini": dict(operators=FLASH_3B_PATTERN, **_MINI_DIMS),
     # Single-operator baselines at the same CPU width, 12 mixers deep (24 operators with their FFNs).
@@ -49,6 +82,7 @@ def resolve_layout(spec: str) -> Layout:
     from pathlib import Path
 
     from search.layout import LayoutError, load_layout
+
     if spec in _PRESETS:
         return get_preset(spec)
     path = Path(spec)

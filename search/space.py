@@ -7,13 +7,15 @@ counts its size and defines the one-factor mutations the search uses. It is a ge
 rule: a layout outside it (the final Nemotron-Flash models alternate blocks) is still a valid `Layout`, and
 mutates at operator level (`mutate_layout`).
 """
+
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Iterator
+from typing import Any
 
 from search.layout import Layout, LayoutError
 from search.operators import OPERATORS
@@ -97,8 +99,11 @@ class SearchSpace:
             raise SpaceError("mixers", "is empty")
         for name in self.mixers:
             if name not in OPERATORS or OPERATORS[name].kind != "mixer":
-                raise SpaceError("mixers", f"{name!r} is not a token mixer (known: "
-                                           f"{', '.join(n for n, s in OPERATORS.items() if s.kind == 'mixer')})")
+                raise SpaceError(
+                    "mixers",
+                    f"{name!r} is not a token mixer (known: "
+                    f"{', '.join(n for n, s in OPERATORS.items() if s.kind == 'mixer')})",
+                )
         if len(set(self.mixers)) != len(self.mixers):
             raise SpaceError("mixers", "contains duplicates")
         for ratio in self.ratios:
@@ -113,10 +118,15 @@ class SearchSpace:
         if not self.widths or min(self.widths) <= 0:
             raise SpaceError("widths", "must be non-empty and positive")
         from search.layout import DEFAULT_LIMITS
+
         if max(self.widths) > DEFAULT_LIMITS.max_d_model:
-            raise SpaceError("widths", f"{max(self.widths)} exceeds the limit of {DEFAULT_LIMITS.max_d_model}")
+            raise SpaceError(
+                "widths", f"{max(self.widths)} exceeds the limit of {DEFAULT_LIMITS.max_d_model}"
+            )
         if self.max_operators > DEFAULT_LIMITS.max_operators:
-            raise SpaceError("max_operators", f"{self.max_operators} exceeds the limit of {DEFAULT_LIMITS.max_operators}")
+            raise SpaceError(
+                "max_operators", f"{self.max_operators} exceeds the limit of {DEFAULT_LIMITS.max_operators}"
+            )
         if not self.block_types:
             raise SpaceError("ratios", "no block type can be formed (two-mixer ratios need two mixers)")
         if self.n_stages * min(b.size for b in self.block_types) > self.max_operators:
@@ -134,8 +144,9 @@ class SearchSpace:
                 if ratio == SINGLE:
                     types.extend(BlockType((m,), SINGLE, ffns) for m in self.mixers)
                 else:
-                    types.extend(BlockType((a, b), ratio, ffns)
-                                 for a in self.mixers for b in self.mixers if a != b)
+                    types.extend(
+                        BlockType((a, b), ratio, ffns) for a in self.mixers for b in self.mixers if a != b
+                    )
         return tuple(types)
 
     def size(self) -> int:
@@ -154,6 +165,7 @@ class SearchSpace:
 
     def enumerate(self) -> Iterator[Genome]:
         """Every genome (for small closed spaces; see `size()` first)."""
+
         def rec(prefix: tuple[Stage, ...], used: int) -> Iterator[tuple[Stage, ...]]:
             if len(prefix) == self.n_stages:
                 yield prefix
@@ -161,6 +173,7 @@ class SearchSpace:
             for block in self.block_types:
                 for n_blocks in range(1, (self.max_operators - used) // block.size + 1):
                     yield from rec(prefix + (Stage(block, n_blocks),), used + block.size * n_blocks)
+
         for width in self.widths:
             for stages in rec((), 0):
                 yield Genome(stages, width)
@@ -173,7 +186,9 @@ class SearchSpace:
                 continue
             # Trim the last stage first (method.md: at most N operators, trim the last stage).
             for index in reversed(range(self.n_stages)):
-                while counts[index] > 1 and sum(b.size * c for b, c in zip(blocks, counts)) > self.max_operators:
+                while (
+                    counts[index] > 1 and sum(b.size * c for b, c in zip(blocks, counts)) > self.max_operators
+                ):
                     counts[index] -= 1
             return Genome(tuple(Stage(b, c) for b, c in zip(blocks, counts)), rng.choice(self.widths))
 
@@ -188,9 +203,11 @@ class SearchSpace:
             if stage == self.n_stages:
                 memo[key] = 1
             else:
-                memo[key] = sum(self._completions(stage + 1, used + b.size * n)
-                                for b in self.block_types
-                                for n in range(1, (self.max_operators - used) // b.size + 1))
+                memo[key] = sum(
+                    self._completions(stage + 1, used + b.size * n)
+                    for b in self.block_types
+                    for n in range(1, (self.max_operators - used) // b.size + 1)
+                )
         return memo[key]
 
     def sample_uniform(self, rng: random.Random) -> Genome:
@@ -198,7 +215,9 @@ class SearchSpace:
         rule, which favours layouts near the operator limit; this one gives every genome the same chance)."""
         stages, used = [], 0
         for index in range(self.n_stages):
-            options = [(b, n) for b in self.block_types for n in range(1, (self.max_operators - used) // b.size + 1)]
+            options = [
+                (b, n) for b in self.block_types for n in range(1, (self.max_operators - used) // b.size + 1)
+            ]
             weights = [self._completions(index + 1, used + b.size * n) for b, n in options]
             block, n_blocks = rng.choices(options, weights=weights)[0]
             stages.append(Stage(block, n_blocks))
@@ -226,10 +245,13 @@ class SearchSpace:
         return dims
 
     def to_layout(self, genome: Genome, name: str | None = None) -> Layout:
-        return Layout.from_dict({"operators": genome.operators(), "name": name, **self._dims_for(genome.d_model)})
+        return Layout.from_dict(
+            {"operators": genome.operators(), "name": name, **self._dims_for(genome.d_model)}
+        )
 
     def decode(self, layout: Layout) -> Genome | None:
-        """The genome that generates this layout's sequence and width, or None if it is outside the grammar."""
+        """The genome that generates this layout's sequence and width, or None if it is outside the
+        grammar."""
         if layout.d_model not in self.widths:
             return None
         ops = list(layout.operators)
@@ -240,11 +262,14 @@ class SearchSpace:
             if stages_left == 0:
                 return () if start == len(ops) else None
             for size in block_lengths:
-                block = by_ops.get(tuple(ops[start:start + size]))
+                block = by_ops.get(tuple(ops[start : start + size]))
                 if block is None:
                     continue
                 n = 1
-                while start + n * size <= len(ops) and ops[start + (n - 1) * size:start + n * size] == ops[start:start + size]:
+                while (
+                    start + n * size <= len(ops)
+                    and ops[start + (n - 1) * size : start + n * size] == ops[start : start + size]
+                ):
                     rest = rec(start + n * size, stages_left - 1)
                     if rest is not None:
                         return (Stage(block, n),) + rest
@@ -257,8 +282,9 @@ class SearchSpace:
         return None if stages is None else Genome(stages, layout.d_model)
 
     # ---- one-factor mutations ------------------------------------------------------------------------------
-    def mutate(self, genome: Genome, rng: random.Random, kinds: tuple[str, ...] = MUTATION_KINDS
-               ) -> tuple[Genome, Mutation]:
+    def mutate(
+        self, genome: Genome, rng: random.Random, kinds: tuple[str, ...] = MUTATION_KINDS
+    ) -> tuple[Genome, Mutation]:
         """Change exactly one factor: an operator, the mix ratio, the FFN count, the block counts across
         stages, or the width. Retries until the child differs from the parent and fits the grammar."""
         for _ in range(200):
@@ -353,7 +379,10 @@ class SearchSpace:
         child = self._replace_stage(genome, index, Stage(block, genome.stages[index].n_blocks))
         counts = [s.n_blocks for s in child.stages]
         for i in reversed(range(len(counts))):
-            while counts[i] > 1 and sum(s.block.size * c for s, c in zip(child.stages, counts)) > self.max_operators:
+            while (
+                counts[i] > 1
+                and sum(s.block.size * c for s, c in zip(child.stages, counts)) > self.max_operators
+            ):
                 counts[i] -= 1
         return Genome(tuple(Stage(s.block, c) for s, c in zip(child.stages, counts)), child.d_model)
 
@@ -393,7 +422,7 @@ class SearchSpace:
                 i = rng.choice(mixer_positions)
                 width = 2 if i + 1 < len(ops) and ops[i + 1] == "ffn" else 1
                 detail = f"remove {ops[i]}{'+ffn' if width == 2 else ''} at {i}"
-                del ops[i:i + width]
+                del ops[i : i + width]
             else:
                 widths = sorted(self.widths)
                 options = [w for w in widths if w != layout.d_model]
@@ -403,8 +432,10 @@ class SearchSpace:
                 if not options:
                     continue
                 width = rng.choice(options)
-                return (Layout.from_dict({**layout.to_dict(), **self._dims_for(width), "name": None}),
-                        Mutation("width", f"width {layout.d_model} -> {width}"))
+                return (
+                    Layout.from_dict({**layout.to_dict(), **self._dims_for(width), "name": None}),
+                    Mutation("width", f"width {layout.d_model} -> {width}"),
+                )
             child = layout.replace(operators=ops, name=None)
             if child != layout:
                 return child, Mutation(kind, detail)
@@ -414,7 +445,9 @@ class SearchSpace:
 def cpu_space(**overrides: Any) -> SearchSpace:
     """The grammar at CPU scale (the fidelity run's dims: d_model 64, at most 12 operators)."""
     settings: dict[str, Any] = dict(
-        mixers=("attention", "mamba2", "deltanet"), max_operators=12, widths=(64,),
+        mixers=("attention", "mamba2", "deltanet"),
+        max_operators=12,
+        widths=(64,),
         dims={"head_dim": 16, "kv_group": 2, "mamba_head_dim": 16, "mamba_d_state": 16, "swa_window": 64},
     )
     settings.update(overrides)
@@ -429,6 +462,12 @@ def benchmark_space() -> SearchSpace:
     """The closed sub-space evaluated exhaustively for the search-efficiency benchmark: every one-factor
     mutation stays inside it (3 mixers, ratios 0:1 and 1:1, one FFN per mixer, 2 stages, at most 10
     operators, widths 48 and 64): 540 genomes, 396 distinct layouts."""
-    return SearchSpace(mixers=("attention", "mamba2", "deltanet"), ratios=((0, 1), (1, 1)), ffn_counts=(1,),
-                       n_stages=2, max_operators=10, widths=(48, 64),
-                       dims={"head_dim": 16, "kv_group": 2, "mamba_head_dim": 16, "mamba_d_state": 16})
+    return SearchSpace(
+        mixers=("attention", "mamba2", "deltanet"),
+        ratios=((0, 1), (1, 1)),
+        ffn_counts=(1,),
+        n_stages=2,
+        max_operators=10,
+        widths=(48, 64),
+        dims={"head_dim": 16, "kv_group": 2, "mamba_head_dim": 16, "mamba_d_state": 16},
+    )

@@ -1,8 +1,8 @@
 """Schedules of searches in the storage seam: `ScheduleStore`, a mixin of `search.storage.Storage`.
 
-A schedule is a cron expression in a time zone plus a search template; every due time of it is recorded once in
-`schedule_fires` as fired (with the queued job), missed (older than the scheduler's grace period), skipped (a
-previous run of the schedule was still queued or running) or failed (the template no longer validates). The
+A schedule is a cron expression in a time zone plus a search template; every due time of it is recorded once
+in `schedule_fires` as fired (with the queued job), missed (older than the scheduler's grace period), skipped
+(a previous run of the schedule was still queued or running) or failed (the template no longer validates). The
 unique (schedule_id, due_at) row is the exactly-once guarantee: `fire()` inserts it with
 `INSERT ... ON CONFLICT DO NOTHING` and, in the same transaction, the queued job, so of several coordinators
 racing on one due time exactly one records it and at most one job exists.
@@ -14,6 +14,7 @@ only ever moves it forward.
 The mixin uses Storage's plumbing (`transaction()`, `_read()`, `_insert()`); it imports `search.storage`
 lazily because that module imports this one.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -133,7 +134,9 @@ def check_timezone(name: str) -> str:
 
 def _check_status(status: str) -> str:
     if status not in SCHEDULE_FIRE_STATUSES:
-        raise ValueError(f"unknown fire status {status!r}; expected one of {', '.join(SCHEDULE_FIRE_STATUSES)}")
+        raise ValueError(
+            f"unknown fire status {status!r}; expected one of {', '.join(SCHEDULE_FIRE_STATUSES)}"
+        )
     return status
 
 
@@ -160,17 +163,34 @@ class ScheduleStore:
 
     # ---- schedules
 
-    def create_schedule(self, name: str, cron: str, template: dict, *, timezone: str = "UTC",
-                        enabled: bool = True, warm_start: bool = False, priority: int = 0,
-                        created_at: datetime | None = None) -> int:
+    def create_schedule(
+        self,
+        name: str,
+        cron: str,
+        template: dict,
+        *,
+        timezone: str = "UTC",
+        enabled: bool = True,
+        warm_start: bool = False,
+        priority: int = 0,
+        created_at: datetime | None = None,
+    ) -> int:
         """A new schedule; its first due time is the first one after `created_at` (default: now)."""
         if not isinstance(template, dict):
             raise ValueError("template: a search config (a JSON object)")
         now = utcnow()
-        values = {"name": name, "cron": check_cron(cron), "timezone": check_timezone(timezone),
-                  "template": template, "enabled": bool(enabled), "warm_start": bool(warm_start),
-                  "priority": int(priority), "created_at": _aware(created_at, "created_at") if created_at else now,
-                  "updated_at": now, "last_due_at": None}
+        values = {
+            "name": name,
+            "cron": check_cron(cron),
+            "timezone": check_timezone(timezone),
+            "template": template,
+            "enabled": bool(enabled),
+            "warm_start": bool(warm_start),
+            "priority": int(priority),
+            "created_at": _aware(created_at, "created_at") if created_at else now,
+            "updated_at": now,
+            "last_due_at": None,
+        }
         t = db.schedules
         with self.transaction() as conn:
             return int(conn.execute(t.insert().values(**values).returning(t.c.id)).scalar_one())
@@ -181,8 +201,9 @@ class ScheduleStore:
             row = conn.execute(select(*_columns(ScheduleRecord, t)).where(t.c.id == schedule_id)).first()
         return None if row is None else _record(ScheduleRecord, row)
 
-    def list_schedules(self, enabled: bool | None = None, limit: int | None = DEFAULT_PAGE,
-                       offset: int = 0) -> list[ScheduleRecord]:
+    def list_schedules(
+        self, enabled: bool | None = None, limit: int | None = DEFAULT_PAGE, offset: int = 0
+    ) -> list[ScheduleRecord]:
         """Schedules by id (oldest first)."""
         t = db.schedules
         stmt = select(*_columns(ScheduleRecord, t)).where(*self._schedule_filters(enabled))
@@ -199,14 +220,15 @@ class ScheduleStore:
     def _schedule_filters(enabled: bool | None) -> list:
         return [] if enabled is None else [db.schedules.c.enabled == bool(enabled)]
 
-    def update_schedule(self, schedule_id: int, changes: dict[str, Any], *,
-                        now: datetime | None = None) -> ScheduleRecord:
-        """Change some of name, cron, timezone, template, enabled, warm_start, priority; KeyError if there is no
-        such schedule, ValueError for an unknown field or a bad cron/time zone.
+    def update_schedule(
+        self, schedule_id: int, changes: dict[str, Any], *, now: datetime | None = None
+    ) -> ScheduleRecord:
+        """Change some of name, cron, timezone, template, enabled, warm_start, priority; KeyError if there is
+        no such schedule, ValueError for an unknown field or a bad cron/time zone.
 
-        Re-enabling a disabled schedule, or changing its cron or time zone, moves the cursor (`last_due_at`) to
-        `now` (default: the current time): due times that passed while it was disabled, or under the old cron,
-        are neither fired nor recorded as missed."""
+        Re-enabling a disabled schedule, or changing its cron or time zone, moves the cursor (`last_due_at`)
+        to `now` (default: the current time): due times that passed while it was disabled, or under the old
+        cron, are neither fired nor recorded as missed."""
         unknown = sorted(set(changes) - set(SCHEDULE_FIELDS))
         if unknown:
             raise ValueError(f"cannot change schedule field(s) {', '.join(unknown)}")
@@ -227,9 +249,11 @@ class ScheduleStore:
             if row is None:
                 raise KeyError(f"no schedule {schedule_id}")
             current: ScheduleRecord = _record(ScheduleRecord, row)
-            rebase = ((values.get("enabled") is True and not current.enabled)
-                      or values.get("cron", current.cron) != current.cron
-                      or values.get("timezone", current.timezone) != current.timezone)
+            rebase = (
+                (values.get("enabled") is True and not current.enabled)
+                or values.get("cron", current.cron) != current.cron
+                or values.get("timezone", current.timezone) != current.timezone
+            )
             if rebase and (current.last_due_at is None or current.last_due_at < now):
                 values["last_due_at"] = now
             values["updated_at"] = utcnow()
@@ -245,17 +269,31 @@ class ScheduleStore:
 
     # ---- fires
 
-    def list_fires(self, schedule_id: int, limit: int | None = DEFAULT_PAGE, offset: int = 0,
-                   status: str | Iterable[str] | None = None) -> list[ScheduleFireRecord]:
+    def list_fires(
+        self,
+        schedule_id: int,
+        limit: int | None = DEFAULT_PAGE,
+        offset: int = 0,
+        status: str | Iterable[str] | None = None,
+    ) -> list[ScheduleFireRecord]:
         """A schedule's recorded due times, newest due time first."""
         t = db.schedule_fires
-        stmt = (select(*_columns(ScheduleFireRecord, t)).where(*self._fire_filters(schedule_id, status))
-                .order_by(t.c.due_at.desc(), t.c.id.desc()).offset(offset).limit(limit))
+        stmt = (
+            select(*_columns(ScheduleFireRecord, t))
+            .where(*self._fire_filters(schedule_id, status))
+            .order_by(t.c.due_at.desc(), t.c.id.desc())
+            .offset(offset)
+            .limit(limit)
+        )
         with self._read() as conn:
             return [_record(ScheduleFireRecord, row) for row in conn.execute(stmt)]
 
     def count_fires(self, schedule_id: int, status: str | Iterable[str] | None = None) -> int:
-        stmt = select(func.count()).select_from(db.schedule_fires).where(*self._fire_filters(schedule_id, status))
+        stmt = (
+            select(func.count())
+            .select_from(db.schedule_fires)
+            .where(*self._fire_filters(schedule_id, status))
+        )
         with self._read() as conn:
             return int(conn.execute(stmt).scalar_one())
 
@@ -268,16 +306,24 @@ class ScheduleStore:
             filters.append(t.c.status.in_([_check_status(s) for s in statuses]))
         return filters
 
-    def fire(self, schedule_id: int, due_at: datetime, status: str, *, job: dict | None = None,
-             reason: str | None = None, fired_at: datetime | None = None) -> ScheduleFireRecord | None:
+    def fire(
+        self,
+        schedule_id: int,
+        due_at: datetime,
+        status: str,
+        *,
+        job: dict | None = None,
+        reason: str | None = None,
+        fired_at: datetime | None = None,
+    ) -> ScheduleFireRecord | None:
         """Record one due time of a schedule, atomically and at most once.
 
         In one transaction: insert the (schedule_id, due_at) row (`ON CONFLICT DO NOTHING` on its unique
-        constraint); if that inserted it and `status` is "fired", insert the queued search job (`job`: `config`
-        and optionally `name`, `priority`, `budget`, `kind`; the values `create_job` uses, `schedule_id` set)
-        and link it; move the schedule's `last_due_at` forward to `due_at`. Returns the new fire record (its
-        `job_id` is the job's id), or None when that due time was already recorded (by anyone): then nothing
-        changed. KeyError if the schedule does not exist.
+        constraint); if that inserted it and `status` is "fired", insert the queued search job (`job`:
+        `config` and optionally `name`, `priority`, `budget`, `kind`; the values `create_job` uses,
+        `schedule_id` set) and link it; move the schedule's `last_due_at` forward to `due_at`. Returns the new
+        fire record (its `job_id` is the job's id), or None when that due time was already recorded (by
+        anyone): then nothing changed. KeyError if the schedule does not exist.
         """
         _check_status(status)
         _aware(due_at, "due_at")
@@ -290,16 +336,33 @@ class ScheduleStore:
             unknown = sorted(set(job) - {"kind", "config", "name", "priority", "budget"})
             if unknown or "config" not in job:
                 raise ValueError(f"job: needs 'config'; unknown key(s) {', '.join(unknown) or 'none'}")
-            job_values = {"kind": _check(job.get("kind", "search"), JOB_KINDS, "job kind"),
-                          "config": job["config"], "name": job.get("name"), "priority": int(job.get("priority", 0)),
-                          "budget": job.get("budget"), "idempotency_key": None, "schedule_id": schedule_id,
-                          "status": "queued", "n_evaluations": 0, "created_at": utcnow()}
+            job_values = {
+                "kind": _check(job.get("kind", "search"), JOB_KINDS, "job kind"),
+                "config": job["config"],
+                "name": job.get("name"),
+                "priority": int(job.get("priority", 0)),
+                "budget": job.get("budget"),
+                "idempotency_key": None,
+                "schedule_id": schedule_id,
+                "status": "queued",
+                "n_evaluations": 0,
+                "created_at": utcnow(),
+            }
         s, f, j = db.schedules, db.schedule_fires, db.jobs
-        values = {"schedule_id": schedule_id, "due_at": due_at, "fired_at": fired_at or utcnow(), "status": status,
-                  "job_id": None, "reason": reason}
-        stmt = (self._insert(f).values(**values)
-                .on_conflict_do_nothing(index_elements=[f.c.schedule_id, f.c.due_at])
-                .returning(*_columns(ScheduleFireRecord, f)))
+        values = {
+            "schedule_id": schedule_id,
+            "due_at": due_at,
+            "fired_at": fired_at or utcnow(),
+            "status": status,
+            "job_id": None,
+            "reason": reason,
+        }
+        stmt = (
+            self._insert(f)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=[f.c.schedule_id, f.c.due_at])
+            .returning(*_columns(ScheduleFireRecord, f))
+        )
         with self.transaction() as conn:
             if conn.execute(select(s.c.id).where(s.c.id == schedule_id)).first() is None:
                 raise KeyError(f"no schedule {schedule_id}")
@@ -310,12 +373,21 @@ class ScheduleStore:
             if job_values is not None:
                 job_id = int(conn.execute(j.insert().values(**job_values).returning(j.c.id)).scalar_one())
                 conn.execute(update(f).where(f.c.id == record.id).values(job_id=job_id))
-                record = ScheduleFireRecord(record.id, record.schedule_id, record.due_at, record.fired_at,
-                                            record.status, job_id, record.reason)
+                record = ScheduleFireRecord(
+                    record.id,
+                    record.schedule_id,
+                    record.due_at,
+                    record.fired_at,
+                    record.status,
+                    job_id,
+                    record.reason,
+                )
             # Forward only; updated_at is the user's last change, not the scheduler's progress.
-            conn.execute(update(s).where(s.c.id == schedule_id,
-                                         or_(s.c.last_due_at.is_(None), s.c.last_due_at < due_at))
-                         .values(last_due_at=due_at, updated_at=s.c.updated_at))
+            conn.execute(
+                update(s)
+                .where(s.c.id == schedule_id, or_(s.c.last_due_at.is_(None), s.c.last_due_at < due_at))
+                .values(last_due_at=due_at, updated_at=s.c.updated_at)
+            )
         return record
 
     # ---- the schedule's jobs
@@ -328,9 +400,12 @@ class ScheduleStore:
         from search.storage import _record as job_record
 
         t = db.jobs
-        stmt = (select(*job_columns(JobRecord, t))
-                .where(t.c.schedule_id == schedule_id, t.c.status.in_(ACTIVE_JOB_STATUSES))
-                .order_by(case((t.c.status == "running", 0), else_=1), t.c.created_at, t.c.id).limit(1))
+        stmt = (
+            select(*job_columns(JobRecord, t))
+            .where(t.c.schedule_id == schedule_id, t.c.status.in_(ACTIVE_JOB_STATUSES))
+            .order_by(case((t.c.status == "running", 0), else_=1), t.c.created_at, t.c.id)
+            .limit(1)
+        )
         with self._read() as conn:
             row = conn.execute(stmt).first()
         return None if row is None else job_record(JobRecord, row)
@@ -342,9 +417,12 @@ class ScheduleStore:
         from search.storage import _record as job_record
 
         t = db.jobs
-        stmt = (select(*job_columns(JobRecord, t))
-                .where(t.c.schedule_id == schedule_id, t.c.status == "completed")
-                .order_by(t.c.created_at.desc(), t.c.id.desc()).limit(1))
+        stmt = (
+            select(*job_columns(JobRecord, t))
+            .where(t.c.schedule_id == schedule_id, t.c.status == "completed")
+            .order_by(t.c.created_at.desc(), t.c.id.desc())
+            .limit(1)
+        )
         with self._read() as conn:
             row = conn.execute(stmt).first()
         return None if row is None else job_record(JobRecord, row)

@@ -1,4 +1,5 @@
 """Shared tolerances of the operator tests: parallel == recurrent == reference within these."""
+
 import torch
 
 TOL = {torch.float64: 1e-8, torch.float32: 2e-3}

@@ -9,12 +9,14 @@ fails: CI must never pass by skipping the real database.
 Use in a test module (only for tests that touch the database):
 
     from tests import pg
-    db_url = pg.db_url        # fixture: an empty database's URL per backend, parametrized ["sqlite", "postgresql"]
-    storage = pg.storage      # fixture: a Storage per backend, schema at head, no rows (same parametrization)
+    db_url = pg.db_url        # fixture: an empty database's URL per backend, parametrized ["sqlite",
+    "postgresql"] storage = pg.storage      # fixture: a Storage per backend, schema at head, no rows (same
+    parametrization)
 
 and `with pg.backend_url("postgresql", tmp_path) as url:` (empty) or `pg.migrated_url(...)` (schema at head)
 where a test needs more than one database, or a URL for a subprocess.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -48,8 +50,10 @@ def require_postgres() -> str:
     url = postgres_admin_url()
     if url:
         return url
-    message = (f"{POSTGRES_ENV} is not set: the PostgreSQL tests need a server "
-               "(.ci/run installs and starts one; see tests/pg.py)")
+    message = (
+        f"{POSTGRES_ENV} is not set: the PostgreSQL tests need a server "
+        "(.ci/run installs and starts one; see tests/pg.py)"
+    )
     if in_ci():
         pytest.fail(f"CI=true and {message}", pytrace=False)
     pytest.skip(message)

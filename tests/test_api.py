@@ -1,4 +1,5 @@
 """The coordinator REST API (first slice): auth, searches lifecycle, idempotency, validation, pagination."""
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,11 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _create(client, body=None, headers=None):
-    return client.post("/api/searches", json=body if body is not None else {"name": "t", "budget": 4},
-                       headers={**AUTH, **(headers or {})})
+    return client.post(
+        "/api/searches",
+        json=body if body is not None else {"name": "t", "budget": 4},
+        headers={**AUTH, **(headers or {})},
+    )
 
 
 def _fields(response):
@@ -89,7 +93,10 @@ def test_token_file_made_0600_and_not_logged(storage, tmp_path, monkeypatch, cap
     assert str(path) in caplog.text and token not in caplog.text
     c = TestClient(app)
     assert c.post("/api/searches", json={"budget": 2}).status_code == 401
-    assert c.post("/api/searches", json={"budget": 2}, headers={"Authorization": f"Bearer {token}"}).status_code == 201
+    assert (
+        c.post("/api/searches", json={"budget": 2}, headers={"Authorization": f"Bearer {token}"}).status_code
+        == 201
+    )
     # a second start reuses the same token
     again = create_app(Settings(data_dir=data_dir), storage)
     assert again.state.auth.token == token
@@ -120,8 +127,9 @@ def test_create_get_list_cancel_archive_delete(client, storage):
 
     listing = client.get("/api/searches", params={"status": "queued", "limit": 200}).json()
     assert sid in [s["id"] for s in listing["items"]] and listing["limit"] == 200
-    assert client.get("/api/searches", params={"status": "cancelled"}).json()["items"] == [] or \
-        sid not in [s["id"] for s in client.get("/api/searches", params={"status": "cancelled"}).json()["items"]]
+    assert client.get("/api/searches", params={"status": "cancelled"}).json()["items"] == [] or sid not in [
+        s["id"] for s in client.get("/api/searches", params={"status": "cancelled"}).json()["items"]
+    ]
     queue = client.get("/api/jobs").json()["items"]
     assert sid in [j["id"] for j in queue]
 
@@ -180,8 +188,16 @@ def test_idempotency_key(client):
     assert first.status_code == 201 and again.status_code == 200
     assert again.json()["id"] == first.json()["id"] and again.json()["replayed"] is True
     assert again.headers["Idempotent-Replayed"] == "true"
-    assert len([s for s in client.get("/api/searches", params={"limit": 200}).json()["items"]
-                if s["name"] == "idem"]) == 1
+    assert (
+        len(
+            [
+                s
+                for s in client.get("/api/searches", params={"limit": 200}).json()["items"]
+                if s["name"] == "idem"
+            ]
+        )
+        == 1
+    )
     other = _create(client, {"name": "idem", "budget": 4}, {"Idempotency-Key": "abc-123"})
     assert other.status_code == 409
     assert _create(client, body, {"Idempotency-Key": "x" * 201}).status_code == 422
@@ -190,18 +206,21 @@ def test_idempotency_key(client):
 # ---------------------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"strategy": "bogus"}, "strategy"),
-    ({"budget": 0}, "budget"),
-    ({"budget": "many"}, "budget"),
-    ({"unknown_field": 1}, "unknown_field"),
-    ({"space": {"n_stages": 99}}, "space.n_stages"),
-    ({"space": {"mixers": ["bogus"]}}, "space.mixers"),
-    ({"objectives": ["val_bpb", "val_bpb"]}, "objectives"),
-    ({"priority": 10**6}, "priority"),
-    ({"name": "x" * 1000}, "name"),
-    ({"warm_start_job": 999999}, "warm_start_job"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"strategy": "bogus"}, "strategy"),
+        ({"budget": 0}, "budget"),
+        ({"budget": "many"}, "budget"),
+        ({"unknown_field": 1}, "unknown_field"),
+        ({"space": {"n_stages": 99}}, "space.n_stages"),
+        ({"space": {"mixers": ["bogus"]}}, "space.mixers"),
+        ({"objectives": ["val_bpb", "val_bpb"]}, "objectives"),
+        ({"priority": 10**6}, "priority"),
+        ({"name": "x" * 1000}, "name"),
+        ({"warm_start_job": 999999}, "warm_start_job"),
+    ],
+)
 def test_422_names_the_field(client, body, field):
     r = _create(client, body)
     assert r.status_code == 422, r.text
@@ -210,14 +229,21 @@ def test_422_names_the_field(client, body, field):
 
 
 def test_malformed_json_and_non_object_body(client):
-    r = client.post("/api/searches", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"})
+    r = client.post(
+        "/api/searches", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}
+    )
     assert r.status_code == 422 and "malformed JSON" in r.json()["message"]
     assert _create(client, [1, 2]).status_code == 422
 
 
 def test_unknown_ids_404(client):
-    for path in ("/api/searches/424242", "/api/searches/424242/candidates", "/api/searches/424242/pareto",
-                 "/api/candidates/424242", "/api/candidates/424242/layout.json"):
+    for path in (
+        "/api/searches/424242",
+        "/api/searches/424242/candidates",
+        "/api/searches/424242/pareto",
+        "/api/candidates/424242",
+        "/api/candidates/424242/layout.json",
+    ):
         assert client.get(path).status_code == 404, path
     for path in ("/api/searches/424242/cancel", "/api/searches/424242/archive"):
         assert client.post(path, headers=AUTH).status_code == 404

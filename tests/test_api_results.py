@@ -1,5 +1,6 @@
 """The API over a search that really ran (inline executor): fronts for any objective pair and as CSV, the live
 evaluation feed, candidate detail with lineage, curves and log tail, resume, and the body-size limit."""
+
 from __future__ import annotations
 
 import csv
@@ -32,7 +33,9 @@ def ran(tmp_path_factory):
     config = SearchConfig.model_validate({**TINY, "budget": 8})
     job_id = store.create_job("search", json.loads(config.model_dump_json()), budget=8)
     SearchEngine(store, job_id, lambda c: InlineExecutor(str(tmp / "data"), threads=1)).run()
-    client = TestClient(create_app(Settings(data_dir=tmp / "data", max_body_bytes=4096), store, auth=Auth(TOKEN)))
+    client = TestClient(
+        create_app(Settings(data_dir=tmp / "data", max_body_bytes=4096), store, auth=Auth(TOKEN))
+    )
     yield store, job_id, client
     store.close()
 
@@ -41,8 +44,16 @@ def _points(items, names):
     return {c["id"]: [c[n] for n in names] for c in items}
 
 
-@pytest.mark.parametrize("pair", [None, ("val_bpb", "decode_ms"), ("decode_ms", "val_bpb"), ("val_bpb", "n_params"),
-                                  ("n_params", "decode_ms")])
+@pytest.mark.parametrize(
+    "pair",
+    [
+        None,
+        ("val_bpb", "decode_ms"),
+        ("decode_ms", "val_bpb"),
+        ("val_bpb", "n_params"),
+        ("n_params", "decode_ms"),
+    ],
+)
 def test_pareto_front_for_any_pair_is_exactly_the_non_dominated_set(ran, pair):
     store, job_id, client = ran
     params = {} if pair is None else {"x": pair[0], "y": pair[1]}
@@ -62,7 +73,9 @@ def test_pareto_csv_matches_the_json_front(ran):
     r = client.get(f"/api/searches/{job_id}/pareto.csv", params={"x": "val_bpb", "y": "n_params"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(r.text)))
-    front = client.get(f"/api/searches/{job_id}/pareto", params={"x": "val_bpb", "y": "n_params"}).json()["items"]
+    front = client.get(f"/api/searches/{job_id}/pareto", params={"x": "val_bpb", "y": "n_params"}).json()[
+        "items"
+    ]
     assert [int(row["candidate_id"]) for row in rows] == [c["id"] for c in front]
     assert [float(row["val_bpb"]) for row in rows] == [c["val_bpb"] for c in front]
     assert all(row["operators"] and int(row["d_model"]) > 0 for row in rows)
@@ -121,22 +134,28 @@ def test_resume_requeues_a_cancelled_search_only(ran):
 
 def test_bodies_over_the_limit_are_refused_before_parsing(ran):
     _, _, client = ran
-    r = client.post("/api/searches", content=b"{" + b" " * 5000 + b"}", headers={**AUTH,
-                                                                                "content-type": "application/json"})
+    r = client.post(
+        "/api/searches",
+        content=b"{" + b" " * 5000 + b"}",
+        headers={**AUTH, "content-type": "application/json"},
+    )
     assert r.status_code == 413 and "4096" in r.json()["detail"]
     r = client.post("/api/searches", json={"name": "x" * 5000}, headers=AUTH)
     assert r.status_code == 413
 
 
-@pytest.mark.parametrize("data, field", [
-    ({"corpus": "../../etc/passwd"}, "data.corpus"),
-    ({"corpus": "/etc/hostname"}, "data.corpus"),
-    ({"corpus": "hf:/etc"}, "data.corpus"),
-    ({"tokenizer": "file:/etc/passwd"}, "data.tokenizer"),
-    ({"corpus": "no-such-folder-here"}, "data.corpus"),
-    ({"tokenizer": "sentencepiece"}, "data.tokenizer"),
-    ({"shell": "rm -rf /"}, "data.shell"),
-])
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"corpus": "../../etc/passwd"}, "data.corpus"),
+        ({"corpus": "/etc/hostname"}, "data.corpus"),
+        ({"corpus": "hf:/etc"}, "data.corpus"),
+        ({"tokenizer": "file:/etc/passwd"}, "data.tokenizer"),
+        ({"corpus": "no-such-folder-here"}, "data.corpus"),
+        ({"tokenizer": "sentencepiece"}, "data.tokenizer"),
+        ({"shell": "rm -rf /"}, "data.shell"),
+    ],
+)
 def test_data_paths_resolve_only_under_the_roots(ran, data, field):
     store, _, client = ran
     before = store.count_jobs()
@@ -160,8 +179,16 @@ def test_latency_target_needs_a_table_inside_the_roots(ran):
     store, _, client = ran
     r = client.post("/api/searches", json={"budget": 2, "strategy": "latency-target"}, headers=AUTH)
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "latency_lut"
-    r = client.post("/api/searches", json={"budget": 2, "strategy": "latency-target", "latency_lut": "/etc/passwd",
-                                           "strategy_options": {"target_ms": 1.0}}, headers=AUTH)
+    r = client.post(
+        "/api/searches",
+        json={
+            "budget": 2,
+            "strategy": "latency-target",
+            "latency_lut": "/etc/passwd",
+            "strategy_options": {"target_ms": 1.0},
+        },
+        headers=AUTH,
+    )
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "latency_lut"
 
 
@@ -172,15 +199,18 @@ def test_bad_strategy_options_are_refused_at_submission(ran):
         assert r.status_code == 422 and r.json()["detail"][0]["field"] == "strategy_options", r.text
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"proxy": {"stepz": 10}}, "proxy.stepz"),
-    ({"proxy": {"steps": 10, "tokens": 100}}, "proxy.steps"),
-    ({"proxy": {"precision": "fp8"}}, "proxy.precision"),
-    ({"proxy": {"steps": 10**9}}, "proxy.steps"),
-    ({"latency": {"repeats": 0}}, "latency.repeats"),
-    ({"latency": {"method": "magic"}}, "latency.method"),
-    ({"latency": {"bogus": 1}}, "latency.bogus"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"proxy": {"stepz": 10}}, "proxy.stepz"),
+        ({"proxy": {"steps": 10, "tokens": 100}}, "proxy.steps"),
+        ({"proxy": {"precision": "fp8"}}, "proxy.precision"),
+        ({"proxy": {"steps": 10**9}}, "proxy.steps"),
+        ({"latency": {"repeats": 0}}, "latency.repeats"),
+        ({"latency": {"method": "magic"}}, "latency.method"),
+        ({"latency": {"bogus": 1}}, "latency.bogus"),
+    ],
+)
 def test_worker_settings_are_checked_at_submission(ran, body, field):
     store, _, client = ran
     before = store.count_jobs()
@@ -211,7 +241,9 @@ def test_server_sent_events_stream_every_evaluation_then_end(ran):
     # reconnecting with Last-Event-ID resumes after it
     middle = evaluations[4]["id"]
     with client.stream("GET", f"/api/searches/{job_id}/events", headers={"Last-Event-ID": middle}) as r:
-        again = [json.loads(e["data"])["id"] for e in _sse(r.read().decode()) if e.get("event") == "evaluation"]
+        again = [
+            json.loads(e["data"])["id"] for e in _sse(r.read().decode()) if e.get("event") == "evaluation"
+        ]
     assert again == finished[5:]
     assert client.get(f"/api/searches/{job_id}/events", params={"since": "x"}).status_code == 422
     assert client.get("/api/searches/987654/events").status_code == 404

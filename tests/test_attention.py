@@ -1,5 +1,6 @@
 """Attention (full / sliding-window with sinks, GQA, RoPE) and SwiGLU: parallel form vs naive dense reference,
 vs token-by-token decode, chunked prefill from a cache, gradients, parameter counts."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,6 @@ CONFIGS = [(None, 0), (4, 0), (4, 3), (16, 0), (16, 3), (1, 2)]
 IDS = [f"W{w}-s{s}" for w, s in CONFIGS]
 
 
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
@@ -25,7 +24,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def make(window, n_sink, dtype, seed=0, backend="auto"):
     torch.manual_seed(seed)
     m = Attention(D, H, HKV, HD, window=window, n_sink=n_sink, backend=backend).to(dtype)
-    # larger q/k weights than the default init make the softmax peaked, so masking errors are not averaged away
+    # larger q/k weights than the default init make the softmax peaked, so masking errors are not averaged
+    # away
     with torch.no_grad():
         m.q_proj.weight.mul_(3.0)
         m.k_proj.weight.mul_(3.0)
@@ -94,7 +94,7 @@ def test_initial_state(window, n_sink, split):
     x2 = rand_x(B, 9, dtype, seed=12)
     xx = torch.cat([x, x2], 1)
     y2 = m(x2, cache, start=T + n_steps)
-    assert rel_err(y2, m(xx)[:, T + n_steps:]) <= TOL[dtype]
+    assert rel_err(y2, m(xx)[:, T + n_steps :]) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("window,n_sink", [(4, 3), (16, 0), (None, 0)], ids=["W4-s3", "W16-s0", "full"])
@@ -160,7 +160,8 @@ def test_rope_is_used():
 
 
 def test_blocked_swa_is_windowed():
-    """The blocked kernel never looks at keys older than the previous block: poisoning them changes nothing."""
+    """The blocked kernel never looks at keys older than the previous block: poisoning them changes
+    nothing."""
     torch.manual_seed(0)
     B, T, W, hd = 1, 24, 4, 8
     q = torch.randn(B, 2, T, hd, dtype=torch.float64)
@@ -168,12 +169,12 @@ def test_blocked_swa_is_windowed():
     wv = torch.randn(B, 1, W + T, hd, dtype=torch.float64)
     wpos = torch.cat([torch.full((W,), -1), torch.arange(T)])
     empty = wk[:, :, :0]
-    o = blocked_swa(q, empty, empty, torch.zeros(0, dtype=torch.long), wk, wv, wpos, 0, W, hd ** -0.5)
+    o = blocked_swa(q, empty, empty, torch.zeros(0, dtype=torch.long), wk, wv, wpos, 0, W, hd**-0.5)
     # last block's queries: positions 20..23, window reaches back to 17; poison keys of positions < 16
     wk2, wv2 = wk.clone(), wv.clone()
-    wk2[:, :, W:W + 16] = 1e6
-    wv2[:, :, W:W + 16] = float("nan")
-    o2 = blocked_swa(q, empty, empty, torch.zeros(0, dtype=torch.long), wk2, wv2, wpos, 0, W, hd ** -0.5)
+    wk2[:, :, W : W + 16] = 1e6
+    wv2[:, :, W : W + 16] = float("nan")
+    o2 = blocked_swa(q, empty, empty, torch.zeros(0, dtype=torch.long), wk2, wv2, wpos, 0, W, hd**-0.5)
     assert torch.equal(o[:, :, 20:], o2[:, :, 20:])
 
 
@@ -196,6 +197,7 @@ def test_swa_cache_layout():
 def _flex_eager_ok():
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+
         return True
     except Exception:
         return False
@@ -236,44 +238,61 @@ def test_swiglu_forward_matches_step(dtype):
     assert cache == {}
     ys = torch.stack([f.step(x[:, t], cache, torch.tensor(t)) for t in range(11)], 1)
     assert rel_err(ys, y) <= TOL[dtype]
-    ref = (torch.nn.functional.silu(x @ f.gate_proj.weight.T) * (x @ f.up_proj.weight.T)) @ f.down_proj.weight.T
+    ref = (
+        torch.nn.functional.silu(x @ f.gate_proj.weight.T) * (x @ f.up_proj.weight.T)
+    ) @ f.down_proj.weight.T
     assert rel_err(y, ref) <= TOL[dtype]
     y.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in f.parameters())
 
 
-# ---- RoPE table and the decode step's fused projections -------------------------------------------------------
+# ---- RoPE table and the decode step's fused projections ----------------------------------------------------
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-14), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float64, 1e-14), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)]
+)
 @pytest.mark.parametrize("start", [0, 5, 3000])
 def test_rope_table_matches_reference(dtype, tol, start):
-    """The table path (rope_table rows + rope_rotate) == the plain reference, within the compute dtype's rounding;
-    the rows computed directly from a position (sliding-window decode) == the table's."""
-    from models.common import (apply_rope, apply_rope_reference, rope_compute_dtype, rope_cos_sin,
-                               rope_frequencies, rope_rotate, rope_signed_frequencies, rope_table)
+    """The table path (rope_table rows + rope_rotate) == the plain reference, within the compute dtype's
+    rounding; the rows computed directly from a position (sliding-window decode) == the table's."""
+    from models.common import (
+        apply_rope,
+        apply_rope_reference,
+        rope_compute_dtype,
+        rope_cos_sin,
+        rope_frequencies,
+        rope_rotate,
+        rope_signed_frequencies,
+        rope_table,
+    )
+
     T, hd = 37, 16
     inv_freq = rope_frequencies(hd, 10000.0)
-    x = torch.randn(2, T, 3, hd, generator=torch.Generator().manual_seed(start), dtype=torch.float64).to(dtype)
+    x = torch.randn(2, T, 3, hd, generator=torch.Generator().manual_seed(start), dtype=torch.float64).to(
+        dtype
+    )
     positions = torch.arange(start, start + T)
     ref = apply_rope_reference(x, positions, inv_freq)
     ct = rope_compute_dtype(dtype)
     table = rope_table(inv_freq, start + T, "cpu", ct)
     assert table.dtype == ct and table.shape[0] >= start + T and table.shape[1:] == (2, hd)
-    got = rope_rotate(x, table[start:start + T])
+    got = rope_rotate(x, table[start : start + T])
     assert got.dtype == dtype
     assert rel_err(got.double(), ref.double()) <= tol
     assert rel_err(apply_rope(x, positions, inv_freq).double(), ref.double()) <= tol
     direct = rope_cos_sin(positions, rope_signed_frequencies(inv_freq, "cpu", ct))
-    assert (direct - table[start:start + T]).abs().max() <= (1e-14 if ct == torch.float64 else 1e-6)
+    assert (direct - table[start : start + T]).abs().max() <= (1e-14 if ct == torch.float64 else 1e-6)
 
 
 def test_rope_table_grows_and_keeps_shorter_tables():
     from models.common import _ROPE_TABLES, _rope_key, rope_frequencies, rope_table
+
     inv_freq = rope_frequencies(12, 777.0)
     short = rope_table(inv_freq, 10, "cpu", torch.float32)
     assert rope_table(inv_freq, 900, "cpu", torch.float32) is short  # long enough already
     longer = rope_table(inv_freq, 5000, "cpu", torch.float32)
-    assert longer.shape[0] >= 5000 and torch.equal(longer[:short.shape[0]], short)
+    assert longer.shape[0] >= 5000 and torch.equal(longer[: short.shape[0]], short)
     assert any(t is short for t in _ROPE_TABLES[_rope_key(inv_freq, "cpu", torch.float32)])
 
 

@@ -1,5 +1,6 @@
 """(Gated) delta rule: chunked == recurrent == step, module forward == reference == step over a cache,
 cache continuation, gradients, parameter counts."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,6 @@ import torch.nn.functional as F
 
 from models.deltanet import DeltaNet, GatedDeltaNet
 from models.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
-
 from tests.numerics import DTYPES, TOL, rel
 
 
@@ -27,7 +27,8 @@ def dr_inputs(b, T, h, dk, dv, dtype, seed, gated):
     return q, k, v, beta, g, s0
 
 
-# ---- ops/delta_rule.py -----------------------------------------------------------------------------------------
+# ---- ops/delta_rule.py -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gated", [False, True])
@@ -77,8 +78,10 @@ def test_step_matches_recurrent(gated, dtype):
     o_ref, s_ref = delta_rule_recurrent(q, k, v, beta, g, initial_state=s0)
     state = s0.to(torch.promote_types(dtype, torch.float32)).clone()
     ptr = state.data_ptr()
-    outs = [delta_rule_step(q[:, t], k[:, t], v[:, t], beta[:, t], state, None if g is None else g[:, t])
-            for t in range(11)]
+    outs = [
+        delta_rule_step(q[:, t], k[:, t], v[:, t], beta[:, t], state, None if g is None else g[:, t])
+        for t in range(11)
+    ]
     assert state.data_ptr() == ptr
     assert rel(torch.stack(outs, 1), o_ref) <= TOL[dtype]
     assert rel(state, s_ref) <= TOL[dtype]
@@ -101,7 +104,7 @@ def test_chunked_gradients_match_recurrent(gated):
         assert rel(b, a) <= 1e-8
 
 
-# ---- models/deltanet.py ----------------------------------------------------------------------------------------
+# ---- models/deltanet.py ------------------------------------------------------------------------------------
 
 CLASSES = [DeltaNet, GatedDeltaNet]
 D_MODEL, H, HD, CONV = 32, 2, 16, 4
@@ -201,7 +204,9 @@ def test_module_gradients_match_reference(cls):
 def test_parameter_counts(d, h, hd, cs):
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(DeltaNet(d, h, hd, conv_size=cs)) == 4 * d * h * hd + d * h + 3 * h * hd * cs + hd
-    assert n(GatedDeltaNet(d, h, hd, conv_size=cs)) == 5 * d * h * hd + 2 * d * h + 2 * h + 3 * h * hd * cs + hd
+    assert (
+        n(GatedDeltaNet(d, h, hd, conv_size=cs)) == 5 * d * h * hd + 2 * d * h + 2 * h + 3 * h * hd * cs + hd
+    )
 
 
 def test_parameter_names():
@@ -210,8 +215,17 @@ def test_parameter_names():
         assert f"{p}.weight" in names
     assert {"A_log", "dt_bias", "o_norm.weight"} <= names
     names = {n for n, _ in DeltaNet(32, 2, 16).named_parameters()}
-    assert {"q_proj.weight", "k_proj.weight", "v_proj.weight", "b_proj.weight", "o_proj.weight",
-            "o_norm.weight", "q_conv.weight", "k_conv.weight", "v_conv.weight"} == names
+    assert {
+        "q_proj.weight",
+        "k_proj.weight",
+        "v_proj.weight",
+        "b_proj.weight",
+        "o_proj.weight",
+        "o_norm.weight",
+        "q_conv.weight",
+        "k_conv.weight",
+        "v_conv.weight",
+    } == names
 
 
 def test_gated_decay_convention():
@@ -240,9 +254,12 @@ def test_output_norm_conventions():
     # fla's FusedRMSNormGated (norm, then gate): rmsnorm(o) * weight * silu(gate); fla's l2norm eps 1e-6.
     from models.common import GatedRMSNorm
     from models.deltanet import l2norm
+
     gen = torch.Generator().manual_seed(8)
-    o, gate = torch.randn(3, 4, 16, generator=gen, dtype=torch.float64), torch.randn(3, 4, 16, generator=gen,
-                                                                                      dtype=torch.float64)
+    o, gate = (
+        torch.randn(3, 4, 16, generator=gen, dtype=torch.float64),
+        torch.randn(3, 4, 16, generator=gen, dtype=torch.float64),
+    )
     norm = GatedRMSNorm(16, eps=1e-5, norm_before_gate=True).double()
     with torch.no_grad():
         norm.weight.copy_(torch.randn(16, generator=gen, dtype=torch.float64))
@@ -251,7 +268,8 @@ def test_output_norm_conventions():
     assert rel(l2norm(o), o / torch.sqrt(o.pow(2).sum(-1, keepdim=True) + 1e-6)) <= 1e-12
 
 
-# ---- the decode step: fused projections, joint convs, the fla kernel path -------------------------------------
+# ---- the decode step: fused projections, joint convs, the fla kernel path ----------------------------------
+
 
 def _steps(m, x, cache, start=0):
     return torch.stack([m.step(x[:, t], cache, torch.tensor(start + t)) for t in range(x.shape[1])], 1)
@@ -260,9 +278,10 @@ def _steps(m, x, cache, start=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cls", CLASSES)
 def test_step_without_grad_matches_forward(cls, dtype):
-    """Autograd off (decode): one GEMM on the cached concatenated input weights and the three short convs as one
-    (on the joint conv buffer of `init_cache`) == the parallel forward == the step with autograd on."""
+    """Autograd off (decode): one GEMM on the cached concatenated input weights and the three short convs as
+    one (on the joint conv buffer of `init_cache`) == the parallel forward == the step with autograd on."""
     from models.deltanet import joint_conv_state
+
     m = make(cls, dtype, seed=11)
     x = xs(2, 23, dtype, 12)
     y = m(x)
@@ -295,11 +314,26 @@ def test_cache_bytes_unchanged_by_the_joint_conv_buffer():
     assert nbytes == (3 * 3 * H * HD * (CONV - 1) + 3 * H * HD * HD) * 4
 
 
-def fake_fused_recurrent_gated_delta_rule(q, k, v, g=None, gk=None, gv=None, beta=None, scale=None,
-                                          initial_state=None, output_final_state=False,
-                                          use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, A_log=None,
-                                          dt_bias=None, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False,
-                                          state_v_first=False, cu_seqlens=None):
+def fake_fused_recurrent_gated_delta_rule(
+    q,
+    k,
+    v,
+    g=None,
+    gk=None,
+    gv=None,
+    beta=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm_in_kernel=False,
+    use_gate_in_kernel=False,
+    A_log=None,
+    dt_bias=None,
+    use_beta_sigmoid_in_kernel=False,
+    allow_neg_eigval=False,
+    state_v_first=False,
+    cu_seqlens=None,
+):
     """fla 0.6.0's fused_recurrent_gated_delta_rule forward, transcribed from its Triton kernel into torch
     (float32 math; q, k (B, T, H, K), v (B, T, H, V), g and beta (B, T, H), state (B, H, K, V)): the CPU tests
     check that the module hands the kernel the right arguments."""
@@ -331,8 +365,8 @@ def fake_fused_recurrent_gated_delta_rule(q, k, v, g=None, gk=None, gv=None, bet
 
 @pytest.mark.parametrize("cls", CLASSES)
 def test_fla_step_arguments_on_cpu(cls, monkeypatch):
-    """The fla decode path's plumbing, on CPU: with a torch transcription of the kernel in its place, the decode
-    steps equal the torch steps (and the parallel forward), and the state is carried in place."""
+    """The fla decode path's plumbing, on CPU: with a torch transcription of the kernel in its place, the
+    decode steps equal the torch steps (and the parallel forward), and the state is carried in place."""
     dtype = torch.float32
     m = make(cls, dtype, seed=13)
     calls = []
@@ -349,7 +383,10 @@ def test_fla_step_arguments_on_cpu(cls, monkeypatch):
     with torch.no_grad():
         ys = _steps(m, x, cache)
     assert m.last_backend == "fla" and len(calls) == 21 and cache["state"].data_ptr() == state_ptr
-    assert calls[0].get("use_gate_in_kernel", False) is cls.gated and (calls[0].get("g") is not None) is cls.gated
+    assert (
+        calls[0].get("use_gate_in_kernel", False) is cls.gated
+        and (calls[0].get("g") is not None) is cls.gated
+    )
     assert rel(ys, y) <= TOL[dtype]
     cache_t = m.init_cache(2, 32, x.device, dtype)
     ys_t = _steps(m, x, cache_t)  # autograd on: the torch step
@@ -360,6 +397,7 @@ def test_fla_step_arguments_on_cpu(cls, monkeypatch):
 @pytest.mark.parametrize("cls", CLASSES)
 def test_fla_step_failure_falls_back_to_torch(cls, monkeypatch, caplog):
     import models.deltanet as dn
+
     monkeypatch.setattr(dn, "_fla_step_failed", False)
     m = make(cls, torch.float32, seed=15)
 
@@ -381,6 +419,7 @@ def _fla_step_ready():
     if not torch.cuda.is_available():
         return False
     from models import kernels
+
     return kernels.fla_recurrent_step() is not None
 
 
@@ -389,10 +428,11 @@ def _fla_step_ready():
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("cls", CLASSES)
 def test_fla_step_matches_torch_step_cuda(cls, dtype, tol, batch):
-    """GPU: the fla decode step (one fused recurrent kernel) == the torch step (backend='torch', same weights),
-    outputs and state, over 24 steps from the state of a 37-token prefill (torch path: no chunk-kernel
-    autotuning); and the same steps replayed from one CUDA graph."""
+    """GPU: the fla decode step (one fused recurrent kernel) == the torch step (backend='torch', same
+    weights), outputs and state, over 24 steps from the state of a 37-token prefill (torch path: no
+    chunk-kernel autotuning); and the same steps replayed from one CUDA graph."""
     import copy
+
     torch.manual_seed(17)
     d, h, hd = 256, 4, 64
     m = cls(d, h, hd, conv_size=CONV, backend="auto").to("cuda", dtype).eval()

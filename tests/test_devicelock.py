@@ -1,5 +1,6 @@
 """The per-node device lock: a measurement excludes training, trainings share, a waiting measurement is not
 starved."""
+
 import multiprocessing as mp
 import time
 
@@ -30,14 +31,15 @@ def _run(folder, plan):
 
 
 def test_trainings_share_and_a_measurement_is_alone(tmp_path):
-    events = _run(tmp_path, [("shared", 0.6, 0.0), ("shared", 0.6, 0.05), ("exclusive", 0.3, 0.2),
-                             ("shared", 0.3, 0.3)])
+    events = _run(
+        tmp_path, [("shared", 0.6, 0.0), ("shared", 0.6, 0.05), ("exclusive", 0.3, 0.2), ("shared", 0.3, 0.3)]
+    )
     # both first trainings were inside together
     first_two = [e for e in events[:2]]
     assert [e[:2] for e in first_two] == [("shared", "in"), ("shared", "in")]
     ex_in = next(e[2] for e in events if e[:2] == ("exclusive", "in"))
     ex_out = next(e[2] for e in events if e[:2] == ("exclusive", "out"))
-    for mode, what, t in events:
+    for mode, _what, t in events:
         if mode == "shared":
             # no training is inside the lock while the measurement holds it
             assert not (ex_in < t < ex_out), events

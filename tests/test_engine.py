@@ -1,5 +1,6 @@
 """The search engine on the in-process executor: budgets, de-duplication and reuse across searches, failures
 as data, retries, hypervolume history, bad configs refused before anything runs."""
+
 import json
 
 import pytest
@@ -11,10 +12,15 @@ from search.executors import InlineExecutor, Outcome
 from search.pareto import dominates
 from tests import pg
 
-TINY = {"space": {"preset": "benchmark"}, "strategy": "pareto-aging",
-        "strategy_options": {"population_size": 4, "sample_size": 2}, "executor": "inline", "workers": 1,
-        "proxy": {"steps": 2, "batch_size": 2, "seq_len": 16, "eval_tokens": 64},
-        "latency": {"prompt_len": 4, "decode_tokens": 2, "repeats": 1, "warmup": 0, "throughput": False}}
+TINY = {
+    "space": {"preset": "benchmark"},
+    "strategy": "pareto-aging",
+    "strategy_options": {"population_size": 4, "sample_size": 2},
+    "executor": "inline",
+    "workers": 1,
+    "proxy": {"steps": 2, "batch_size": 2, "seq_len": 16, "eval_tokens": 64},
+    "latency": {"prompt_len": 4, "decode_tokens": 2, "repeats": 1, "warmup": 0, "throughput": False},
+}
 
 storage = pg.storage
 
@@ -45,7 +51,10 @@ def test_search_runs_to_budget_with_a_true_front(storage, tmp_path):
     assert any(c.mutation for c in cands)  # children were mutated from parents
     from search.layout import Layout
     from search.params import count_parameters
-    assert all(c.n_params == count_parameters(Layout.from_dict(c.layout), 257).total for c in done)  # bytes: 257
+
+    assert all(
+        c.n_params == count_parameters(Layout.from_dict(c.layout), 257).total for c in done
+    )  # bytes: 257
     assert any(c.parent_id for c in cands)
 
 
@@ -67,6 +76,7 @@ def test_failed_candidates_are_data(storage, tmp_path, monkeypatch):
 
     def broken(layout, backend):
         raise RuntimeError("deltanet kernel exploded")
+
     monkeypatch.setitem(registry.BUILDERS, "deltanet", broken)
     job_id = run_search(storage, tmp_path, budget=8)
     assert storage.get_job(job_id).status == "completed"
@@ -79,6 +89,7 @@ def test_failed_candidates_are_data(storage, tmp_path, monkeypatch):
 
 class FlakyExecutor(InlineExecutor):
     """The first evaluation's worker 'dies'; the engine must retry it."""
+
     died = False
 
     def poll(self, timeout):
@@ -106,6 +117,7 @@ def test_retries_run_out_into_a_failure(storage, tmp_path):
                 task_id, _ = self.queue.pop(0)
                 return [Outcome(task_id, error_kind="timeout", error="evaluation exceeded 1 s")]
             return []
+
     config = SearchConfig.model_validate({**TINY, "budget": 2, "max_retries": 1})
     job_id = storage.create_job("search", json.loads(config.model_dump_json()), budget=2)
     SearchEngine(storage, job_id, lambda c: AlwaysDies(str(tmp_path / "data"), threads=1)).run()
@@ -114,13 +126,16 @@ def test_retries_run_out_into_a_failure(storage, tmp_path):
     assert all(c.attempts == 2 and c.failure_reason.startswith("timeout") for c in cands)
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"strategy": "simulated-annealing"}, "strategy"),
-    ({"space": {"preset": "benchmark", "mixers": []}}, "space"),
-    ({"objectives": ["val_bpb", "val_bpb"]}, "objectives"),
-    ({"budget": 0}, "budget"),
-    ({"colour": "red"}, "colour"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"strategy": "simulated-annealing"}, "strategy"),
+        ({"space": {"preset": "benchmark", "mixers": []}}, "space"),
+        ({"objectives": ["val_bpb", "val_bpb"]}, "objectives"),
+        ({"budget": 0}, "budget"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
 def test_bad_search_config_is_refused(change, field):
     with pytest.raises(ValidationError) as info:
         SearchConfig.model_validate({**TINY, **change})
@@ -129,8 +144,10 @@ def test_bad_search_config_is_refused(change, field):
 
 def test_population_larger_than_the_space_is_refused():
     from search.strategies import make_strategy
-    config = SearchConfig.model_validate({**TINY, "space": {"preset": "benchmark", "widths": [48],
-                                                            "mixers": ["attention"]}})
+
+    config = SearchConfig.model_validate(
+        {**TINY, "space": {"preset": "benchmark", "widths": [48], "mixers": ["attention"]}}
+    )
     with pytest.raises(ValueError, match="population"):
         make_strategy("pareto-aging", config.build_space(), population_size=10_000)
 
@@ -138,7 +155,9 @@ def test_population_larger_than_the_space_is_refused():
 def test_warm_start_from_an_earlier_front(storage, tmp_path):
     first = run_search(storage, tmp_path, budget=6)
     front = {c.layout_hash for c in storage.candidates(first, on_front=True)}
-    second = run_search(storage, tmp_path, budget=len(front) + 1, warm_start_job=first, initial="random", seed=9)
+    second = run_search(
+        storage, tmp_path, budget=len(front) + 1, warm_start_job=first, initial="random", seed=9
+    )
     first_layouts = {c.layout_hash for c in storage.candidates(second)[: len(front)]}
     assert front <= first_layouts  # the front seeds the new population, its results reused
     assert all(c.status == "reused" for c in storage.candidates(second) if c.layout_hash in front)
@@ -148,13 +167,20 @@ def test_hypervolume_bounds_from_the_config_are_used_from_the_first_result(stora
     bounds = {"val_bpb": [0.0, 20.0], "decode_ms": [0.0, 50.0]}
     job_id = run_search(storage, tmp_path, budget=3, hypervolume_bounds=bounds)
     history = storage.hypervolume_history(job_id)
-    assert [h.n_evaluations for h in history] == [1, 2, 3]  # from the first evaluation, not after a population
+    assert [h.n_evaluations for h in history] == [
+        1,
+        2,
+        3,
+    ]  # from the first evaluation, not after a population
     state = storage.load_strategy_state(job_id)["hypervolume_space"]
     assert list(state["upper"]) == [20.0, 50.0] and list(state["lower"]) == [0.0, 0.0]
     from search.pareto import HypervolumeSpace
+
     done = storage.candidates(job_id, status=("completed", "reused"))
     space = HypervolumeSpace(("val_bpb", "decode_ms"), (0.0, 0.0), (20.0, 50.0))
-    assert history[-1].hypervolume == pytest.approx(space.hypervolume([[c.val_bpb, c.decode_ms] for c in done]))
+    assert history[-1].hypervolume == pytest.approx(
+        space.hypervolume([[c.val_bpb, c.decode_ms] for c in done])
+    )
 
 
 def test_hypervolume_bounds_must_match_the_objectives():
@@ -175,11 +201,13 @@ def test_resume_rebuilds_a_front_a_crash_left_stale(storage, tmp_path):
 
 
 @pytest.mark.parametrize("window", ["after_save_before_store", "while_saving", "after_store_before_tell"])
-def test_a_stop_inside_either_crash_window_resumes_without_repeating_anything(storage, tmp_path, monkeypatch,
-                                                                              window):
+def test_a_stop_inside_either_crash_window_resumes_without_repeating_anything(
+    storage, tmp_path, monkeypatch, window
+):
     """The two places a kill can split the strategy from the database: proposals saved but not stored yet,
     and a result stored but not told yet. Resuming must neither re-propose nor re-tell anything."""
     from search.strategies.base import Strategy
+
     config = SearchConfig.model_validate({**TINY, "budget": 6, "workers": 1})
     job_id = storage.create_job("search", json.loads(config.model_dump_json()), budget=6)
     data_dir = str(tmp_path / "data")
@@ -192,6 +220,7 @@ def test_a_stop_inside_either_crash_window_resumes_without_repeating_anything(st
             if calls["n"] == 5:  # the state holding this proposal is saved; the candidate is not stored yet
                 raise KeyboardInterrupt
             return real(self, *args, **kwargs)
+
         monkeypatch.setattr(type(storage), "add_candidate", add_candidate)
     elif window == "while_saving":
         real_save = type(storage).save_strategy_state
@@ -201,6 +230,7 @@ def test_a_stop_inside_either_crash_window_resumes_without_repeating_anything(st
             if calls["n"] == 4:  # a kill as the state is written: it never lands
                 raise KeyboardInterrupt
             return real_save(self, *args, **kwargs)
+
         monkeypatch.setattr(type(storage), "save_strategy_state", save_strategy_state)
     else:
         real_tell = Strategy.tell
@@ -210,6 +240,7 @@ def test_a_stop_inside_either_crash_window_resumes_without_repeating_anything(st
             if calls["n"] == 3:  # the result is stored; the strategy has not heard of it
                 raise KeyboardInterrupt
             return real_tell(self, layout_hash, objectives)
+
         monkeypatch.setattr(Strategy, "tell", tell)
     with pytest.raises(KeyboardInterrupt):
         SearchEngine(storage, job_id, lambda c: InlineExecutor(data_dir, threads=1)).run()
@@ -223,4 +254,6 @@ def test_a_stop_inside_either_crash_window_resumes_without_repeating_anything(st
     state = storage.load_strategy_state(job_id)["strategy"]
     told = {r["hash"] for r in state["records"]}
     assert {c.layout_hash for c in cands if c.status != "pending"} <= told
-    assert not ({p["hash"] for p in state["pending"]} - {c.layout_hash for c in cands})  # every pending is stored
+    assert not (
+        {p["hash"] for p in state["pending"]} - {c.layout_hash for c in cands}
+    )  # every pending is stored

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py on CPU: its parity / decode code paths run at tiny shapes ("torch" against "torch",
 the kernels' CPU fallback), its report renders, and without CUDA the script writes "not run: no GPU"."""
+
 import importlib.util
 import json
 import os
@@ -13,10 +14,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
-TINY = dict(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, swa_window=5, meta_tokens=2, mamba_head_dim=16,
-            mamba_d_state=8, mamba_expand=2, conv_size=4, ffn_ratio=2.0)
-TINY_ANCHOR = dict(d_model=32, n_heads=4, n_kv_heads=4, head_dim=8, ffn_ratio=2.75, tied_embeddings=False,
-                   meta_tokens=0)
+TINY = dict(
+    d_model=32,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    swa_window=5,
+    meta_tokens=2,
+    mamba_head_dim=16,
+    mamba_d_state=8,
+    mamba_expand=2,
+    conv_size=4,
+    ffn_ratio=2.0,
+)
+TINY_ANCHOR = dict(
+    d_model=32, n_heads=4, n_kv_heads=4, head_dim=8, ffn_ratio=2.75, tied_embeddings=False, meta_tokens=0
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +50,16 @@ def _threads():
 
 @pytest.mark.parametrize("name", ["attention", "swa", "mamba2", "deltanet", "gated_deltanet"])
 def test_mixer_parity_runs_on_cpu(gc, name):
-    r = gc.mixer_parity(name, "cpu", dims=TINY, batch=2, seqlen=19, kernel_backend="torch", ref_backend="torch",
-                        log=lambda msg: None)
+    r = gc.mixer_parity(
+        name,
+        "cpu",
+        dims=TINY,
+        batch=2,
+        seqlen=19,
+        kernel_backend="torch",
+        ref_backend="torch",
+        log=lambda msg: None,
+    )
     for key in ("fp32_grad", "fp32_fwd", "bf16_fwd", "reference"):
         assert "error" not in r[key], r[key].get("traceback")
     # torch against torch on the same weights: identical; the torch path matches the module's reference
@@ -49,8 +70,16 @@ def test_mixer_parity_runs_on_cpu(gc, name):
 
 
 def test_auto_backend_falls_back_on_cpu(gc):
-    r = gc.mixer_parity("deltanet", "cpu", dims=TINY, batch=1, seqlen=9, kernel_backend="auto", bf16=False,
-                        log=lambda msg: None)
+    r = gc.mixer_parity(
+        "deltanet",
+        "cpu",
+        dims=TINY,
+        batch=1,
+        seqlen=9,
+        kernel_backend="auto",
+        bf16=False,
+        log=lambda msg: None,
+    )
     assert r["pass"] and r["fp32_grad"]["path"] == "torch"
 
 
@@ -66,12 +95,26 @@ def test_report_renders_every_step(gc, tmp_path):
     run.step("env", gc.step_env)
     run.step("parity", gc.step_parity, ("swa", "mamba2"), device="cpu", dims=TINY, batch=1, seqlen=11)
     run.step("hybrid", gc.step_hybrid, device="cpu", dims=TINY, vocab=40, prompt=8, extra=3, decode=2)
-    run.step("decode", gc.step_decode, None, models={"tiny_ad": "ad"}, use_anchor=False, device="cpu",
-             dims=TINY_ANCHOR, vocab=64, steps=3, start=5, buffer_tokens=16, graph=False)
+    run.step(
+        "decode",
+        gc.step_decode,
+        None,
+        models={"tiny_ad": "ad"},
+        use_anchor=False,
+        device="cpu",
+        dims=TINY_ANCHOR,
+        vocab=64,
+        steps=3,
+        start=5,
+        buffer_tokens=16,
+        graph=False,
+    )
     run.step("lut", lambda r: (_ for _ in ()).throw(RuntimeError("boom")))
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = data["steps"]
-    assert [steps[s]["status"] for s in ("env", "parity", "hybrid", "decode", "lut")] == ["ok"] * 4 + ["error"]
+    assert [steps[s]["status"] for s in ("env", "parity", "hybrid", "decode", "lut")] == ["ok"] * 4 + [
+        "error"
+    ]
     assert all(v["pass"] for v in steps["parity"]["result"].values())
     assert steps["hybrid"]["result"]["fp32"]["pass"]
     tiny = steps["decode"]["result"]["tiny_ad"]
@@ -80,7 +123,14 @@ def test_report_renders_every_step(gc, tmp_path):
     assert tiny["profile_eager"]["ms_per_token"] > 0 and tiny["profile_eager"]["buffer_tokens"] == 8
     assert "error" in tiny["anchor"]
     md = (tmp_path / "gpu_check.md").read_text()
-    for text in ("## parity", "| swa |", "## hybrid", "## decode", "latency.profiler, eager", "RuntimeError: boom"):
+    for text in (
+        "## parity",
+        "| swa |",
+        "## hybrid",
+        "## decode",
+        "latency.profiler, eager",
+        "RuntimeError: boom",
+    ):
         assert text in md
 
 
@@ -93,6 +143,7 @@ def test_anchor_loads_when_present(gc):
 
 def test_anchor_layouts_match_the_anchor_size(gc):
     from models.hybrid import HybridLM
+
     for kinds in gc.ANCHOR_MODELS.values():
         layout = gc.anchor_layout(kinds)
         assert layout.ffn_hidden == 2816 and layout.head_dim == 64 and not layout.tied_embeddings
@@ -106,8 +157,14 @@ def test_without_cuda_writes_not_run(tmp_path):
         (tmp_path / name).write_text("POISON\n")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
     env.pop("OUT", None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     md = (tmp_path / "gpu_check.md").read_text()
     data = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -119,10 +176,23 @@ def test_lut_step_runs_on_cpu(gc, tmp_path):
     if importlib.util.find_spec("latency.lut") is None:
         pytest.skip("latency/lut.py not present")
     run = gc.Run(tmp_path, "test", budget_s=600)
-    run.step("lut", gc.step_lut, device="cpu", widths=(32,), contexts=(8,), operators=("deltanet", "ffn"),
-             base_dims={"head_dim": 8, "kv_group": 2, "mamba_head_dim": 16, "mamba_d_state": 8, "swa_window": 4},
-             copies=1, rounds=1, decode_tokens=4, repeats=1, vocab=64, dtype="fp32", method="eager",
-             patterns={"D F": "D F"})
+    run.step(
+        "lut",
+        gc.step_lut,
+        device="cpu",
+        widths=(32,),
+        contexts=(8,),
+        operators=("deltanet", "ffn"),
+        base_dims={"head_dim": 8, "kv_group": 2, "mamba_head_dim": 16, "mamba_d_state": 8, "swa_window": 4},
+        copies=1,
+        rounds=1,
+        decode_tokens=4,
+        repeats=1,
+        vocab=64,
+        dtype="fp32",
+        method="eager",
+        patterns={"D F": "D F"},
+    )
     entry = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]["lut"]
     assert entry["status"] == "ok", entry.get("traceback")
     row = entry["result"]["confirm"][0]

@@ -1,5 +1,6 @@
 """The whole HybridLM: analytic = built parameter counts, prefill + decode = parallel forward, gradients
 reach every parameter, weight normalization leaves the right rows/columns at unit norm."""
+
 import random
 
 import pytest
@@ -14,8 +15,16 @@ from search.presets import FULL_PRESETS, get_preset, preset_names
 from search.space import SearchSpace, cpu_space
 
 ALL_OPS = "A F S F F D M2 F GD A"
-SMALL = dict(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, mamba_head_dim=16, mamba_d_state=8, swa_window=5,
-             ffn_ratio=2.0)
+SMALL = dict(
+    d_model=32,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    mamba_head_dim=16,
+    mamba_d_state=8,
+    swa_window=5,
+    ffn_ratio=2.0,
+)
 
 
 def small_layout(**kw):
@@ -35,9 +44,15 @@ def test_analytic_count_equals_built_model(name):
 
 
 def test_analytic_count_on_random_layouts():
-    spaces = [cpu_space(), SearchSpace(mixers=("swa", "gated_deltanet", "mamba2", "attention"), max_operators=14,
-                                       widths=(48, 96), dims={"head_dim": 16, "kv_group": 3, "mamba_head_dim": 8,
-                                                              "mamba_d_state": 4, "swa_window": 7})]
+    spaces = [
+        cpu_space(),
+        SearchSpace(
+            mixers=("swa", "gated_deltanet", "mamba2", "attention"),
+            max_operators=14,
+            widths=(48, 96),
+            dims={"head_dim": 16, "kv_group": 3, "mamba_head_dim": 8, "mamba_d_state": 4, "swa_window": 7},
+        ),
+    ]
     rng = random.Random(0)
     for space in spaces:
         for _ in range(12):
@@ -128,7 +143,8 @@ def test_weight_norm_refuses_an_unknown_matrix():
         weight_norm_axes(model)
 
 
-# ---- the decode path with autograd off (fused projections, RoPE table, fused RMSNorm) -------------------------
+# ---- the decode path with autograd off (fused projections, RoPE table, fused RMSNorm) ----------------------
+
 
 @pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-8), (torch.float32, 2e-3)])
@@ -150,7 +166,9 @@ def test_decode_without_grad_equals_parallel_forward(dtype, tol, ctx):
     err = (got - reference).abs().max() / reference.abs().max()
     assert err <= tol, float(err)
     # nothing added to the state dict, the parameters or the buffers
-    assert set(model.state_dict()) == keys and model.num_parameters() == n_params and not list(model.buffers())
+    assert (
+        set(model.state_dict()) == keys and model.num_parameters() == n_params and not list(model.buffers())
+    )
 
 
 def test_decode_follows_training_updates():
@@ -182,14 +200,22 @@ def test_decode_follows_training_updates():
         assert torch.allclose(after, model(tokens)[:, 4:], atol=1e-10, rtol=1e-8)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-14), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float64, 1e-14), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)]
+)
 def test_rms_norms_match_their_references(dtype, tol):
-    """F.rms_norm paths == the plain references (bf16: one rounding instead of two, within an ulp); gradients."""
+    """F.rms_norm paths == the plain references (bf16: one rounding instead of two, within an ulp);
+    gradients."""
     from models.common import GatedRMSNorm, RMSNorm
+
     gen = torch.Generator().manual_seed(7)
     x = (3 * torch.randn(4, 5, 48, generator=gen, dtype=torch.float64)).to(dtype)
     gate = torch.randn(4, 5, 48, generator=gen, dtype=torch.float64).to(dtype)
-    norms = [RMSNorm(48, eps=1e-6), GatedRMSNorm(48, eps=1e-5), GatedRMSNorm(48, eps=1e-5, norm_before_gate=True)]
+    norms = [
+        RMSNorm(48, eps=1e-6),
+        GatedRMSNorm(48, eps=1e-5),
+        GatedRMSNorm(48, eps=1e-5, norm_before_gate=True),
+    ]
     for norm in norms:
         with torch.no_grad():
             norm.weight.copy_(1 + 0.5 * torch.randn(48, generator=gen, dtype=torch.float64))

@@ -1,4 +1,5 @@
 """The latency profiler: statistics, cache bytes, fingerprints, and that decoding is real work."""
+
 import pytest
 import torch
 
@@ -6,8 +7,15 @@ from latency.profiler import LatencyConfig, Stat, device_fingerprint, fingerprin
 from models.hybrid import HybridLM
 from search.layout import Layout
 
-DIMS = {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "head_dim": 8, "mamba_head_dim": 16, "mamba_d_state": 8,
-        "swa_window": 6}
+DIMS = {
+    "d_model": 32,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "head_dim": 8,
+    "mamba_head_dim": 16,
+    "mamba_d_state": 8,
+    "swa_window": 6,
+}
 
 
 def test_stat_median_and_iqr():
@@ -30,13 +38,19 @@ def test_cache_bytes_per_sequence_follow_the_operator_kind():
     assert short == longer.cache_bytes_per_sequence > 0
     # a sliding window's cache is bounded by the window
     swa = HybridLM(Layout.from_dict({"operators": "S", **DIMS}), 50)
-    assert profile(swa, LatencyConfig(prompt_len=40, decode_tokens=6, repeats=2, throughput=False),
-                   "cpu").cache_bytes_per_sequence < 2 * 2 * 8 * 46 * 4
+    assert (
+        profile(
+            swa, LatencyConfig(prompt_len=40, decode_tokens=6, repeats=2, throughput=False), "cpu"
+        ).cache_bytes_per_sequence
+        < 2 * 2 * 8 * 46 * 4
+    )
 
 
 def test_profile_reports_every_metric_with_its_repeats():
     model = HybridLM(Layout.from_dict({"operators": "D F A F", **DIMS}), 50)
-    result = profile(model, LatencyConfig(prompt_len=16, decode_tokens=8, repeats=3, throughput_max_batch=4), "cpu")
+    result = profile(
+        model, LatencyConfig(prompt_len=16, decode_tokens=8, repeats=3, throughput_max_batch=4), "cpu"
+    )
     for stat in (result.decode_ms_per_token, result.prefill_ms, result.throughput_tokens_per_s):
         assert stat.repeats >= 1 and stat.median > 0 and len(stat.values) == stat.repeats
     assert result.decode_ms_per_token.repeats == 3
@@ -51,7 +65,10 @@ def test_more_layers_take_longer():
     few = HybridLM(Layout.from_dict({"operators": "[A F] x 1", **DIMS}), 50)
     many = HybridLM(Layout.from_dict({"operators": "[A F] x 12", **DIMS}), 50)
     cfg = LatencyConfig(prompt_len=8, decode_tokens=16, repeats=3, throughput=False)
-    assert profile(many, cfg, "cpu").decode_ms_per_token.median > 2 * profile(few, cfg, "cpu").decode_ms_per_token.median
+    assert (
+        profile(many, cfg, "cpu").decode_ms_per_token.median
+        > 2 * profile(few, cfg, "cpu").decode_ms_per_token.median
+    )
 
 
 def test_fingerprint_hash_separates_devices_and_methods():
@@ -61,8 +78,10 @@ def test_fingerprint_hash_separates_devices_and_methods():
     assert fingerprint_hash(cpu) != fingerprint_hash({**cpu, "dtype": "bfloat16"})
 
 
-@pytest.mark.parametrize("kw, field", [({"decode_tokens": 0}, "decode_tokens"), ({"method": "magic"}, "method"),
-                                       ({"dtype": "fp8"}, "dtype")])
+@pytest.mark.parametrize(
+    "kw, field",
+    [({"decode_tokens": 0}, "decode_tokens"), ({"method": "magic"}, "method"), ({"dtype": "fp8"}, "dtype")],
+)
 def test_bad_latency_config(kw, field):
     with pytest.raises(ValueError, match=field):
         LatencyConfig(**kw)

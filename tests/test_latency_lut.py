@@ -1,5 +1,6 @@
-"""Latency look-up table: the predictor's arithmetic on a synthetic table, the width rule, a tiny real build on
-this CPU, the JSON round trip, the CLI, and search/latency_model staying torch-free."""
+"""Latency look-up table: the predictor's arithmetic on a synthetic table, the width rule, a tiny real build
+on this CPU, the JSON round trip, the CLI, and search/latency_model staying torch-free."""
+
 import json
 import subprocess
 import sys
@@ -20,18 +21,38 @@ def synthetic_table(with_dims: bool = False) -> LatencyTable:
     entries = []
     for width in (64, 128):
         for context in (100, 300):
-            entries.append({"operator": "attention", "d_model": width, "context": context,
-                            "decode_ms": width / 64 + context / 100})
-            entries.append({"operator": "mamba2", "d_model": width, "context": context, "decode_ms": width / 32})
-            entries.append({"operator": "ffn", "d_model": width, "context": context, "decode_ms": 0.5 * width / 64,
-                            "prefill_ms": 10.0})
-    overhead = [{"d_model": w, "context": c, "decode_ms": 0.25 * w / 64, "prefill_ms": 1.0}
-                for w in (64, 128) for c in (100, 300)]
+            entries.append(
+                {
+                    "operator": "attention",
+                    "d_model": width,
+                    "context": context,
+                    "decode_ms": width / 64 + context / 100,
+                }
+            )
+            entries.append(
+                {"operator": "mamba2", "d_model": width, "context": context, "decode_ms": width / 32}
+            )
+            entries.append(
+                {
+                    "operator": "ffn",
+                    "d_model": width,
+                    "context": context,
+                    "decode_ms": 0.5 * width / 64,
+                    "prefill_ms": 10.0,
+                }
+            )
+    overhead = [
+        {"d_model": w, "context": c, "decode_ms": 0.25 * w / 64, "prefill_ms": 1.0}
+        for w in (64, 128)
+        for c in (100, 300)
+    ]
     dims = []
     if with_dims:
         space = SearchSpace(mixers=("attention", "mamba2"), widths=(64, 128), dims=DIMS)
         for w in (64, 128):
-            full = Layout.from_dict({"operators": ["attention", "mamba2", "ffn"], **space._dims_for(w)}).to_dict()
+            full = Layout.from_dict(
+                {"operators": ["attention", "mamba2", "ffn"], **space._dims_for(w)}
+            ).to_dict()
             dims.append({k: v for k, v in full.items() if k not in ("operators", "name", "vocab_size")})
     return LatencyTable(entries, overhead, dims=dims, config={"vocab_size": 257})
 
@@ -93,8 +114,11 @@ def test_size_factor_scales_the_block_sum():
     lo = layout(["attention", "ffn", "mamba2", "ffn"], 64)
     nbytes = base.weight_bytes(lo)
     assert nbytes == 4 * (sum(count_parameters(lo, 257).per_operator) + 64 + 257 * 64)
-    curve = [{"d_model": w, "context": 100, "weight_bytes": b, "factor": f}
-             for w in (64, 128) for b, f in ((nbytes // 2, 1.0), (nbytes * 3 // 2, 2.0))]
+    curve = [
+        {"d_model": w, "context": 100, "weight_bytes": b, "factor": f}
+        for w in (64, 128)
+        for b, f in ((nbytes // 2, 1.0), (nbytes * 3 // 2, 2.0))
+    ]
     data = base.to_dict()
     data["size_curve"] = curve
     table = LatencyTable.from_dict(data)
@@ -111,7 +135,9 @@ def test_size_factor_scales_the_block_sum():
     assert table.size_factor(lo, 300) == table.size_factor(lo, 100)  # context: nearest measured
     assert base.size_factor(lo, 100) == 1.0  # no curve: a plain sum
     with pytest.raises(ValueError, match="factor"):
-        LatencyTable.from_dict({**data, "size_curve": [{"d_model": 64, "context": 1, "weight_bytes": 1, "factor": 0}]})
+        LatencyTable.from_dict(
+            {**data, "size_curve": [{"d_model": 64, "context": 1, "weight_bytes": 1, "factor": 0}]}
+        )
 
 
 def test_width_rule_picks_largest_feasible_width():
@@ -135,8 +161,10 @@ def test_table_round_trips_and_rejects_bad_input():
     with pytest.raises(ValueError, match="prefill_ms"):
         table.predict_prefill_ms(layout(["attention"], 64), 100)  # attention has no prefill entries
     with pytest.raises(ValueError, match="unknown operator"):
-        LatencyTable([{"operator": "nope", "d_model": 64, "context": 1, "decode_ms": 1}],
-                     [{"d_model": 64, "context": 1, "decode_ms": 1}])
+        LatencyTable(
+            [{"operator": "nope", "d_model": 64, "context": 1, "decode_ms": 1}],
+            [{"d_model": 64, "context": 1, "decode_ms": 1}],
+        )
     with pytest.raises(ValueError, match="overhead"):
         LatencyTable([], [])
     with pytest.raises(ValueError, match="non-negative"):
@@ -154,6 +182,7 @@ def test_latency_model_imports_without_torch():
 def tiny_lut():
     from latency.lut import build_lut
     from latency.profiler import LatencyConfig
+
     config = LatencyConfig(decode_tokens=4, repeats=2, warmup=1, threads=1, throughput=False)
     started = time.perf_counter()
     lut = build_lut([32, 64], [8], ["mamba2", "ffn"], DIMS, config, "cpu", copies=2, rounds=1)
@@ -162,32 +191,48 @@ def tiny_lut():
 
 def test_tiny_real_build(tiny_lut, tmp_path):
     from latency.lut import load_lut, save_lut
+
     lut, seconds = tiny_lut
     assert seconds < 20
     assert {(e["operator"], e["d_model"], e["context"]) for e in lut["entries"]} == {
-        (op, w, 8) for op in ("mamba2", "ffn") for w in (32, 64)}
+        (op, w, 8) for op in ("mamba2", "ffn") for w in (32, 64)
+    }
     assert all(e["decode_ms"] > 0 and e["prefill_ms"] >= 0 for e in lut["entries"])
     assert all(e["decode_ms"] > 0 for e in lut["overhead"])
     assert lut["device_fingerprint"]["threads"] == 1 and len(lut["fingerprint_hash"]) == 64
-    assert lut["size_curve"] and all(r["factor"] > 0 for r in lut["size_curve"])  # CPU: a size curve by default
+    assert lut["size_curve"] and all(
+        r["factor"] > 0 for r in lut["size_curve"]
+    )  # CPU: a size curve by default
     for width in (32, 64):
-        factors = [r["factor"] for r in sorted(lut["size_curve"], key=lambda r: r["weight_bytes"])
-                   if r["d_model"] == width]
+        factors = [
+            r["factor"]
+            for r in sorted(lut["size_curve"], key=lambda r: r["weight_bytes"])
+            if r["d_model"] == width
+        ]
         assert factors == sorted(factors)  # non-decreasing fit
     path = save_lut(lut, tmp_path / "sub" / "lut.json")
     assert load_lut(path) == json.loads(json.dumps(lut))
     assert not [p for p in path.parent.iterdir() if p.name != "lut.json"]  # no temporary file left behind
     table = LatencyTable.load(path)
-    lo = Layout.from_dict({"operators": ["mamba2", "ffn"], **SearchSpace(mixers=("mamba2",), widths=(48,),
-                                                                       dims=DIMS)._dims_for(48)})
+    lo = Layout.from_dict(
+        {
+            "operators": ["mamba2", "ffn"],
+            **SearchSpace(mixers=("mamba2",), widths=(48,), dims=DIMS)._dims_for(48),
+        }
+    )
     assert table.predict_decode_ms(lo, 8) > 0  # width 48 interpolated between 32 and 64
 
 
 def test_confirm_and_its_guards(tiny_lut):
     from latency.lut import confirm
+
     lut, _ = tiny_lut
-    lo = Layout.from_dict({"operators": ["mamba2", "ffn"], **SearchSpace(mixers=("mamba2",), widths=(64,),
-                                                                       dims=DIMS)._dims_for(64)})
+    lo = Layout.from_dict(
+        {
+            "operators": ["mamba2", "ffn"],
+            **SearchSpace(mixers=("mamba2",), widths=(64,), dims=DIMS)._dims_for(64),
+        }
+    )
     predicted, measured, rel = confirm(lo, lut)
     assert predicted > 0 and measured > 0 and rel == pytest.approx((predicted - measured) / measured)
     with pytest.raises(ValueError, match="threads"):
@@ -198,15 +243,40 @@ def test_cli_build_and_predict(tmp_path):
     from typer.testing import CliRunner
 
     from api.cli_latency import latency_app
+
     runner = CliRunner()
     out = tmp_path / "lut.json"
-    result = runner.invoke(latency_app, ["build-lut", "--out", str(out), "--widths", "64,128", "--contexts", "8",
-                                         "--operators", "attention,ffn", "--repeats", "1", "--decode-tokens", "2",
-                                         "--copies", "1", "--rounds", "1", "--threads", "1", "--device", "cpu"])
+    result = runner.invoke(
+        latency_app,
+        [
+            "build-lut",
+            "--out",
+            str(out),
+            "--widths",
+            "64,128",
+            "--contexts",
+            "8",
+            "--operators",
+            "attention,ffn",
+            "--repeats",
+            "1",
+            "--decode-tokens",
+            "2",
+            "--copies",
+            "1",
+            "--rounds",
+            "1",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert out.exists() and "attention" in result.output
-    result = runner.invoke(latency_app, ["predict", "llama", "--lut", str(out), "--context", "8",
-                                         "--target-ms", "1000"])
+    result = runner.invoke(
+        latency_app, ["predict", "llama", "--lut", str(out), "--context", "8", "--target-ms", "1000"]
+    )
     assert result.exit_code == 0, result.output
     assert "predicted decode" in result.output and "largest width meeting 1000" in result.output
     assert "128" in result.output

@@ -1,4 +1,5 @@
 """Layouts: validation errors name the field, hashes are stable, analytic counts match the paper."""
+
 import json
 import subprocess
 import sys
@@ -12,31 +13,37 @@ from search.presets import CPU_PRESETS, FULL_PRESETS, get_preset, preset_names
 BASE = {"d_model": 64, "n_heads": 4, "n_kv_heads": 2}
 
 
-def error_of(data, limits=LayoutLimits()):
+DEFAULT_LIMITS = LayoutLimits()
+
+
+def error_of(data, limits=DEFAULT_LIMITS):
     with pytest.raises(LayoutError) as info:
         Layout.from_dict(data, limits)
     return info.value
 
 
-@pytest.mark.parametrize("data, field, words", [
-    ({**BASE, "operators": "D F mamba3 F"}, "operators", "'mamba3'"),
-    ({**BASE, "operators": ["deltanet", "ffn", "warp_drive"]}, "operators[2]", "'warp_drive'"),
-    ({**BASE, "operators": "A F", "n_heads": 5}, "n_heads", "do not divide d_model=64"),
-    ({**BASE, "operators": "A F", "n_kv_heads": 3}, "n_kv_heads", "do not divide n_heads=4"),
-    ({**BASE, "operators": "S F", "swa_window": 0}, "swa_window", "positive"),
-    ({**BASE, "operators": "S F", "swa_window": -5}, "swa_window", "positive"),
-    ({**BASE, "operators": "A F", "d_model": 1 << 20}, "d_model", "exceeds the limit"),
-    ({**BASE, "operators": "[A F] x 100"}, "operators", "more than 128"),
-    ({**BASE, "operators": "F F"}, "operators", "token mixer"),
-    ({**BASE, "operators": ""}, "operators", "empty"),
-    ({**BASE, "operators": "M2", "mamba_head_dim": 48}, "mamba_head_dim", "does not divide"),
-    ({**BASE, "operators": "A", "colour": "red"}, "colour", "unknown field"),
-    ({**BASE, "operators": "A", "d_model": "wide"}, "d_model", "must be an integer"),
-    ({**BASE, "operators": "A", "meta_tokens": -1}, "meta_tokens", "between 0"),
-    ({**BASE, "operators": "[A F"}, "operators", "missing ']'"),
-    ({**BASE, "operators": "A F x 2"}, "operators", "must follow a bracketed group"),
-    ({**BASE, "operators": "A F", "stages": []}, "operators", "exactly one"),
-])
+@pytest.mark.parametrize(
+    "data, field, words",
+    [
+        ({**BASE, "operators": "D F mamba3 F"}, "operators", "'mamba3'"),
+        ({**BASE, "operators": ["deltanet", "ffn", "warp_drive"]}, "operators[2]", "'warp_drive'"),
+        ({**BASE, "operators": "A F", "n_heads": 5}, "n_heads", "do not divide d_model=64"),
+        ({**BASE, "operators": "A F", "n_kv_heads": 3}, "n_kv_heads", "do not divide n_heads=4"),
+        ({**BASE, "operators": "S F", "swa_window": 0}, "swa_window", "positive"),
+        ({**BASE, "operators": "S F", "swa_window": -5}, "swa_window", "positive"),
+        ({**BASE, "operators": "A F", "d_model": 1 << 20}, "d_model", "exceeds the limit"),
+        ({**BASE, "operators": "[A F] x 100"}, "operators", "more than 128"),
+        ({**BASE, "operators": "F F"}, "operators", "token mixer"),
+        ({**BASE, "operators": ""}, "operators", "empty"),
+        ({**BASE, "operators": "M2", "mamba_head_dim": 48}, "mamba_head_dim", "does not divide"),
+        ({**BASE, "operators": "A", "colour": "red"}, "colour", "unknown field"),
+        ({**BASE, "operators": "A", "d_model": "wide"}, "d_model", "must be an integer"),
+        ({**BASE, "operators": "A", "meta_tokens": -1}, "meta_tokens", "between 0"),
+        ({**BASE, "operators": "[A F"}, "operators", "missing ']'"),
+        ({**BASE, "operators": "A F x 2"}, "operators", "must follow a bracketed group"),
+        ({**BASE, "operators": "A F", "stages": []}, "operators", "exactly one"),
+    ],
+)
 def test_bad_input_names_the_field(data, field, words):
     err = error_of(data)
     assert err.field == field, str(err)
@@ -58,8 +65,14 @@ def test_same_architecture_same_hash_however_written():
         {**BASE, "operators": [{"repeat": 2, "operators": ["D", "F", "M2", "F"]}]},
         {**BASE, "stages": [{"block": "D F M2 F", "repeat": 2}]},
         # head_dim spelled out, an unused dim changed, a name and a vocabulary added: same architecture.
-        {**BASE, "head_dim": 16, "swa_window": 77, "name": "x", "vocab_size": 99,
-         "operators": ["deltanet", "ffn", "mamba2", "ffn"] * 2},
+        {
+            **BASE,
+            "head_dim": 16,
+            "swa_window": 77,
+            "name": "x",
+            "vocab_size": 99,
+            "operators": ["deltanet", "ffn", "mamba2", "ffn"] * 2,
+        },
     ]
     hashes = {Layout.from_dict(w).content_hash for w in ways}
     assert len(hashes) == 1
@@ -83,10 +96,17 @@ def test_hash_changes_with_architecture():
 
 
 def test_hash_is_stable_across_processes():
-    code = ("from search.presets import get_preset; import sys; "
-            "sys.stdout.write(get_preset('nemotron-flash-1b').content_hash)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout
+    code = (
+        "from search.presets import get_preset; import sys; "
+        "sys.stdout.write(get_preset('nemotron-flash-1b').content_hash)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "123", "PATH": ""},
+    ).stdout
     assert out == get_preset("nemotron-flash-1b").content_hash
 
 
@@ -119,8 +139,19 @@ def test_published_sizes(name, published):
 
 def test_flash_pattern_operator_mix():
     from collections import Counter
-    assert Counter(get_preset("nemotron-flash-1b").operators) == {"ffn": 12, "mamba2": 6, "deltanet": 4, "attention": 2}
-    assert Counter(get_preset("nemotron-flash-3b").operators) == {"ffn": 18, "mamba2": 9, "deltanet": 6, "attention": 3}
+
+    assert Counter(get_preset("nemotron-flash-1b").operators) == {
+        "ffn": 12,
+        "mamba2": 6,
+        "deltanet": 4,
+        "attention": 2,
+    }
+    assert Counter(get_preset("nemotron-flash-3b").operators) == {
+        "ffn": 18,
+        "mamba2": 9,
+        "deltanet": 6,
+        "attention": 3,
+    }
 
 
 def test_cpu_presets_share_the_flash_pattern_and_width():

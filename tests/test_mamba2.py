@@ -1,4 +1,5 @@
 """Mamba2 / SSD: chunked == recurrent == step, cache continuation, gradients, parameter count."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,6 @@ import torch.nn.functional as F
 
 from models.mamba2 import Mamba2
 from models.ops.ssd import ssd_chunked, ssd_recurrent, ssd_step
-
 from tests.numerics import DTYPES, TOL, rel
 
 
@@ -24,7 +24,8 @@ def ssd_inputs(b, T, h, p, g, n, dtype, seed):
     return x, dt, A, B, C, D, s0
 
 
-# ---- ops/ssd.py ------------------------------------------------------------------------------------------------
+# ---- ops/ssd.py --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("g", [1, 2])
@@ -78,11 +79,14 @@ def test_step_matches_recurrent(g, dtype):
     assert rel(state, s_ref) <= TOL[dtype]
 
 
-# ---- models/mamba2.py ------------------------------------------------------------------------------------------
+# ---- models/mamba2.py --------------------------------------------------------------------------------------
+
 
 def make_model(dtype, n_groups=1, seed=0, chunk_size=8):
     torch.manual_seed(seed)
-    m = Mamba2(32, expand=2, head_dim=16, d_state=8, n_groups=n_groups, chunk_size=chunk_size, backend="torch")
+    m = Mamba2(
+        32, expand=2, head_dim=16, d_state=8, n_groups=n_groups, chunk_size=chunk_size, backend="torch"
+    )
     with torch.no_grad():  # non-trivial values for the parameters initialised to constants
         m.conv.bias.normal_(0, 0.1)
         m.D.normal_(1, 0.5)
@@ -155,17 +159,29 @@ def test_gradients_reach_every_parameter():
         assert torch.isfinite(p.grad).all(), name
 
 
-@pytest.mark.parametrize("d_model,expand,head_dim,d_state,conv_size,n_groups",
-                         [(32, 2, 16, 8, 4, 1), (64, 2, 32, 16, 4, 2), (48, 3, 24, 12, 3, 3)])
+@pytest.mark.parametrize(
+    "d_model,expand,head_dim,d_state,conv_size,n_groups",
+    [(32, 2, 16, 8, 4, 1), (64, 2, 32, 16, 4, 2), (48, 3, 24, 12, 3, 3)],
+)
 def test_parameter_count(d_model, expand, head_dim, d_state, conv_size, n_groups):
-    m = Mamba2(d_model, expand=expand, head_dim=head_dim, d_state=d_state, conv_size=conv_size, n_groups=n_groups)
+    m = Mamba2(
+        d_model, expand=expand, head_dim=head_dim, d_state=d_state, conv_size=conv_size, n_groups=n_groups
+    )
     d, di, GN = d_model, expand * d_model, n_groups * d_state
     nh = di // head_dim
     expected = d * (2 * di + 2 * GN + nh) + (di + 2 * GN) * conv_size + (di + 2 * GN) + 3 * nh + di + di * d
     assert sum(p.numel() for p in m.parameters()) == expected
     names = {n for n, _ in m.named_parameters()}
-    assert {"in_proj.weight", "out_proj.weight", "dt_bias", "A_log", "D", "norm.weight",
-            "conv.weight", "conv.bias"} == names
+    assert {
+        "in_proj.weight",
+        "out_proj.weight",
+        "dt_bias",
+        "A_log",
+        "D",
+        "norm.weight",
+        "conv.weight",
+        "conv.bias",
+    } == names
 
 
 def test_init_matches_mamba_ssm_ranges():
@@ -195,7 +211,10 @@ def test_grouped_gated_norm_is_per_group():
     # mamba_ssm normalises y * silu(z) over groups of d_inner // n_groups channels (RMSNormGated group_size).
     m = make_model(torch.float64, n_groups=2, seed=6)
     gen = torch.Generator().manual_seed(600)
-    y, z = torch.randn(3, 64, generator=gen, dtype=torch.float64), torch.randn(3, 64, generator=gen, dtype=torch.float64)
+    y, z = (
+        torch.randn(3, 64, generator=gen, dtype=torch.float64),
+        torch.randn(3, 64, generator=gen, dtype=torch.float64),
+    )
     h = y * F.silu(z)
     parts = [hp / torch.sqrt(hp.pow(2).mean(-1, keepdim=True) + m.norm.eps) for hp in h.split(32, -1)]
     expected = torch.cat(parts, -1) * m.norm.weight

@@ -1,11 +1,12 @@
-"""The Alembic migrations (migrations/) against the models (search/db.py), on SQLite and PostgreSQL (tests/pg.py).
+"""The Alembic migrations (migrations/) against the models (search/db.py), on SQLite and PostgreSQL
+(tests/pg.py).
 
 - an empty database upgrades to head: every table of the models' MetaData is there, and nothing else but
   `alembic_version`;
 - the live schema matches the models: autogenerate's `compare_metadata` (types, nullability, server defaults,
-  indexes, unique constraints, foreign keys with their ON DELETE) finds no difference, and every constraint and
-  index has the name the naming convention gives it (SQLite batch migrations find them by name) — with a check
-  that the comparison is not vacuous (it does see a changed type, a missing column and a missing index);
+  indexes, unique constraints, foreign keys with their ON DELETE) finds no difference, and every constraint
+  and index has the name the naming convention gives it (SQLite batch migrations find them by name) — with a
+  check that the comparison is not vacuous (it does see a changed type, a missing column and a missing index);
 - downgrade to base leaves no table (an empty `alembic_version` may stay), with rows in the tables;
 - upgrade again (round trip) gives the same schema, and the database is usable;
 - one revision at a time, up then down, through the whole history;
@@ -13,6 +14,7 @@
 
 The concurrent-migration tests (several coordinators starting on one empty database) live in test_storage.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +67,11 @@ def _model_names(metadata: MetaData = METADATA) -> dict[str, dict[str, set]]:
             "pk": {c.name for c in table.constraints if isinstance(c, PrimaryKeyConstraint)},
             "ix": {i.name for i in table.indexes},
             "uq": {c.name for c in table.constraints if isinstance(c, UniqueConstraint)},
-            "fk": {(c.name, (c.ondelete or "").upper() or None) for c in table.constraints
-                   if isinstance(c, ForeignKeyConstraint)},
+            "fk": {
+                (c.name, (c.ondelete or "").upper() or None)
+                for c in table.constraints
+                if isinstance(c, ForeignKeyConstraint)
+            },
         }
     return out
 
@@ -80,8 +85,10 @@ def _live_names(store: Storage) -> dict[str, dict[str, set]]:
             # PostgreSQL also lists the index behind each unique constraint: that one is the constraint's
             "ix": {i["name"] for i in insp.get_indexes(name) if not i.get("duplicates_constraint")},
             "uq": {u["name"] for u in insp.get_unique_constraints(name)},
-            "fk": {(f["name"], (f.get("options", {}).get("ondelete") or "").upper() or None)
-                   for f in insp.get_foreign_keys(name)},
+            "fk": {
+                (f["name"], (f.get("options", {}).get("ondelete") or "").upper() or None)
+                for f in insp.get_foreign_keys(name)
+            },
         }
     return out
 
@@ -106,9 +113,17 @@ def _assert_at_base(store: Storage) -> None:
 def _fill(store: Storage) -> int:
     """A few rows in every table (so downgrades run against data, as in production)."""
     with store.transaction() as conn:
-        schedule = conn.execute(db.schedules.insert().values(
-            name="nightly", cron="0 3 * * *", template={"budget": 2}, created_at=db.utcnow(),
-            updated_at=db.utcnow()).returning(db.schedules.c.id)).scalar_one()
+        schedule = conn.execute(
+            db.schedules.insert()
+            .values(
+                name="nightly",
+                cron="0 3 * * *",
+                template={"budget": 2},
+                created_at=db.utcnow(),
+                updated_at=db.utcnow(),
+            )
+            .returning(db.schedules.c.id)
+        ).scalar_one()
     job = store.create_job("search", {"budget": 4}, name="m", idempotency_key="k", schedule_id=schedule)
     parent = store.add_candidate(job, {"operators": ["attention"]}, "h0")
     child = store.add_candidate(job, {"operators": ["mamba2"]}, "h1", parent_id=parent, generation=1)
@@ -118,15 +133,20 @@ def _fill(store: Storage) -> int:
     store.record_hypervolume(job, 1, 0.5)
     store.save_strategy_state(job, {"population": [parent, child]})
     with store.transaction() as conn:
-        conn.execute(db.schedule_fires.insert().values(schedule_id=schedule, due_at=db.utcnow(),
-                                                       fired_at=db.utcnow(), status="fired", job_id=job))
+        conn.execute(
+            db.schedule_fires.insert().values(
+                schedule_id=schedule, due_at=db.utcnow(), fired_at=db.utcnow(), status="fired", job_id=job
+            )
+        )
     return job
 
 
 def _row_counts(store: Storage) -> dict[str, int]:
     with store.engine.connect() as conn:
-        return {name: conn.execute(select(func.count()).select_from(table)).scalar_one()
-                for name, table in METADATA.tables.items()}
+        return {
+            name: conn.execute(select(func.count()).select_from(table)).scalar_one()
+            for name, table in METADATA.tables.items()
+        }
 
 
 def _revisions() -> list[str]:
@@ -216,6 +236,7 @@ def test_comparison_is_not_vacuous(db_url):
 
 def test_alembic_command_line_path(db_url):
     """`alembic -x url=... upgrade head` / `downgrade base` (env.py opens its own Storage), and `--sql`."""
+
     def config(buffer: io.StringIO | None = None) -> Config:
         cfg = Config(cmd_opts=argparse.Namespace(x=[f"url={db_url}"]), output_buffer=buffer)
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))

@@ -1,5 +1,6 @@
 """Pareto utilities: sorting and crowding against brute force, hypervolume against hand and exact-grid
 computations, the normalized space's serialization, and the monotone anytime tracker."""
+
 import itertools
 import json
 import math
@@ -7,9 +8,18 @@ import random
 
 import pytest
 
-from search.pareto import (HypervolumeSpace, HypervolumeTracker, crowding_distance, dominates,
-                           hypervolume_contributions, non_dominated_sort, pareto_front, rank_and_contribution,
-                           rank_and_crowding, same_bounds)
+from search.pareto import (
+    HypervolumeSpace,
+    HypervolumeTracker,
+    crowding_distance,
+    dominates,
+    hypervolume_contributions,
+    non_dominated_sort,
+    pareto_front,
+    rank_and_contribution,
+    rank_and_crowding,
+    same_bounds,
+)
 
 
 def brute_dominates(a, b):
@@ -51,8 +61,9 @@ def test_sort_and_front_match_brute_force(seed):
     # small integer grid: many ties and equal points
     points = [tuple(rng.randint(0, 5) for _ in range(dims)) for _ in range(rng.randint(1, 40))]
     assert non_dominated_sort(points) == brute_ranks(points)
-    assert pareto_front(points) == [i for i in range(len(points))
-                                    if not any(brute_dominates(q, points[i]) for q in points)]
+    assert pareto_front(points) == [
+        i for i in range(len(points)) if not any(brute_dominates(q, points[i]) for q in points)
+    ]
     assert all(dominates(a, b) == brute_dominates(a, b) for a in points[:10] for b in points[:10])
 
 
@@ -88,8 +99,14 @@ def test_hypervolume_2d_by_hand():
     expected = (1.1 - 0.2) * (1.1 - 0.6) + (1.1 - 0.5) * (0.6 - 0.3)
     assert space.hypervolume([a, b]) == pytest.approx(expected)
     # dicts keyed by objective name; a dominated point and points outside the reference box add nothing
-    points = [{"val_bpb": 12.0, "decode_ms": 160.0}, {"decode_ms": 130.0, "val_bpb": 15.0}, (16.0, 170.0),
-              (22.0, 101.0), (10.5, 215.0), (21.0, 211.0)]
+    points = [
+        {"val_bpb": 12.0, "decode_ms": 160.0},
+        {"decode_ms": 130.0, "val_bpb": 15.0},
+        (16.0, 170.0),
+        (22.0, 101.0),
+        (10.5, 215.0),
+        (21.0, 211.0),
+    ]
     assert space.hypervolume(points) == pytest.approx(expected)
     assert space.hypervolume([]) == 0.0
     assert space.hypervolume([(21.0, 100.0)]) == 0.0  # exactly on the reference boundary: zero volume
@@ -102,8 +119,11 @@ def test_hypervolume_3d_matches_exact_grid():
     space = HypervolumeSpace(("a", "b", "c"), lower=(0, 0, 0), upper=(10, 10, 10), reference=(1.0, 1.0, 1.0))
     for _ in range(5):
         points = [tuple(rng.randint(0, 9) for _ in range(3)) for _ in range(rng.randint(1, 8))]
-        cells = sum(1 for cell in itertools.product(range(10), repeat=3)
-                    if any(all(p[m] <= cell[m] for m in range(3)) for p in points))
+        cells = sum(
+            1
+            for cell in itertools.product(range(10), repeat=3)
+            if any(all(p[m] <= cell[m] for m in range(3)) for p in points)
+        )
         assert space.hypervolume(points) == pytest.approx(cells / 1000)
 
 
@@ -126,7 +146,9 @@ def test_hypervolume_contributions_by_hand_and_by_removal():
             pts = [tuple(rng.random() for _ in range(dims)) for _ in range(rng.randint(1, 9))]
             front = [pts[i] for i in pareto_front(pts)]
             whole = space.hypervolume(front)
-            expected = [whole - space.hypervolume([q for q in front if q != p]) if p in front else 0.0 for p in pts]
+            expected = [
+                whole - space.hypervolume([q for q in front if q != p]) if p in front else 0.0 for p in pts
+            ]
             assert hypervolume_contributions(pts, (1.1,) * dims) == pytest.approx(expected, abs=1e-12)
     # one objective: the best value owns the segment up to the next value (or the reference)
     assert hypervolume_contributions([(0.5,), (0.2,), (0.9,)], (1.0,)) == pytest.approx([0.0, 0.3, 0.0])
@@ -149,8 +171,10 @@ def test_rank_and_contribution_normalizes_by_the_points_own_range():
     crowd = rank_and_crowding(points)[1]
     assert crowd[0] == crowd[2] == math.inf and crowd[1] < math.inf
     # an objective whose values are all equal normalizes to 0; no points, no contributions
-    assert rank_and_contribution([(1.0, 5.0), (2.0, 5.0)]) == ([0, 1], [pytest.approx(1.1 * 1.1),
-                                                                      pytest.approx(0.1 * 1.1)])
+    assert rank_and_contribution([(1.0, 5.0), (2.0, 5.0)]) == (
+        [0, 1],
+        [pytest.approx(1.1 * 1.1), pytest.approx(0.1 * 1.1)],
+    )
     assert rank_and_contribution([]) == ([], [])
 
 
@@ -160,7 +184,9 @@ def test_space_serializes_and_compares_bounds():
     assert again == space and same_bounds(space, again) and same_bounds(space.to_dict(), again)
     assert not same_bounds(space, HypervolumeSpace(("val_bpb", "decode_ms"), (1.0, 2.0), (3.0, 5.0)))
     assert not same_bounds(space, HypervolumeSpace(("val_bpb", "params"), (1.0, 2.0), (3.0, 5.0), (1.2, 1.2)))
-    assert not same_bounds(space, HypervolumeSpace(("val_bpb", "decode_ms"), (1.0, 2.5), (3.0, 5.0), (1.2, 1.2)))
+    assert not same_bounds(
+        space, HypervolumeSpace(("val_bpb", "decode_ms"), (1.0, 2.5), (3.0, 5.0), (1.2, 1.2))
+    )
     fitted = HypervolumeSpace.from_points(("x", "y"), [(1, 5), (3, 2), {"x": 2, "y": 9}])
     assert fitted.lower == (1.0, 2.0) and fitted.upper == (3.0, 9.0)
     with pytest.raises(ValueError, match="upper bound"):

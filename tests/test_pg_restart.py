@@ -19,6 +19,7 @@ tested here. Each test waits until the server accepts connections again (and sta
 down) before it returns, so the next test finds it up. Do not run this module against a server others are
 using at the same moment: their open connections are dropped too.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -71,9 +72,12 @@ def _cluster(url: str) -> Cluster:
         _skip_or_fail(f"PostgreSQL at {parsed.host} is not on this machine: cannot restart it")
     port = parsed.port or 5432
     if shutil.which("pg_lsclusters") is None or shutil.which("pg_ctlcluster") is None:
-        _skip_or_fail("pg_lsclusters/pg_ctlcluster not found (Debian's postgresql-common): cannot restart the "
-                      "server")
-    out = subprocess.run(["pg_lsclusters", "-h"], capture_output=True, text=True, check=True, timeout=30).stdout
+        _skip_or_fail(
+            "pg_lsclusters/pg_ctlcluster not found (Debian's postgresql-common): cannot restart the server"
+        )
+    out = subprocess.run(
+        ["pg_lsclusters", "-h"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
     for line in out.splitlines():
         cols = line.split()
         if len(cols) >= 5 and cols[2] == str(port):
@@ -86,8 +90,10 @@ def _cluster(url: str) -> Cluster:
     except KeyError:
         me = f"uid {os.geteuid()}"
     if os.geteuid() != 0 and me != cluster.owner:
-        _skip_or_fail(f"this process runs as {me!r}, neither root nor the owner of cluster {cluster.version}/"
-                      f"{cluster.name} ({cluster.owner!r}): not allowed to restart PostgreSQL")
+        _skip_or_fail(
+            f"this process runs as {me!r}, neither root nor the owner of cluster {cluster.version}/"
+            f"{cluster.name} ({cluster.owner!r}): not allowed to restart PostgreSQL"
+        )
     return cluster
 
 
@@ -129,8 +135,9 @@ def _restart(cluster: Cluster) -> None:
         try:
             _wait_ready(10)
         except exc.OperationalError:  # left down: start it, so the rest of the session has its server
-            subprocess.run(["pg_ctlcluster", cluster.version, cluster.name, "start"], check=False, timeout=120,
-                           cwd="/")
+            subprocess.run(
+                ["pg_ctlcluster", cluster.version, cluster.name, "start"], check=False, timeout=120, cwd="/"
+            )
             _wait_ready()
     assert _start_time() != before, "the server did not restart"
 
@@ -226,18 +233,31 @@ def coordinator(tmp_path, cluster):
 
     with pg.backend_url("postgresql", tmp_path) as url:
         port = _free_port()
-        env = {**os.environ, "HYBRIDNAS_DATABASE_URL": url, "HYBRIDNAS_TOKEN": TOKEN,
-               "HYBRIDNAS_DATA_DIR": str(tmp_path / "data"), "HYBRIDNAS_RUNNERS": "0",
-               "HYBRIDNAS_SCHEDULER": "false", "PYTHONPATH": str(REPO)}
+        env = {
+            **os.environ,
+            "HYBRIDNAS_DATABASE_URL": url,
+            "HYBRIDNAS_TOKEN": TOKEN,
+            "HYBRIDNAS_DATA_DIR": str(tmp_path / "data"),
+            "HYBRIDNAS_RUNNERS": "0",
+            "HYBRIDNAS_SCHEDULER": "false",
+            "PYTHONPATH": str(REPO),
+        }
         env.pop("DATABASE_URL", None)
         log = (tmp_path / "server.log").open("w+")
-        proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(port)], cwd=tmp_path, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVER, str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + READY_TIMEOUT_S
             while True:
-                assert proc.poll() is None, f"the coordinator exited:\n{(tmp_path / 'server.log').read_text()}"
+                assert proc.poll() is None, (
+                    f"the coordinator exited:\n{(tmp_path / 'server.log').read_text()}"
+                )
                 try:
                     if httpx.get(f"{base}/api/ready", timeout=2).status_code == 200:
                         break
@@ -261,14 +281,20 @@ def test_coordinator_survives_a_server_restart(coordinator, cluster, tmp_path):
     import httpx
 
     def ok(response: httpx.Response, status: int = 200) -> dict:
-        assert response.status_code == status, (f"{response.request.method} {response.request.url}: "
-                                                f"{response.status_code} {response.text}\n--- server log:\n"
-                                                f"{(tmp_path / 'server.log').read_text()}")
+        assert response.status_code == status, (
+            f"{response.request.method} {response.request.url}: "
+            f"{response.status_code} {response.text}\n--- server log:\n"
+            f"{(tmp_path / 'server.log').read_text()}"
+        )
         return response.json() if response.content else {}
 
     with httpx.Client(base_url=coordinator, timeout=30) as client:
-        ids = [ok(client.post("/api/searches", json={"name": f"before-{i}", "budget": 4}, headers=AUTH), 201)["id"]
-               for i in range(3)]
+        ids = [
+            ok(client.post("/api/searches", json={"name": f"before-{i}", "budget": 4}, headers=AUTH), 201)[
+                "id"
+            ]
+            for i in range(3)
+        ]
         # several requests at once, so the server's pool holds several connections for the restart to kill
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             for r in pool.map(lambda i: client.get(f"/api/searches/{i}"), ids + ids):
@@ -282,8 +308,14 @@ def test_coordinator_survives_a_server_restart(coordinator, cluster, tmp_path):
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             for r in pool.map(lambda i: client.get(f"/api/searches/{i}"), ids + ids):
                 ok(r)
-        new = ok(client.post("/api/searches", json={"name": "after", "budget": 2}, headers=AUTH,
-                             ), 201)["id"]
+        new = ok(
+            client.post(
+                "/api/searches",
+                json={"name": "after", "budget": 2},
+                headers=AUTH,
+            ),
+            201,
+        )["id"]
         assert ok(client.post(f"/api/searches/{ids[0]}/cancel", headers=AUTH))["status"] == "cancelled"
         ok(client.delete(f"/api/searches/{ids[1]}", headers=AUTH), 204)
         listing = ok(client.get("/api/searches", params={"limit": 10}))

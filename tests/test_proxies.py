@@ -1,4 +1,5 @@
 """Data paths, tokenizers, the short-training proxy, failure as data, weight saving, the worker."""
+
 import json
 import math
 
@@ -15,8 +16,16 @@ from proxies.train import ProxyConfig, evaluate_bpb, train_proxy
 from proxies.worker import evaluate
 from search.layout import Layout
 
-TINY = Layout.from_dict({"operators": "D F A F M2 F", "d_model": 32, "n_heads": 2, "n_kv_heads": 1,
-                         "mamba_head_dim": 16, "mamba_d_state": 8})
+TINY = Layout.from_dict(
+    {
+        "operators": "D F A F M2 F",
+        "d_model": 32,
+        "n_heads": 2,
+        "n_kv_heads": 1,
+        "mamba_head_dim": 16,
+        "mamba_d_state": 8,
+    }
+)
 FAST = dict(steps=6, batch_size=4, seq_len=32, eval_tokens=512, log_every=2)
 
 
@@ -35,7 +44,8 @@ def write_corpus(root, n_docs=40, size=400):
     return folder
 
 
-# ---- data ----------------------------------------------------------------------------------------------------
+# ---- data --------------------------------------------------------------------------------------------------
+
 
 def test_stdlib_corpus_is_the_default(stdlib_data):
     assert stdlib_data.fingerprint["corpus"] == "stdlib"
@@ -47,17 +57,27 @@ def test_stdlib_corpus_is_the_default(stdlib_data):
 
 def test_folder_jsonl_and_caching(tmp_path):
     folder = write_corpus(tmp_path)
-    data = load_data(DataConfig(corpus="corpus", min_val_tokens=16, val_fraction=0.25), tmp_path / "dd", data_roots=[tmp_path])
+    data = load_data(
+        DataConfig(corpus="corpus", min_val_tokens=16, val_fraction=0.25),
+        tmp_path / "dd",
+        data_roots=[tmp_path],
+    )
     total = sum(len(p.read_bytes()) for p in folder.iterdir())
     assert len(data.train) + len(data.val) == total + 40  # one EOS per document
     # the cached arrays are reused: a second load maps the same files, without re-tokenizing
     cache = next((tmp_path / "dd" / "cache" / "tokens").iterdir())
     stamp = (cache / "train.bin").stat().st_mtime_ns
-    again = load_data(DataConfig(corpus="corpus", min_val_tokens=16, val_fraction=0.25), tmp_path / "dd", data_roots=[tmp_path])
+    again = load_data(
+        DataConfig(corpus="corpus", min_val_tokens=16, val_fraction=0.25),
+        tmp_path / "dd",
+        data_roots=[tmp_path],
+    )
     assert (cache / "train.bin").stat().st_mtime_ns == stamp and np.array_equal(again.val, data.val)
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": p.read_text()}) for p in sorted(folder.iterdir())))
-    from_jsonl = load_data(DataConfig(corpus="c.jsonl", min_val_tokens=16, val_fraction=0.25), tmp_path / "dd", [tmp_path])
+    from_jsonl = load_data(
+        DataConfig(corpus="c.jsonl", min_val_tokens=16, val_fraction=0.25), tmp_path / "dd", [tmp_path]
+    )
     assert len(from_jsonl.train) + len(from_jsonl.val) == total + 40
 
 
@@ -69,14 +89,17 @@ def test_split_is_by_document_and_seeded():
     assert 120 < sum(a) < 280
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda root: "missing.txt", "no such file"),
-    (lambda root: "../../etc/passwd", "escapes|outside"),
-    (lambda root: "/etc/passwd", "outside"),
-    (lambda root: (root / "empty").mkdir() or "empty", "is empty"),
-    (lambda root: (root / "bin.txt").write_bytes(b"\x00\x01\x02" * 100) and "bin.txt", "binary"),
-    (lambda root: (root / "one.txt").write_text("hello world") and "one.txt", "too small"),
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda root: "missing.txt", "no such file"),
+        (lambda root: "../../etc/passwd", "escapes|outside"),
+        (lambda root: "/etc/passwd", "outside"),
+        (lambda root: (root / "empty").mkdir() or "empty", "is empty"),
+        (lambda root: (root / "bin.txt").write_bytes(b"\x00\x01\x02" * 100) and "bin.txt", "binary"),
+        (lambda root: (root / "one.txt").write_text("hello world") and "one.txt", "too small"),
+    ],
+)
 def test_bad_corpus_names_the_path(tmp_path, make, words):
     spec = make(tmp_path)
     with pytest.raises(CorpusError) as info:
@@ -120,6 +143,7 @@ def test_bad_tokenizer_spec():
 
 # ---- the proxy ---------------------------------------------------------------------------------------------
 
+
 def test_schedule_warmup_then_cosine_over_exactly_the_budget():
     config = ProxyConfig(steps=100, lr=1e-3, warmup_fraction=0.1, min_lr_ratio=0.1)
     lrs = [config.lr_at(s) for s in range(100)]
@@ -129,9 +153,16 @@ def test_schedule_warmup_then_cosine_over_exactly_the_budget():
     assert ProxyConfig(tokens=8 * 128 * 10).total_steps == 10
 
 
-@pytest.mark.parametrize("kw, field", [({"steps": 0}, "steps"), ({"steps": 5, "tokens": 100}, "steps"),
-                                       ({"lr": -1}, "lr"), ({"precision": "fp8"}, "precision"),
-                                       ({"batch_size": 0}, "batch_size")])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"steps": 0}, "steps"),
+        ({"steps": 5, "tokens": 100}, "steps"),
+        ({"lr": -1}, "lr"),
+        ({"precision": "fp8"}, "precision"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
 def test_bad_proxy_config(kw, field):
     with pytest.raises(ValueError, match=field):
         ProxyConfig(**kw)
@@ -148,7 +179,9 @@ def test_training_is_reproducible_and_learns(stdlib_data):
     other_seed, _ = train_proxy(TINY, ProxyConfig(**FAST, seed=1), stdlib_data, "cpu")
     assert first.status == "completed", first.traceback
     assert abs(first.val_bpb - second.val_bpb) <= 1e-6
-    assert [l for _, l in first.loss_curve] == pytest.approx([l for _, l in second.loss_curve], abs=1e-6)
+    assert [loss for _, loss in first.loss_curve] == pytest.approx(
+        [loss for _, loss in second.loss_curve], abs=1e-6
+    )
     assert other_seed.val_bpb != first.val_bpb
     assert first.loss_curve[-1][1] < first.loss_curve[0][1]
     assert first.tokens_per_s > 0 and first.wall_s > 0 and first.peak_memory_bytes > 0
@@ -156,7 +189,9 @@ def test_training_is_reproducible_and_learns(stdlib_data):
 
 
 def test_weight_norm_and_meta_tokens_train(stdlib_data):
-    result, model = train_proxy(TINY, ProxyConfig(**FAST, weight_norm=True, meta_tokens=4), stdlib_data, "cpu")
+    result, model = train_proxy(
+        TINY, ProxyConfig(**FAST, weight_norm=True, meta_tokens=4), stdlib_data, "cpu"
+    )
     assert result.status == "completed"
     assert model.meta is not None and model.meta.shape == (4, 32)
     q = model.blocks[2].op.q_proj.weight
@@ -196,6 +231,7 @@ class Poison(torch.nn.Module):
 @pytest.mark.parametrize("how, reason", [("nan", "non-finite loss"), ("raise", "operator exploded")])
 def test_failure_is_data(stdlib_data, monkeypatch, how, reason):
     import models.registry as registry
+
     monkeypatch.setitem(registry.BUILDERS, "ffn", lambda layout, backend: Poison(how))
     result, _ = train_proxy(TINY, ProxyConfig(**FAST), stdlib_data, "cpu")
     assert result.status == "failed" and reason in result.failure_reason
@@ -203,16 +239,20 @@ def test_failure_is_data(stdlib_data, monkeypatch, how, reason):
 
 
 def test_timeout_is_a_failure(stdlib_data):
-    result, _ = train_proxy(TINY, ProxyConfig(steps=10_000, batch_size=2, seq_len=16, timeout_s=0.5), stdlib_data, "cpu")
+    result, _ = train_proxy(
+        TINY, ProxyConfig(steps=10_000, batch_size=2, seq_len=16, timeout_s=0.5), stdlib_data, "cpu"
+    )
     assert result.status == "failed" and result.failure_reason.startswith("timeout")
     assert 0 < result.steps_done < 10_000 and result.loss_curve  # the metrics that existed are kept
 
 
 # ---- the worker and artifacts ---------------------------------------------------------------------------
 
+
 def test_evaluate_saves_weights_that_reload(tmp_path, stdlib_data):
-    result = evaluate(TINY, {**FAST}, {"decode_tokens": 4, "repeats": 2, "throughput": False},
-                      data_dir=tmp_path)
+    result = evaluate(
+        TINY, {**FAST}, {"decode_tokens": 4, "repeats": 2, "throughput": False}, data_dir=tmp_path
+    )
     assert result.status == "completed", result.traceback
     store = ArtifactStore(tmp_path / "artifacts")
     path = store.path_for(result.training_key)
@@ -224,7 +264,9 @@ def test_evaluate_saves_weights_that_reload(tmp_path, stdlib_data):
     model = HybridLM(TINY, 257)
     model.load_state_dict(store.load_state_dict(result.training_key))
     config = ProxyConfig(**FAST)
-    assert evaluate_bpb(model, stdlib_data, config, torch.device("cpu"))["val_bpb"] == pytest.approx(again.val_bpb, abs=1e-6)
+    assert evaluate_bpb(model, stdlib_data, config, torch.device("cpu"))["val_bpb"] == pytest.approx(
+        again.val_bpb, abs=1e-6
+    )
     assert json.loads((path / "layout.json").read_text())["operators"] == list(TINY.operators)
     assert (path / "tokenizer.json").exists()
     assert result.decode_ms_per_token > 0 and result.latency["decode_ms_per_token"]["repeats"] == 2
@@ -234,7 +276,9 @@ def test_evaluate_saves_weights_that_reload(tmp_path, stdlib_data):
 
 def test_evaluate_keys_follow_their_inputs(tmp_path):
     a = evaluate(TINY, {**FAST}, None, data_dir=tmp_path, measure_latency=False, save_artifacts=False)
-    b = evaluate(TINY, {**FAST, "lr": 1e-3}, None, data_dir=tmp_path, measure_latency=False, save_artifacts=False)
+    b = evaluate(
+        TINY, {**FAST, "lr": 1e-3}, None, data_dir=tmp_path, measure_latency=False, save_artifacts=False
+    )
     assert a.training_key != b.training_key
 
 
@@ -249,6 +293,7 @@ def test_artifact_retention(tmp_path):
     for i, key in enumerate(keys):
         store.path_for(key).mkdir(parents=True)
         import os
+
         os.utime(store.path_for(key), (1000 + i, 1000 + i))
     deleted = store.retain(keep={keys[0]}, keep_last=2)
     assert sorted(deleted) == sorted(keys[1:3])
@@ -259,13 +304,21 @@ def test_artifact_retention(tmp_path):
 
 def test_local_tokenizer_file_and_bpe_corpus(tmp_path):
     folder = write_corpus(tmp_path)
-    bpe = load_data(DataConfig(corpus="corpus", tokenizer="bpe:300", min_val_tokens=16, val_fraction=0.25),
-                    tmp_path / "dd", data_roots=[tmp_path])
+    bpe = load_data(
+        DataConfig(corpus="corpus", tokenizer="bpe:300", min_val_tokens=16, val_fraction=0.25),
+        tmp_path / "dd",
+        data_roots=[tmp_path],
+    )
     assert 257 < bpe.vocab_size <= 300  # a tiny corpus may stop merging early
     saved = next((tmp_path / "dd" / "cache" / "tokenizers").glob("bpe-300-*.json"))
-    from_file = load_data(DataConfig(corpus="corpus", tokenizer=f"file:{saved}", min_val_tokens=16, val_fraction=0.25),
-                          tmp_path / "dd", data_roots=[tmp_path])
+    from_file = load_data(
+        DataConfig(corpus="corpus", tokenizer=f"file:{saved}", min_val_tokens=16, val_fraction=0.25),
+        tmp_path / "dd",
+        data_roots=[tmp_path],
+    )
     assert np.array_equal(np.asarray(from_file.val), np.asarray(bpe.val))
     # bytes behind the validation tokens add up to the validation text (+1 per end-of-document)
     val_docs = [p for p in sorted(folder.iterdir()) if is_validation(p.name, 0, 0.25)]
-    assert int(np.asarray(bpe.val_bytes, dtype=np.int64).sum()) == sum(len(p.read_bytes()) for p in val_docs) + len(val_docs)
+    assert int(np.asarray(bpe.val_bytes, dtype=np.int64).sum()) == sum(
+        len(p.read_bytes()) for p in val_docs
+    ) + len(val_docs)

@@ -1,6 +1,7 @@
 """Job leases and the job runner, on SQLite and PostgreSQL: atomic claims under a global concurrency limit,
 queue order, heartbeats, takeover of a dead owner's job, cancellation reaching the running engine, graceful
 stop handing the job back."""
+
 import json
 import os
 import threading
@@ -21,7 +22,9 @@ storage = pg.storage
 
 def make_job(storage, priority=0, budget=4, **overrides):
     config = SearchConfig.model_validate({**TINY, "budget": budget, **overrides})
-    return storage.create_job("search", json.loads(config.model_dump_json()), priority=priority, budget=budget)
+    return storage.create_job(
+        "search", json.loads(config.model_dump_json()), priority=priority, budget=budget
+    )
 
 
 def test_claim_takes_queue_order_and_respects_the_global_limit(storage):
@@ -61,6 +64,7 @@ def test_claims_race_to_exactly_one_owner(storage):
         got = storage.claim_job(f"r{i}", 30, max_running=10)
         if got is not None:
             winners.append(got.lease_owner)
+
     threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
     [t.start() for t in threads]
     [t.join() for t in threads]
@@ -69,8 +73,13 @@ def test_claims_race_to_exactly_one_owner(storage):
 
 def inline_runner(storage, tmp_path, **kwargs):
     data_dir = tmp_path / "data"
-    return JobRunner(storage, data_dir, executor_factory=lambda c: InlineExecutor(str(data_dir), threads=1),
-                     poll_s=0.05, **kwargs)
+    return JobRunner(
+        storage,
+        data_dir,
+        executor_factory=lambda c: InlineExecutor(str(data_dir), threads=1),
+        poll_s=0.05,
+        **kwargs,
+    )
 
 
 def wait_for(predicate, timeout=120.0, what="condition"):
@@ -88,10 +97,12 @@ def test_runner_runs_queued_jobs_to_completion_one_at_a_time(storage, tmp_path):
     seen_running = []
     runner.start()
     try:
+
         def done():
             statuses = [storage.get_job(j).status for j in jobs]
             seen_running.append(statuses.count("running"))
             return statuses == ["completed", "completed"]
+
         wait_for(done, what="both jobs completed")
     finally:
         runner.stop()
@@ -145,6 +156,7 @@ def test_a_dead_owner_of_this_machine_is_taken_over_at_once_a_live_one_is_not(st
     import subprocess
 
     from api.runner import _pid_namespace, owner_is_dead_here
+
     gone = subprocess.Popen(["true"])
     gone.wait()
     dead_owner = f"{socket.gethostname()}:{gone.pid}:{_pid_namespace()}:deadbeef"

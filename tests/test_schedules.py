@@ -1,5 +1,7 @@
-"""Nightly schedules of searches: storage (SQLite and PostgreSQL), the scheduler with an injected clock (exactly
-once, missed, skipped, warm start, DST), concurrent schedulers in threads and processes, and the REST routes."""
+"""Nightly schedules of searches: storage (SQLite and PostgreSQL), the scheduler with an injected clock
+(exactly once, missed, skipped, warm start, DST), concurrent schedulers in threads and processes, and the REST
+routes."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -43,10 +45,22 @@ class Clock:
         return self.now
 
 
-def _schedule(store: Storage, cron: str = "0 2 * * *", timezone: str = "UTC", created: datetime | None = None,
-              template: dict | None = None, **kw) -> int:
-    return store.create_schedule(kw.pop("name", "nightly"), cron, template if template is not None else {"budget": 4},
-                                 timezone=timezone, created_at=created or utc(2024, 6, 3), **kw)
+def _schedule(
+    store: Storage,
+    cron: str = "0 2 * * *",
+    timezone: str = "UTC",
+    created: datetime | None = None,
+    template: dict | None = None,
+    **kw,
+) -> int:
+    return store.create_schedule(
+        kw.pop("name", "nightly"),
+        cron,
+        template if template is not None else {"budget": 4},
+        timezone=timezone,
+        created_at=created or utc(2024, 6, 3),
+        **kw,
+    )
 
 
 def _count(store: Storage, table, *where) -> int:
@@ -76,8 +90,15 @@ def _complete_all(store: Storage) -> None:
 def test_schedule_crud(storage):
     sid = _schedule(storage, "0 2 * * *", "Europe/Berlin", warm_start=True, priority=5)
     s = storage.get_schedule(sid)
-    assert (s.name, s.cron, s.timezone, s.template, s.enabled, s.warm_start, s.priority) == \
-        ("nightly", "0 2 * * *", "Europe/Berlin", {"budget": 4}, True, True, 5)
+    assert (s.name, s.cron, s.timezone, s.template, s.enabled, s.warm_start, s.priority) == (
+        "nightly",
+        "0 2 * * *",
+        "Europe/Berlin",
+        {"budget": 4},
+        True,
+        True,
+        5,
+    )
     assert s.created_at == utc(2024, 6, 3) and s.last_due_at is None and s.cursor == utc(2024, 6, 3)
     other = _schedule(storage, "@daily", enabled=False, name="off")
     assert [x.id for x in storage.list_schedules()] == [sid, other]
@@ -90,7 +111,9 @@ def test_schedule_crud(storage):
     assert (renamed.name, renamed.priority, renamed.last_due_at) == ("renamed", -3, None)
     moved = storage.update_schedule(sid, {"cron": "15 3 * * *"}, now=utc(2024, 6, 10))
     assert moved.cron == "15 3 * * *" and moved.last_due_at == utc(2024, 6, 10)
-    assert storage.update_schedule(sid, {"cron": "15 3 * * *"}, now=utc(2024, 6, 12)).last_due_at == utc(2024, 6, 10)
+    assert storage.update_schedule(sid, {"cron": "15 3 * * *"}, now=utc(2024, 6, 12)).last_due_at == utc(
+        2024, 6, 10
+    )
     enabled = storage.update_schedule(other, {"enabled": True}, now=utc(2024, 6, 11))
     assert enabled.enabled and enabled.last_due_at == utc(2024, 6, 11)
 
@@ -118,10 +141,22 @@ def test_fire_records_once_with_its_job_in_one_transaction(storage):
     due = utc(2024, 6, 4, 2)
     job = {"config": {"budget": 4, "name": "nightly"}, "name": "nightly", "priority": 7, "budget": 4}
     rec = storage.fire(sid, due, "fired", job=job, fired_at=utc(2024, 6, 4, 2, 0, 5))
-    assert (rec.schedule_id, rec.due_at, rec.status, rec.fired_at) == (sid, due, "fired", utc(2024, 6, 4, 2, 0, 5))
+    assert (rec.schedule_id, rec.due_at, rec.status, rec.fired_at) == (
+        sid,
+        due,
+        "fired",
+        utc(2024, 6, 4, 2, 0, 5),
+    )
     queued = storage.get_job(rec.job_id)
-    assert (queued.kind, queued.status, queued.schedule_id, queued.priority, queued.budget, queued.name,
-            queued.config) == ("search", "queued", sid, 7, 4, "nightly", {"budget": 4, "name": "nightly"})
+    assert (
+        queued.kind,
+        queued.status,
+        queued.schedule_id,
+        queued.priority,
+        queued.budget,
+        queued.name,
+        queued.config,
+    ) == ("search", "queued", sid, 7, 4, "nightly", {"budget": 4, "name": "nightly"})
     assert storage.get_schedule(sid).last_due_at == due
 
     # The same due time again, as any status: nothing changes.
@@ -203,8 +238,12 @@ def test_missed_beyond_grace_and_late_within_grace_runs_once(storage):
     clock = Clock(utc(2024, 6, 3, 5, 10))  # every coordinator was down until 05:10
     done = Scheduler(storage, clock=clock, grace=GRACE).tick()
     assert [(r.due_at, r.status) for r in done] == [
-        (utc(2024, 6, 3, 1), "missed"), (utc(2024, 6, 3, 2), "missed"), (utc(2024, 6, 3, 3), "missed"),
-        (utc(2024, 6, 3, 4), "missed"), (utc(2024, 6, 3, 5), "fired")]
+        (utc(2024, 6, 3, 1), "missed"),
+        (utc(2024, 6, 3, 2), "missed"),
+        (utc(2024, 6, 3, 3), "missed"),
+        (utc(2024, 6, 3, 4), "missed"),
+        (utc(2024, 6, 3, 5), "fired"),
+    ]
     assert "late by 0:10:00" in done[-1].reason
     assert "more than 0:15:00" in done[0].reason
     assert len(_jobs(storage, sid)) == 1
@@ -214,8 +253,10 @@ def test_missed_beyond_grace_and_late_within_grace_runs_once(storage):
     other = _schedule(storage, "*/5 * * * *", created=utc(2024, 6, 3, 5), name="five")
     clock.set(2024, 6, 3, 5, 12)
     done = [r for r in Scheduler(storage, clock=clock, grace=GRACE).tick() if r.schedule_id == other]
-    assert [(r.due_at, r.status) for r in done] == [(utc(2024, 6, 3, 5, 5), "fired"),
-                                                    (utc(2024, 6, 3, 5, 10), "skipped")]
+    assert [(r.due_at, r.status) for r in done] == [
+        (utc(2024, 6, 3, 5, 5), "fired"),
+        (utc(2024, 6, 3, 5, 10), "skipped"),
+    ]
     assert len(_jobs(storage, other)) == 1
 
 
@@ -250,8 +291,12 @@ def test_skipped_while_previous_run_is_queued_or_running(storage):
     clock.set(2024, 6, 6, 2, 1)
     [fired] = scheduler.tick()
     assert fired.status == "fired" and fired.job_id != first.job_id
-    assert _fires(storage, sid) == [(utc(2024, 6, 3, 2), "fired"), (utc(2024, 6, 4, 2), "skipped"),
-                                    (utc(2024, 6, 5, 2), "skipped"), (utc(2024, 6, 6, 2), "fired")]
+    assert _fires(storage, sid) == [
+        (utc(2024, 6, 3, 2), "fired"),
+        (utc(2024, 6, 4, 2), "skipped"),
+        (utc(2024, 6, 5, 2), "skipped"),
+        (utc(2024, 6, 6, 2), "fired"),
+    ]
     assert len(_jobs(storage, sid)) == 2
 
 
@@ -273,7 +318,9 @@ def test_warm_start_from_the_latest_completed_run(storage):
     day2, _ = run_day(4, "failed")
     assert storage.get_job(day2).config["warm_start_job"] == day1
     day3, _ = run_day(5, "completed")
-    assert storage.get_job(day3).config["warm_start_job"] == day1  # day 2 failed: day 1 is the latest completed
+    assert (
+        storage.get_job(day3).config["warm_start_job"] == day1
+    )  # day 2 failed: day 1 is the latest completed
     day4, cold4 = run_day(6, "completed")
     assert storage.get_job(day4).config["warm_start_job"] == day3
     assert storage.get_job(cold4).config["warm_start_job"] is None
@@ -281,23 +328,37 @@ def test_warm_start_from_the_latest_completed_run(storage):
 
 def test_job_values_follow_template_and_schedule(storage):
     template = {"budget": 8, "strategy": "random", "seed": 3}
-    sid = _schedule(storage, "0 2 * * *", created=utc(2024, 6, 3), template=template, priority=9, name="nightly-x")
+    sid = _schedule(
+        storage, "0 2 * * *", created=utc(2024, 6, 3), template=template, priority=9, name="nightly-x"
+    )
     clock = Clock(utc(2024, 6, 3, 2))
     [rec] = Scheduler(storage, clock=clock).tick()
     job = storage.get_job(rec.job_id)
     expected = SearchCreate.model_validate({**template, "name": "nightly-x", "warm_start_job": None})
     assert job.config == expected.search_config()
-    assert (job.name, job.priority, job.budget, job.kind, job.schedule_id) == ("nightly-x", 9, 8, "search", sid)
+    assert (job.name, job.priority, job.budget, job.kind, job.schedule_id) == (
+        "nightly-x",
+        9,
+        8,
+        "search",
+        sid,
+    )
 
 
 def test_template_that_no_longer_validates_is_recorded_as_failed(storage):
-    sid = _schedule(storage, "0 2 * * *", created=utc(2024, 6, 3), template={"strategy": "retired", "budget": 4})
-    gone = _schedule(storage, "0 2 * * *", created=utc(2024, 6, 3), template={"warm_start_job": 424242}, name="g")
+    sid = _schedule(
+        storage, "0 2 * * *", created=utc(2024, 6, 3), template={"strategy": "retired", "budget": 4}
+    )
+    gone = _schedule(
+        storage, "0 2 * * *", created=utc(2024, 6, 3), template={"warm_start_job": 424242}, name="g"
+    )
     clock = Clock(utc(2024, 6, 3, 2, 1))
     scheduler = Scheduler(storage, clock=clock)
     done = {r.schedule_id: r for r in scheduler.tick()}
     assert done[sid].status == "failed" and done[sid].job_id is None
-    assert done[sid].reason.startswith("the template no longer validates: strategy: unknown strategy 'retired'")
+    assert done[sid].reason.startswith(
+        "the template no longer validates: strategy: unknown strategy 'retired'"
+    )
     assert done[gone].status == "failed" and "no search 424242" in done[gone].reason
     assert scheduler.tick() == []
     assert _count(storage, db.jobs) == 0 and storage.count_fires(sid) == 1
@@ -329,7 +390,9 @@ def test_clock_must_be_aware_and_a_bad_stored_template_fails_alone(storage):
         _schedule(storage, template=["not", "an", "object"])
     sid = _schedule(storage, "0 2 * * *", created=utc(2024, 6, 3))
     with storage.transaction() as conn:  # written by something else, or an older version
-        conn.execute(db.schedules.update().where(db.schedules.c.id == sid).values(template=["not", "an", "object"]))
+        conn.execute(
+            db.schedules.update().where(db.schedules.c.id == sid).values(template=["not", "an", "object"])
+        )
     ok = _schedule(storage, "0 2 * * *", created=utc(2024, 6, 3), name="ok")
     done = Scheduler(storage, clock=Clock(utc(2024, 6, 3, 2))).tick()
     assert {(r.schedule_id, r.status) for r in done} == {(sid, "failed"), (ok, "fired")}
@@ -366,30 +429,80 @@ def test_run_ticks_in_a_thread_until_stopped(storage):
 # ---------------------------------------------------------------------------------------------- DST
 
 
-@pytest.mark.parametrize(("cron", "tz", "start", "end", "expected"), [
-    # Spring forward, Europe/Berlin 2024-03-31 02:00 CET -> 03:00 CEST: 02:30 does not exist, runs at 03:00 CEST.
-    ("30 2 * * *", "Europe/Berlin", utc(2024, 3, 29), utc(2024, 4, 2),
-     [utc(2024, 3, 29, 1, 30), utc(2024, 3, 30, 1, 30), utc(2024, 3, 31, 1, 0), utc(2024, 4, 1, 0, 30)]),
-    # Hourly across the gap: 02:00 (gone) and 03:00 are one instant, fired once.
-    ("0 * * * *", "Europe/Berlin", utc(2024, 3, 30, 23), utc(2024, 3, 31, 2, 30),
-     [utc(2024, 3, 31, 0), utc(2024, 3, 31, 1), utc(2024, 3, 31, 2)]),
-    # Fall back, Europe/Berlin 2024-10-27 03:00 CEST -> 02:00 CET: 02:30 happens twice, runs at the first.
-    ("30 2 * * *", "Europe/Berlin", utc(2024, 10, 25), utc(2024, 10, 29),
-     [utc(2024, 10, 25, 0, 30), utc(2024, 10, 26, 0, 30), utc(2024, 10, 27, 0, 30), utc(2024, 10, 28, 1, 30)]),
-    # Every 30 minutes through the repeated hour: 02:00 and 02:30 once each (CEST), nothing at 01:00Z/01:30Z.
-    ("*/30 * * * *", "Europe/Berlin", utc(2024, 10, 26, 23, 15), utc(2024, 10, 27, 2, 10),
-     [utc(2024, 10, 26, 23, 30), utc(2024, 10, 27, 0), utc(2024, 10, 27, 0, 30), utc(2024, 10, 27, 2)]),
-    # Starting inside the second pass of the repeated hour: its wall times were already due (first pass).
-    ("*/30 * * * *", "Europe/Berlin", utc(2024, 10, 27, 1, 10), utc(2024, 10, 27, 2, 40),
-     [utc(2024, 10, 27, 2), utc(2024, 10, 27, 2, 30)]),
-    # America/New_York: spring forward 2024-03-10 02:00 EST -> 03:00 EDT.
-    ("30 2 * * *", "America/New_York", utc(2024, 3, 9), utc(2024, 3, 12),
-     [utc(2024, 3, 9, 7, 30), utc(2024, 3, 10, 7, 0), utc(2024, 3, 11, 6, 30)]),
-    # America/New_York: fall back 2024-11-03 02:00 EDT -> 01:00 EST: 01:30 twice, runs at 01:30 EDT.
-    ("30 1 * * *", "America/New_York", utc(2024, 11, 2), utc(2024, 11, 5),
-     [utc(2024, 11, 2, 5, 30), utc(2024, 11, 3, 5, 30), utc(2024, 11, 4, 6, 30)]),
-    ("@daily", "UTC", utc(2024, 2, 28), utc(2024, 3, 1, 12), [utc(2024, 2, 29), utc(2024, 3, 1)]),
-])
+@pytest.mark.parametrize(
+    ("cron", "tz", "start", "end", "expected"),
+    [
+        # Spring forward, Europe/Berlin 2024-03-31 02:00 CET -> 03:00 CEST: 02:30 does not exist, runs at
+        # 03:00 CEST.
+        (
+            "30 2 * * *",
+            "Europe/Berlin",
+            utc(2024, 3, 29),
+            utc(2024, 4, 2),
+            [
+                utc(2024, 3, 29, 1, 30),
+                utc(2024, 3, 30, 1, 30),
+                utc(2024, 3, 31, 1, 0),
+                utc(2024, 4, 1, 0, 30),
+            ],
+        ),
+        # Hourly across the gap: 02:00 (gone) and 03:00 are one instant, fired once.
+        (
+            "0 * * * *",
+            "Europe/Berlin",
+            utc(2024, 3, 30, 23),
+            utc(2024, 3, 31, 2, 30),
+            [utc(2024, 3, 31, 0), utc(2024, 3, 31, 1), utc(2024, 3, 31, 2)],
+        ),
+        # Fall back, Europe/Berlin 2024-10-27 03:00 CEST -> 02:00 CET: 02:30 happens twice, runs at the first.
+        (
+            "30 2 * * *",
+            "Europe/Berlin",
+            utc(2024, 10, 25),
+            utc(2024, 10, 29),
+            [
+                utc(2024, 10, 25, 0, 30),
+                utc(2024, 10, 26, 0, 30),
+                utc(2024, 10, 27, 0, 30),
+                utc(2024, 10, 28, 1, 30),
+            ],
+        ),
+        # Every 30 minutes through the repeated hour: 02:00 and 02:30 once each (CEST), nothing at
+        # 01:00Z/01:30Z.
+        (
+            "*/30 * * * *",
+            "Europe/Berlin",
+            utc(2024, 10, 26, 23, 15),
+            utc(2024, 10, 27, 2, 10),
+            [utc(2024, 10, 26, 23, 30), utc(2024, 10, 27, 0), utc(2024, 10, 27, 0, 30), utc(2024, 10, 27, 2)],
+        ),
+        # Starting inside the second pass of the repeated hour: its wall times were already due (first pass).
+        (
+            "*/30 * * * *",
+            "Europe/Berlin",
+            utc(2024, 10, 27, 1, 10),
+            utc(2024, 10, 27, 2, 40),
+            [utc(2024, 10, 27, 2), utc(2024, 10, 27, 2, 30)],
+        ),
+        # America/New_York: spring forward 2024-03-10 02:00 EST -> 03:00 EDT.
+        (
+            "30 2 * * *",
+            "America/New_York",
+            utc(2024, 3, 9),
+            utc(2024, 3, 12),
+            [utc(2024, 3, 9, 7, 30), utc(2024, 3, 10, 7, 0), utc(2024, 3, 11, 6, 30)],
+        ),
+        # America/New_York: fall back 2024-11-03 02:00 EDT -> 01:00 EST: 01:30 twice, runs at 01:30 EDT.
+        (
+            "30 1 * * *",
+            "America/New_York",
+            utc(2024, 11, 2),
+            utc(2024, 11, 5),
+            [utc(2024, 11, 2, 5, 30), utc(2024, 11, 3, 5, 30), utc(2024, 11, 4, 6, 30)],
+        ),
+        ("@daily", "UTC", utc(2024, 2, 28), utc(2024, 3, 1, 12), [utc(2024, 2, 29), utc(2024, 3, 1)]),
+    ],
+)
 def test_due_times_across_dst(cron, tz, start, end, expected):
     assert due_times(cron, tz, start, end) == expected
     assert next_due_time(cron, tz, start) == expected[0]
@@ -409,22 +522,57 @@ def test_wall_to_utc_rule():
     assert wall_to_utc(datetime(2024, 10, 27, 2, 30, fold=1), berlin) == utc(2024, 10, 27, 0, 30)
     assert wall_to_utc(datetime(2024, 6, 1, 12), berlin) == utc(2024, 6, 1, 10)
     # A 30-minute gap (Australia/Lord_Howe, 2024-10-06 02:00 -> 02:30 local).
-    assert wall_to_utc(datetime(2024, 10, 6, 2, 15), ZoneInfo("Australia/Lord_Howe")) == utc(2024, 10, 5, 15, 30)
+    assert wall_to_utc(datetime(2024, 10, 6, 2, 15), ZoneInfo("Australia/Lord_Howe")) == utc(
+        2024, 10, 5, 15, 30
+    )
 
 
-@pytest.mark.parametrize(("tz", "cron", "start", "end", "expected"), [
-    ("Europe/Berlin", "30 2 * * *", utc(2024, 3, 30, 12), utc(2024, 4, 1, 12),
-     [utc(2024, 3, 31, 1), utc(2024, 4, 1, 0, 30)]),
-    ("Europe/Berlin", "30 2 * * *", utc(2024, 10, 26, 12), utc(2024, 10, 28, 12),
-     [utc(2024, 10, 27, 0, 30), utc(2024, 10, 28, 1, 30)]),
-    ("Europe/Berlin", "*/30 * * * *", utc(2024, 10, 26, 23), utc(2024, 10, 27, 2, 40),
-     [utc(2024, 10, 26, 23, 30), utc(2024, 10, 27, 0), utc(2024, 10, 27, 0, 30), utc(2024, 10, 27, 2),
-      utc(2024, 10, 27, 2, 30)]),
-    ("America/New_York", "30 2 * * *", utc(2024, 3, 9, 12), utc(2024, 3, 11, 12),
-     [utc(2024, 3, 10, 7), utc(2024, 3, 11, 6, 30)]),
-    ("America/New_York", "30 1 * * *", utc(2024, 11, 2, 12), utc(2024, 11, 4, 12),
-     [utc(2024, 11, 3, 5, 30), utc(2024, 11, 4, 6, 30)]),
-])
+@pytest.mark.parametrize(
+    ("tz", "cron", "start", "end", "expected"),
+    [
+        (
+            "Europe/Berlin",
+            "30 2 * * *",
+            utc(2024, 3, 30, 12),
+            utc(2024, 4, 1, 12),
+            [utc(2024, 3, 31, 1), utc(2024, 4, 1, 0, 30)],
+        ),
+        (
+            "Europe/Berlin",
+            "30 2 * * *",
+            utc(2024, 10, 26, 12),
+            utc(2024, 10, 28, 12),
+            [utc(2024, 10, 27, 0, 30), utc(2024, 10, 28, 1, 30)],
+        ),
+        (
+            "Europe/Berlin",
+            "*/30 * * * *",
+            utc(2024, 10, 26, 23),
+            utc(2024, 10, 27, 2, 40),
+            [
+                utc(2024, 10, 26, 23, 30),
+                utc(2024, 10, 27, 0),
+                utc(2024, 10, 27, 0, 30),
+                utc(2024, 10, 27, 2),
+                utc(2024, 10, 27, 2, 30),
+            ],
+        ),
+        (
+            "America/New_York",
+            "30 2 * * *",
+            utc(2024, 3, 9, 12),
+            utc(2024, 3, 11, 12),
+            [utc(2024, 3, 10, 7), utc(2024, 3, 11, 6, 30)],
+        ),
+        (
+            "America/New_York",
+            "30 1 * * *",
+            utc(2024, 11, 2, 12),
+            utc(2024, 11, 4, 12),
+            [utc(2024, 11, 3, 5, 30), utc(2024, 11, 4, 6, 30)],
+        ),
+    ],
+)
 def test_scheduler_fires_once_on_dst_days(tmp_path, tz, cron, start, end, expected):
     with pg.migrated_url("sqlite", tmp_path) as url, Storage(url) as store:
         sid = _schedule(store, cron, tz, created=start)
@@ -457,17 +605,20 @@ def _check_race(store: Storage, records: list[tuple], ids: tuple[int, int, int],
     # Each due time recorded exactly once, by exactly one of the schedulers.
     keys = [(sid, due) for sid, due, _status, _job in records]
     assert len(keys) == len(set(keys))
-    assert sorted(keys) == sorted((f.schedule_id, f.due_at) for s in (nightly, hourly, off)
-                                  for f in store.list_fires(s, limit=None))
+    assert sorted(keys) == sorted(
+        (f.schedule_id, f.due_at) for s in (nightly, hourly, off) for f in store.list_fires(s, limit=None)
+    )
     for sid in (nightly, hourly):  # exactly one job per schedule per day, the one the fire row names
         jobs = _jobs(store, sid)
         assert len(jobs) == day - 2, (sid, jobs)
         fired = [(due, job) for s, due, status, job in records if s == sid and status == "fired"]
         assert sorted(j.id for j in jobs) == sorted(job for _due, job in fired)
-    assert [f.due_at for f in store.list_fires(nightly, status="fired", limit=None)] == \
-        [utc(2024, 6, d, 2) for d in range(day, 2, -1)]
-    assert [f.due_at for f in store.list_fires(hourly, status="fired", limit=None)] == \
-        [utc(2024, 6, d, 2) for d in range(day, 2, -1)]
+    assert [f.due_at for f in store.list_fires(nightly, status="fired", limit=None)] == [
+        utc(2024, 6, d, 2) for d in range(day, 2, -1)
+    ]
+    assert [f.due_at for f in store.list_fires(hourly, status="fired", limit=None)] == [
+        utc(2024, 6, d, 2) for d in range(day, 2, -1)
+    ]
     assert store.count_fires(off) == 0
 
 
@@ -526,15 +677,21 @@ def test_concurrent_scheduler_processes_fire_once(backend, tmp_path):
         ctx = multiprocessing.get_context("spawn")
         n = 3
         barrier, results = ctx.Barrier(n), ctx.Queue()
-        procs = [ctx.Process(target=_tick_in_process, args=(url, utc(2024, 6, 3, 2, 5).isoformat(), barrier, results))
-                 for _ in range(n)]
+        procs = [
+            ctx.Process(
+                target=_tick_in_process, args=(url, utc(2024, 6, 3, 2, 5).isoformat(), barrier, results)
+            )
+            for _ in range(n)
+        ]
         for p in procs:
             p.start()
         got = [results.get(timeout=180) for _ in procs]
         for p in procs:
             p.join(timeout=60)
         assert all(not (isinstance(r, tuple) and r[0] == "error") for r in got), got
-        records = [(sid, datetime.fromisoformat(due), status, job) for r in got for sid, due, status, job in r]
+        records = [
+            (sid, datetime.fromisoformat(due), status, job) for r in got for sid, due, status, job in r
+        ]
         _check_race(store, records, ids, 3)
         assert _count(store, db.jobs) == 2
         # The hourly schedule's 01:00 was missed (more than 15 minutes before 02:05), recorded once.
@@ -565,7 +722,13 @@ def client(api_storage, api_clock, tmp_path):
 
 
 def _body(**kw) -> dict:
-    return {"name": "nightly", "cron": "30 2 * * *", "timezone": "Europe/Berlin", "template": {"budget": 4}, **kw}
+    return {
+        "name": "nightly",
+        "cron": "30 2 * * *",
+        "timezone": "Europe/Berlin",
+        "template": {"budget": 4},
+        **kw,
+    }
 
 
 def _fields(response) -> set[str]:
@@ -578,8 +741,12 @@ def test_routes_need_the_token_to_change_schedules(client):
     assert created.status_code == 201
     sid = created.json()["id"]
     assert client.patch(f"/api/schedules/{sid}", json={"enabled": False}).status_code == 401
-    assert client.patch(f"/api/schedules/{sid}", json={"enabled": False},
-                        headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        client.patch(
+            f"/api/schedules/{sid}", json={"enabled": False}, headers={"Authorization": "Bearer wrong"}
+        ).status_code
+        == 401
+    )
     assert client.delete(f"/api/schedules/{sid}").status_code == 401
     got = client.get(f"/api/schedules/{sid}")  # reads are public by default
     assert got.status_code == 200 and got.json()["enabled"] is True
@@ -593,24 +760,36 @@ def test_create_get_patch_delete_and_next_due_time(client, api_storage):
     out = r.json()
     sid = out["id"]
     assert r.headers["Location"] == f"/api/schedules/{sid}"
-    assert (out["name"], out["cron"], out["timezone"], out["template"], out["enabled"], out["warm_start"],
-            out["priority"]) == ("nightly", "30 2 * * *", "Europe/Berlin", {"budget": 4}, True, True, 3)
+    assert (
+        out["name"],
+        out["cron"],
+        out["timezone"],
+        out["template"],
+        out["enabled"],
+        out["warm_start"],
+        out["priority"],
+    ) == ("nightly", "30 2 * * *", "Europe/Berlin", {"budget": 4}, True, True, 3)
     # Now is 2024-03-30 12:00Z: the next 02:30 Berlin falls in the spring-forward gap, so 03:00 CEST.
     assert out["next_due_at"] == "2024-03-31T01:00:00Z"
     assert out["next_due_local"] == "2024-03-31T03:00:00+02:00"
     assert client.get(f"/api/schedules/{sid}").json() == out
 
-    r = client.patch(f"/api/schedules/{sid}", json={"cron": "0 6 * * 1", "timezone": "America/New_York"},
-                     headers=AUTH)
+    r = client.patch(
+        f"/api/schedules/{sid}", json={"cron": "0 6 * * 1", "timezone": "America/New_York"}, headers=AUTH
+    )
     assert r.status_code == 200
     assert (r.json()["cron"], r.json()["name"], r.json()["warm_start"]) == ("0 6 * * 1", "nightly", True)
     assert r.json()["next_due_at"] == "2024-04-01T10:00:00Z"  # Monday 06:00 EDT
     assert r.json()["next_due_local"] == "2024-04-01T06:00:00-04:00"
-    r = client.patch(f"/api/schedules/{sid}", json={"enabled": False, "template": {"budget": 9, "seed": 1}},
-                     headers=AUTH)
+    r = client.patch(
+        f"/api/schedules/{sid}", json={"enabled": False, "template": {"budget": 9, "seed": 1}}, headers=AUTH
+    )
     assert r.json()["enabled"] is False and r.json()["next_due_at"] is None
     assert r.json()["template"] == {"budget": 9, "seed": 1}
-    assert client.patch(f"/api/schedules/{sid}", json={}, headers=AUTH).json()["template"] == {"budget": 9, "seed": 1}
+    assert client.patch(f"/api/schedules/{sid}", json={}, headers=AUTH).json()["template"] == {
+        "budget": 9,
+        "seed": 1,
+    }
 
     assert client.delete(f"/api/schedules/{sid}", headers=AUTH).status_code == 204
     assert client.get(f"/api/schedules/{sid}").status_code == 404
@@ -619,23 +798,32 @@ def test_create_get_patch_delete_and_next_due_time(client, api_storage):
 
 def test_list_and_fires_are_paginated(client, api_storage, api_clock):
     before = client.get("/api/schedules").json()["total"]
-    ids = [client.post("/api/schedules", json=_body(name=f"s{i}", cron="0 * * * *", timezone="UTC"),
-                       headers=AUTH).json()["id"] for i in range(3)]
+    ids = [
+        client.post(
+            "/api/schedules", json=_body(name=f"s{i}", cron="0 * * * *", timezone="UTC"), headers=AUTH
+        ).json()["id"]
+        for i in range(3)
+    ]
     page = client.get("/api/schedules", params={"limit": 2, "offset": before}).json()
     assert page["total"] == before + 3 and [s["id"] for s in page["items"]] == ids[:2]
     assert page["limit"] == 2 and page["offset"] == before
     client.patch(f"/api/schedules/{ids[2]}", json={"enabled": False}, headers=AUTH)
-    assert ids[2] in [s["id"] for s in client.get("/api/schedules", params={"enabled": False, "limit": 200})
-                      .json()["items"]]
+    assert ids[2] in [
+        s["id"] for s in client.get("/api/schedules", params={"enabled": False, "limit": 200}).json()["items"]
+    ]
 
     api_clock.now = utc(2024, 3, 30, 15, 10)  # 13:00 and 14:00 missed, 15:00 runs (late, within grace)
     done = Scheduler(api_storage, clock=api_clock, grace=GRACE).tick()
     assert {r.schedule_id for r in done} >= {ids[0], ids[1]}
     fires = client.get(f"/api/schedules/{ids[0]}/fires", params={"limit": 2}).json()
     assert fires["total"] == 3
-    assert [(f["due_at"], f["status"]) for f in fires["items"]] == [("2024-03-30T15:00:00Z", "fired"),
-                                                                   ("2024-03-30T14:00:00Z", "missed")]
-    assert fires["items"][0]["due_local"] == "2024-03-30T15:00:00Z" and fires["items"][0]["job_id"] is not None
+    assert [(f["due_at"], f["status"]) for f in fires["items"]] == [
+        ("2024-03-30T15:00:00Z", "fired"),
+        ("2024-03-30T14:00:00Z", "missed"),
+    ]
+    assert (
+        fires["items"][0]["due_local"] == "2024-03-30T15:00:00Z" and fires["items"][0]["job_id"] is not None
+    )
     missed = client.get(f"/api/schedules/{ids[0]}/fires", params={"status": "missed"}).json()
     assert missed["total"] == 2 and {f["status"] for f in missed["items"]} == {"missed"}
     assert client.get(f"/api/schedules/{ids[2]}/fires").json()["total"] == 0  # disabled
@@ -645,29 +833,32 @@ def test_list_and_fires_are_paginated(client, api_storage, api_clock):
         client.delete(f"/api/schedules/{sid}", headers=AUTH)
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    (_body(cron="not a cron"), "cron"),
-    (_body(cron="61 * * * *"), "cron"),
-    (_body(cron="0 2 * * * *"), "cron"),
-    (_body(cron="0 0 31 2 *"), "cron"),
-    (_body(cron="@reboot"), "cron"),
-    (_body(cron=""), "cron"),
-    (_body(timezone="Mars/Olympus"), "timezone"),
-    (_body(timezone="../../etc/passwd"), "timezone"),
-    (_body(timezone="x" * 65), "timezone"),
-    (_body(template={"budget": 0}), "template.budget"),
-    (_body(template={"strategy": "nope"}), "template.strategy"),
-    (_body(template={"bogus": 1}), "template.bogus"),
-    (_body(template={"priority": 5}), "template.priority"),
-    (_body(template={"data": {"corpus": "../../../etc"}}), "template.data.corpus"),
-    (_body(template={"data": {"tokenizer": "file:/etc/passwd"}}), "template.data.tokenizer"),
-    (_body(name=""), "name"),
-    (_body(name="n" * 201), "name"),
-    (_body(priority=10_000), "priority"),
-    (_body(extra=1), "extra"),
-    ({"cron": "0 2 * * *", "template": {}}, "name"),
-    ({"name": "x", "cron": "0 2 * * *"}, "template"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (_body(cron="not a cron"), "cron"),
+        (_body(cron="61 * * * *"), "cron"),
+        (_body(cron="0 2 * * * *"), "cron"),
+        (_body(cron="0 0 31 2 *"), "cron"),
+        (_body(cron="@reboot"), "cron"),
+        (_body(cron=""), "cron"),
+        (_body(timezone="Mars/Olympus"), "timezone"),
+        (_body(timezone="../../etc/passwd"), "timezone"),
+        (_body(timezone="x" * 65), "timezone"),
+        (_body(template={"budget": 0}), "template.budget"),
+        (_body(template={"strategy": "nope"}), "template.strategy"),
+        (_body(template={"bogus": 1}), "template.bogus"),
+        (_body(template={"priority": 5}), "template.priority"),
+        (_body(template={"data": {"corpus": "../../../etc"}}), "template.data.corpus"),
+        (_body(template={"data": {"tokenizer": "file:/etc/passwd"}}), "template.data.tokenizer"),
+        (_body(name=""), "name"),
+        (_body(name="n" * 201), "name"),
+        (_body(priority=10_000), "priority"),
+        (_body(extra=1), "extra"),
+        ({"cron": "0 2 * * *", "template": {}}, "name"),
+        ({"name": "x", "cron": "0 2 * * *"}, "template"),
+    ],
+)
 def test_bad_input_is_422_naming_the_field(client, body, field):
     r = client.post("/api/schedules", json=body, headers=AUTH)
     assert r.status_code == 422, r.text
@@ -676,10 +867,15 @@ def test_bad_input_is_422_naming_the_field(client, body, field):
 
 def test_patch_validates_and_unknown_ids_are_404(client):
     sid = client.post("/api/schedules", json=_body(), headers=AUTH).json()["id"]
-    for body, field in (({"cron": "nope"}, "cron"), ({"timezone": "Nowhere/Land"}, "timezone"),
-                        ({"template": {"budget": -1}}, "template.budget"), ({"enabled": None}, "enabled"),
-                        ({"template": {"data": {"corpus": "/etc"}}}, "template.data.corpus"),
-                        ({"name": None}, "name"), ({"id": 5}, "id")):
+    for body, field in (
+        ({"cron": "nope"}, "cron"),
+        ({"timezone": "Nowhere/Land"}, "timezone"),
+        ({"template": {"budget": -1}}, "template.budget"),
+        ({"enabled": None}, "enabled"),
+        ({"template": {"data": {"corpus": "/etc"}}}, "template.data.corpus"),
+        ({"name": None}, "name"),
+        ({"id": 5}, "id"),
+    ):
         r = client.patch(f"/api/schedules/{sid}", json=body, headers=AUTH)
         assert r.status_code == 422 and field in _fields(r), (body, r.json())
     assert client.get(f"/api/schedules/{sid}").json()["cron"] == "30 2 * * *"  # unchanged

@@ -1,6 +1,7 @@
 """Kill -9 a running search mid-evaluation, resume it, and check the engine's guarantee on both backends:
 the search continues; no key has two completed results; an evaluation in flight at the kill is rerun at most
 once; nothing completed is lost."""
+
 import os
 import signal
 import subprocess
@@ -19,9 +20,14 @@ HYBRIDNAS = str(Path(sys.executable).with_name("hybridnas"))
 
 def search_config(tmp_path, executor="inline", budget=7, workers=1):
     config = {
-        "name": "kill-test", "space": {"preset": "benchmark"}, "strategy": "pareto-aging",
-        "strategy_options": {"population_size": 4, "sample_size": 2}, "budget": budget, "executor": executor,
-        "workers": workers, "seed": 3,
+        "name": "kill-test",
+        "space": {"preset": "benchmark"},
+        "strategy": "pareto-aging",
+        "strategy_options": {"population_size": 4, "sample_size": 2},
+        "budget": budget,
+        "executor": executor,
+        "workers": workers,
+        "seed": 3,
         "proxy": {"steps": 25, "batch_size": 4, "seq_len": 32, "eval_tokens": 512},
         "latency": {"prompt_len": 8, "decode_tokens": 4, "repeats": 2, "throughput": False},
     }
@@ -47,8 +53,14 @@ def start_search(tmp_path, url, executor, workers):
     """`hybridnas search run` in its own process group; returns (process, its env, a Storage, job counts)."""
     env = env_for(tmp_path)
     config = search_config(tmp_path, executor, workers=workers)
-    proc = subprocess.Popen([HYBRIDNAS, "search", "run", str(config), "--db", url], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [HYBRIDNAS, "search", "run", str(config), "--db", url],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     storage = Storage(url)
 
     def counts() -> dict | None:
@@ -57,17 +69,20 @@ def start_search(tmp_path, url, executor, workers):
             raise AssertionError(f"search ended early: {proc.stdout.read().decode()[-2000:]}")
         jobs = storage.list_jobs() if storage.schema_is_current() else []
         return storage.candidate_counts(jobs[0].id) if jobs else None
+
     return proc, env, storage, counts
 
 
 def kill_and_resume(tmp_path, url, executor="inline", workers=1):
     proc, env, storage, job_counts = start_search(tmp_path, url, executor, workers)
     try:
+
         def mid_evaluation():
             counts = job_counts()
             if counts is None:
                 return False
             return counts.get("completed", 0) + counts.get("reused", 0) >= 2 and counts.get("running", 0) >= 1
+
         wait_for(mid_evaluation, what="two completed evaluations and one running")
         job_id = storage.list_jobs()[0].id
         os.kill(proc.pid, signal.SIGKILL)  # the driver only: a real crash
@@ -75,18 +90,30 @@ def kill_and_resume(tmp_path, url, executor="inline", workers=1):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    completed_before = {c.id: (c.training_key, c.val_bpb) for c in storage.candidates(job_id, status=("completed", "reused"))}
+    completed_before = {
+        c.id: (c.training_key, c.val_bpb) for c in storage.candidates(job_id, status=("completed", "reused"))
+    }
     in_flight = [c.id for c in storage.candidates(job_id, status="running")]
     assert completed_before and in_flight
-    resumed = subprocess.run([HYBRIDNAS, "search", "resume", str(job_id), "--db", url], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [HYBRIDNAS, "search", "resume", str(job_id), "--db", url],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     job = storage.get_job(job_id)
     assert job.status == "completed"
     after = {c.id: c for c in storage.candidates(job_id)}
     # nothing completed is lost
     for cid, (key, bpb) in completed_before.items():
-        assert after[cid].status in ("completed", "reused") and after[cid].training_key == key and after[cid].val_bpb == bpb
+        assert (
+            after[cid].status in ("completed", "reused")
+            and after[cid].training_key == key
+            and after[cid].val_bpb == bpb
+        )
     # an evaluation in flight at the kill ran again at most once
     for cid in in_flight:
         assert after[cid].status in ("completed", "failed", "reused") and after[cid].attempts <= 2
@@ -97,8 +124,9 @@ def kill_and_resume(tmp_path, url, executor="inline", workers=1):
     for key in set(keys):
         assert storage.get_training_result(key) is not None
     with storage.transaction() as conn:
-        rows = conn.exec_driver_sql("SELECT training_key, COUNT(*) FROM training_results GROUP BY training_key "
-                                    "HAVING COUNT(*) > 1").fetchall()
+        rows = conn.exec_driver_sql(
+            "SELECT training_key, COUNT(*) FROM training_results GROUP BY training_key HAVING COUNT(*) > 1"
+        ).fetchall()
     assert rows == []
     assert len({c.layout_hash for c in after.values()}) == len(after)  # never the same layout twice
     storage.close()
@@ -138,8 +166,14 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path):
         assert storage.get_job(job_id).status == "queued"
         assert storage.candidate_counts(job_id).get("running", 0) == 0
         wait_for(lambda: raylets() <= before, timeout=30, what="Ray to shut down")
-        resumed = subprocess.run([HYBRIDNAS, "search", "resume", str(job_id), "--db", url], env=env, cwd=tmp_path,
-                                 capture_output=True, text=True, timeout=600)
+        resumed = subprocess.run(
+            [HYBRIDNAS, "search", "resume", str(job_id), "--db", url],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert storage.get_job(job_id).status == "completed"
         storage.close()

@@ -1,4 +1,5 @@
 """The grammar as a generator: sampling, size, decoding and one-factor mutations. search/ has no torch."""
+
 import random
 import subprocess
 import sys
@@ -10,15 +11,24 @@ from search.space import MUTATION_KINDS, SearchSpace, SpaceError, cpu_space
 
 
 def small_space(**kw):
-    settings = dict(mixers=("attention", "deltanet"), ratios=((0, 1), (1, 1)), ffn_counts=(0, 1),
-                    n_stages=2, max_operators=8, widths=(64, 128), dims={"head_dim": 16, "kv_group": 2})
+    settings = dict(
+        mixers=("attention", "deltanet"),
+        ratios=((0, 1), (1, 1)),
+        ffn_counts=(0, 1),
+        n_stages=2,
+        max_operators=8,
+        widths=(64, 128),
+        dims={"head_dim": 16, "kv_group": 2},
+    )
     settings.update(kw)
     return SearchSpace(**settings)
 
 
 def test_search_package_does_not_import_torch():
-    code = ("import sys, search.layout, search.space, search.params, search.presets, search.operators; "
-            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    code = (
+        "import sys, search.layout, search.space, search.params, search.presets, search.operators; "
+        "sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -35,7 +45,7 @@ def test_paper_space_block_types():
     space = SearchSpace()
     # 3 single-type blocks + 6 ordered pairs x 3 ratios, each with 0/1/2 FFNs.
     assert len(space.block_types) == (3 + 6 * 3) * 3
-    assert space.size() > 10 ** 6
+    assert space.size() > 10**6
 
 
 def test_samples_are_valid_and_decode_back():
@@ -51,7 +61,9 @@ def test_samples_are_valid_and_decode_back():
 
 
 def test_mutation_changes_exactly_one_factor():
-    space = SearchSpace(mixers=("attention", "mamba2", "deltanet"), max_operators=30, widths=(1024, 1280, 1536))
+    space = SearchSpace(
+        mixers=("attention", "mamba2", "deltanet"), max_operators=30, widths=(1024, 1280, 1536)
+    )
     rng = random.Random(7)
     seen = set()
     for _ in range(400):
@@ -68,7 +80,9 @@ def test_mutation_changes_exactly_one_factor():
             assert all(a.block == b.block for a, b in zip(parent.stages, child.stages))
         else:
             assert not changed_width
-            blocks_changed = [i for i, (a, b) in enumerate(zip(parent.stages, child.stages)) if a.block != b.block]
+            blocks_changed = [
+                i for i, (a, b) in enumerate(zip(parent.stages, child.stages)) if a.block != b.block
+            ]
             assert len(blocks_changed) == 1, mutation
             a, b = parent.stages[blocks_changed[0]].block, child.stages[blocks_changed[0]].block
             if mutation.kind == "ffn":
@@ -101,15 +115,18 @@ def test_layout_outside_grammar_mutates_at_operator_level():
     assert {"swap", "insert", "remove", "width"} <= kinds
 
 
-@pytest.mark.parametrize("kw, field", [
-    ({"mixers": ()}, "mixers"),
-    ({"mixers": ("ffn",)}, "mixers"),
-    ({"mixers": ("attention", "warp")}, "mixers"),
-    ({"max_operators": 1}, "max_operators"),
-    ({"widths": (100,)}, "widths"),
-    ({"widths": (10 ** 20,)}, "widths"),  # refused at once, not after dividing 10^18 heads
-    ({"ratios": ((2, 0),)}, "ratios"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"mixers": ()}, "mixers"),
+        ({"mixers": ("ffn",)}, "mixers"),
+        ({"mixers": ("attention", "warp")}, "mixers"),
+        ({"max_operators": 1}, "max_operators"),
+        ({"widths": (100,)}, "widths"),
+        ({"widths": (10**20,)}, "widths"),  # refused at once, not after dividing 10^18 heads
+        ({"ratios": ((2, 0),)}, "ratios"),
+    ],
+)
 def test_bad_space_config(kw, field):
     with pytest.raises(SpaceError) as info:
         small_space(**kw)

@@ -1,4 +1,5 @@
 """The storage seam (search/storage.py) and its migrations, on SQLite and on PostgreSQL (tests/pg.py)."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -9,7 +10,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, select
 
 from search import db
 from search.storage import Storage
@@ -18,8 +19,16 @@ from tests import pg
 db_url = pg.db_url
 storage = pg.storage
 
-TABLES = {"jobs", "candidates", "training_results", "latency_results", "hypervolume_history", "strategy_state",
-          "schedules", "schedule_fires"}
+TABLES = {
+    "jobs",
+    "candidates",
+    "training_results",
+    "latency_results",
+    "hypervolume_history",
+    "strategy_state",
+    "schedules",
+    "schedule_fires",
+}
 
 
 def _count(store: Storage, table, *where) -> int:
@@ -31,8 +40,7 @@ def _count(store: Storage, table, *where) -> int:
 
 
 def test_storage_does_not_import_torch():
-    code = ("import sys, search.storage, search.db; "
-            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    code = "import sys, search.storage, search.db; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -106,11 +114,22 @@ def test_unsupported_url():
 
 def test_job_lifecycle(storage):
     before = datetime.now(UTC)
-    jid = storage.create_job("search", {"strategy": "pareto-aging", "space": {"widths": [64, 128]}},
-                             name="first", priority=2, budget=12)
+    jid = storage.create_job(
+        "search",
+        {"strategy": "pareto-aging", "space": {"widths": [64, 128]}},
+        name="first",
+        priority=2,
+        budget=12,
+    )
     job = storage.get_job(jid)
-    assert (job.kind, job.name, job.status, job.priority, job.budget, job.n_evaluations) == \
-        ("search", "first", "queued", 2, 12, 0)
+    assert (job.kind, job.name, job.status, job.priority, job.budget, job.n_evaluations) == (
+        "search",
+        "first",
+        "queued",
+        2,
+        12,
+        0,
+    )
     assert job.config == {"strategy": "pareto-aging", "space": {"widths": [64, 128]}}
     assert job.created_at.tzinfo == UTC and before - timedelta(seconds=5) <= job.created_at
     assert job.started_at is None and job.finished_at is None and job.lease_owner is None
@@ -167,11 +186,16 @@ def test_transaction_conditional_update_and_session(storage):
 
     def take(owner: str, at: datetime) -> bool:
         with storage.transaction() as conn:
-            return conn.execute(
-                update(jobs).where(jobs.c.id == jid, or_(jobs.c.lease_expires_at.is_(None),
-                                                         jobs.c.lease_expires_at < at))
-                .values(lease_owner=owner, lease_expires_at=at + timedelta(seconds=30), heartbeat_at=at)
-            ).rowcount == 1
+            return (
+                conn.execute(
+                    update(jobs)
+                    .where(
+                        jobs.c.id == jid, or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < at)
+                    )
+                    .values(lease_owner=owner, lease_expires_at=at + timedelta(seconds=30), heartbeat_at=at)
+                ).rowcount
+                == 1
+            )
 
     assert take("a", now)
     assert not take("b", now + timedelta(seconds=10))  # lease still held
@@ -192,12 +216,23 @@ def test_candidates_are_unique_per_job_and_layout(storage):
     cid = storage.add_candidate(job, layout, "h1", generation=0)
     assert storage.add_candidate(job, '{"operators": ["attention", "ffn"], "d_model": 64}', "h1") == cid
     assert storage.add_candidate(other, layout, "h1") != cid  # another search may hold the same layout
-    child = storage.add_candidate(job, {"operators": ["ffn"]}, "h2", parent_id=cid, generation=1,
-                                  mutation={"kind": "swap_mixer", "at": 0})
+    child = storage.add_candidate(
+        job,
+        {"operators": ["ffn"]},
+        "h2",
+        parent_id=cid,
+        generation=1,
+        mutation={"kind": "swap_mixer", "at": 0},
+    )
     assert storage.count_candidates(job) == 2
     record = storage.get_candidate(child)
-    assert (record.parent_id, record.generation, record.mutation, record.status, record.attempts) == \
-        (cid, 1, {"kind": "swap_mixer", "at": 0}, "pending", 0)
+    assert (record.parent_id, record.generation, record.mutation, record.status, record.attempts) == (
+        cid,
+        1,
+        {"kind": "swap_mixer", "at": 0},
+        "pending",
+        0,
+    )
     assert storage.get_candidate(cid).layout == layout
     assert storage.find_candidate(job, "h2").id == child and storage.find_candidate(job, "nope") is None
 
@@ -207,21 +242,38 @@ def test_candidate_outcomes_and_front(storage):
     ids = [storage.add_candidate(job, {"i": i}, f"h{i}") for i in range(4)]
     assert storage.mark_running(ids[0]) == 1
     assert storage.mark_running(ids[0]) == 2
-    storage.complete_candidate(ids[0], "tk0", "lk0", val_bpb=2.5, decode_ms=1.0, n_params=3_000_000_000,
-                               objectives={"val_bpb": 2.5, "decode_ms": 1.0})
+    storage.complete_candidate(
+        ids[0],
+        "tk0",
+        "lk0",
+        val_bpb=2.5,
+        decode_ms=1.0,
+        n_params=3_000_000_000,
+        objectives={"val_bpb": 2.5, "decode_ms": 1.0},
+    )
     storage.mark_running(ids[1])
     storage.complete_candidate(ids[1], "tk1", "lk1", 2.0, 3.0, 10, {"val_bpb": 2.0}, reused=True)
     storage.mark_running(ids[2])
     storage.fail_candidate(ids[2], "OOM", "Traceback (most recent call last): ...")
 
     c0, c1, c2 = (storage.get_candidate(i) for i in ids[:3])
-    assert (c0.status, c0.attempts, c0.n_params, c0.training_key, c0.objectives["decode_ms"]) == \
-        ("completed", 2, 3_000_000_000, "tk0", 1.0)
+    assert (c0.status, c0.attempts, c0.n_params, c0.training_key, c0.objectives["decode_ms"]) == (
+        "completed",
+        2,
+        3_000_000_000,
+        "tk0",
+        1.0,
+    )
     assert c0.finished_at.tzinfo == UTC and c0.finished_at >= c0.started_at
     assert c1.status == "reused"
     assert (c2.status, c2.failure_reason, c2.traceback.startswith("Traceback")) == ("failed", "OOM", True)
-    assert storage.candidate_counts(job) == {"pending": 1, "running": 0, "completed": 1, "failed": 1,
-                                             "reused": 1}
+    assert storage.candidate_counts(job) == {
+        "pending": 1,
+        "running": 0,
+        "completed": 1,
+        "failed": 1,
+        "reused": 1,
+    }
     assert storage.count_candidates(job, status=("completed", "reused")) == 2
 
     assert [c.id for c in storage.candidates(job, order_by="val_bpb")] == [ids[1], ids[0], ids[2], ids[3]]
@@ -273,15 +325,25 @@ def test_put_training_result_once(storage):
     assert not storage.put_training_result("k", result={"val_bpb": 1.0}, val_bpb=1.0, **kw)
     assert _count(storage, db.training_results) == 1
     stored = storage.get_training_result("k")
-    assert (stored.val_bpb, stored.result["curve"], stored.status, stored.artifact_path) == \
-        (2.0, [3.0, 2.5], "completed", "/a")
-    assert not storage.put_training_result("k", result=None, status="failed", **kw)  # never over a completed one
+    assert (stored.val_bpb, stored.result["curve"], stored.status, stored.artifact_path) == (
+        2.0,
+        [3.0, 2.5],
+        "completed",
+        "/a",
+    )
+    assert not storage.put_training_result(
+        "k", result=None, status="failed", **kw
+    )  # never over a completed one
     assert storage.get_training_result("k").status == "completed"
 
     # A failed result is replaced by a completed one, once.
-    assert storage.put_training_result("f", result={"error": "nan loss", "curve": [float("nan")]},
-                                       status="failed", **kw)
-    assert storage.get_training_result("f").result == {"error": "nan loss", "curve": [None]}  # JSON has no NaN
+    assert storage.put_training_result(
+        "f", result={"error": "nan loss", "curve": [float("nan")]}, status="failed", **kw
+    )
+    assert storage.get_training_result("f").result == {
+        "error": "nan loss",
+        "curve": [None],
+    }  # JSON has no NaN
     assert storage.put_training_result("f", result={"val_bpb": 3.0}, val_bpb=3.0, **kw)
     assert not storage.put_training_result("f", result={"val_bpb": 4.0}, val_bpb=4.0, **kw)
     assert storage.get_training_result("f").val_bpb == 3.0
@@ -292,8 +354,14 @@ def test_put_training_result_once(storage):
 
 def test_put_latency_result_once(storage):
     fp = {"device": "cpu", "torch": "2.x"}
-    assert storage.put_latency_result("lk", layout_hash="h", latency_config_hash="c", device_fingerprint=fp,
-                                      result={"decode_ms": 1.5}, decode_ms=1.5)
+    assert storage.put_latency_result(
+        "lk",
+        layout_hash="h",
+        latency_config_hash="c",
+        device_fingerprint=fp,
+        result={"decode_ms": 1.5},
+        decode_ms=1.5,
+    )
     assert not storage.put_latency_result("lk", layout_hash="h", result={"decode_ms": 9.0}, decode_ms=9.0)
     assert _count(storage, db.latency_results) == 1
     got = storage.get_latency_result("lk")
@@ -359,7 +427,7 @@ def test_concurrent_processes_migrate_and_put_once(db_url):
         store.close()
 
 
-# ---------------------------------------------------------------------------------------------- history, state
+# ---------------------------------------------------------------------------------------------- history, stat
 
 
 def test_hypervolume_history_ordering(storage):
@@ -378,9 +446,15 @@ def test_hypervolume_history_ordering(storage):
 def test_strategy_state_round_trip(storage):
     job = storage.create_job("search", {})
     assert storage.load_strategy_state(job) is None
-    state = {"population": [{"id": 1, "age": 0, "hash": "ab"}, {"id": 2, "age": 1, "hash": "cd"}],
-             "rng": [3, [2**32 - 1, 0, 12345678901234], None], "cycle": 7, "name": "ünïcode ✓",
-             "bounds": {"val_bpb": [0.5, 8.0]}, "flags": [True, False], "inf": float("inf")}
+    state = {
+        "population": [{"id": 1, "age": 0, "hash": "ab"}, {"id": 2, "age": 1, "hash": "cd"}],
+        "rng": [3, [2**32 - 1, 0, 12345678901234], None],
+        "cycle": 7,
+        "name": "ünïcode ✓",
+        "bounds": {"val_bpb": [0.5, 8.0]},
+        "flags": [True, False],
+        "inf": float("inf"),
+    }
     assert storage.save_strategy_state(job, state) == 1
     loaded = storage.load_strategy_state(job)
     assert loaded == {**state, "inf": None}
@@ -411,5 +485,7 @@ def test_delete_job_cascades_but_keeps_results(storage):
     assert storage.hypervolume_history(job) == [] and storage.load_strategy_state(job) is None
     assert storage.get_training_result("tk0") is not None and storage.get_latency_result("lk0") is not None
     kept = storage.get_candidate(reused)
-    assert kept.status == "reused" and kept.parent_id is None  # lineage into the deleted job is cut, not broken
+    assert (
+        kept.status == "reused" and kept.parent_id is None
+    )  # lineage into the deleted job is cut, not broken
     assert _count(storage, db.candidates) == 1

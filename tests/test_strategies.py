@@ -1,5 +1,7 @@
-"""Search strategies on a synthetic problem over the closed benchmark sub-space: no repeated layout, constraints,
-the width rule, failures kept out of populations and fronts, exact resume, and pareto-aging beating random."""
+"""Search strategies on a synthetic problem over the closed benchmark sub-space: no repeated layout,
+constraints, the width rule, failures kept out of populations and fronts, exact resume, and pareto-aging
+beating random."""
+
 import json
 import statistics
 import subprocess
@@ -22,12 +24,17 @@ TARGET_MS = 12.0
 
 
 def objective(layout: Layout) -> dict:
-    """Noise-free synthetic objectives: quality saturates with (width-scaled) operator capacity, a mix of mixer
-    types and attention late in the network help; latency is a sum of per-operator costs scaled by width."""
+    """Noise-free synthetic objectives: quality saturates with (width-scaled) operator capacity, a mix of
+    mixer types and attention late in the network help; latency is a sum of per-operator costs scaled by
+    width."""
     ops, scale = layout.operators, layout.d_model / 64
-    capacity = sum(QUALITY[op] for op in ops) * scale ** 0.5
-    val_bpb = 3.0 - 0.6 * (1 - 2.7 ** (-capacity / 4)) - 0.05 * (len(set(layout.mixers)) - 1) \
+    capacity = sum(QUALITY[op] for op in ops) * scale**0.5
+    val_bpb = (
+        3.0
+        - 0.6 * (1 - 2.7 ** (-capacity / 4))
+        - 0.05 * (len(set(layout.mixers)) - 1)
         - (0.05 if ops[-2:-1] == ("attention",) else 0.0)
+    )
     return {"val_bpb": val_bpb, "decode_ms": 0.5 + sum(COST[op] for op in ops) * scale}
 
 
@@ -37,8 +44,11 @@ def failing_objective(layout: Layout):
 
 def table() -> LatencyTable:
     """A LUT that predicts exactly the synthetic decode_ms (overhead 0.5 ms, per-op costs x width/64)."""
-    entries = [{"operator": op, "d_model": w, "context": 128, "decode_ms": cost * w / 64}
-               for op, cost in COST.items() for w in (32, 48, 64)]
+    entries = [
+        {"operator": op, "d_model": w, "context": 128, "decode_ms": cost * w / 64}
+        for op, cost in COST.items()
+        for w in (32, 48, 64)
+    ]
     overhead = [{"d_model": w, "context": 128, "decode_ms": 0.5} for w in (32, 48, 64)]
     return LatencyTable(entries, overhead, config={"vocab_size": 257})
 
@@ -182,7 +192,9 @@ def test_failed_candidates_never_enter_population_or_front(name):
 
 
 def test_plain_aging_evicts_the_oldest():
-    strategy = make_strategy("pareto-aging", SPACE, seed=3, population_size=5, sample_size=2, protect_front=False)
+    strategy = make_strategy(
+        "pareto-aging", SPACE, seed=3, population_size=5, sample_size=2, protect_front=False
+    )
     proposals = run(strategy, 12, batch=1)
     assert strategy.population == [p.hash for p in proposals[-5:]]
     assert strategy.state_dict()["ages"] == [4, 3, 2, 1, 0]
@@ -190,6 +202,7 @@ def test_plain_aging_evicts_the_oldest():
 
 def test_pareto_aging_evicts_the_oldest_member_off_the_front():
     from search.pareto import pareto_front
+
     strategy = make_strategy("pareto-aging", SPACE, seed=3, population_size=5, sample_size=2)
     order = []
     for _ in range(14):
@@ -206,10 +219,11 @@ def test_pareto_aging_evicts_the_oldest_member_off_the_front():
 
 
 def _population_of(values: list, **kw):
-    """A pareto-aging strategy whose whole population (sampled entirely by every tournament) has these objective
-    values, in this order."""
-    strategy = make_strategy("pareto-aging", SPACE, seed=0, population_size=len(values), sample_size=len(values),
-                             **kw)
+    """A pareto-aging strategy whose whole population (sampled entirely by every tournament) has these
+    objective values, in this order."""
+    strategy = make_strategy(
+        "pareto-aging", SPACE, seed=0, population_size=len(values), sample_size=len(values), **kw
+    )
     first = strategy.ask(len(values))
     for p, (bpb, ms) in zip(first, values):
         strategy.tell(p.hash, {"val_bpb": bpb, "decode_ms": ms})
@@ -263,18 +277,22 @@ def test_mutation_mix_adapts_to_successes_and_keeps_every_kind():
 def test_mutation_outcomes_credit_children_that_enter_the_front():
     strategy, hashes = _population_of([(3.0, 30.0), (3.1, 12.0), (4.0, 10.0)], mutation_window=3)
     told = []
-    for result in ({"val_bpb": 2.9, "decode_ms": 9.0},    # dominates the whole population: a success
-                   {"val_bpb": 5.0, "decode_ms": 50.0},   # dominated: no success
-                   {"val_bpb": 2.9, "decode_ms": 9.0},    # equal to a member: no success
-                   None,                                  # failed: no success
-                   {"val_bpb": 3.05, "decode_ms": 8.5}):  # a new trade-off: a success
+    for result in (
+        {"val_bpb": 2.9, "decode_ms": 9.0},  # dominates the whole population: a success
+        {"val_bpb": 5.0, "decode_ms": 50.0},  # dominated: no success
+        {"val_bpb": 2.9, "decode_ms": 9.0},  # equal to a member: no success
+        None,  # failed: no success
+        {"val_bpb": 3.05, "decode_ms": 8.5},
+    ):  # a new trade-off: a success
         (child,) = strategy.ask(1)
         strategy.tell(child.hash, result)
         told.append([child.mutation["kind"], 0])
     told[0][1] = told[4][1] = 1
     assert strategy.mutation_outcomes == told[-3:]  # the window keeps the last 3
     # a child violating a measured constraint is no success either
-    limited, _ = _population_of([(3.0, 30.0), (3.1, 12.0), (4.0, 10.0)], constraints=Constraints(max_decode_ms=35.0))
+    limited, _ = _population_of(
+        [(3.0, 30.0), (3.1, 12.0), (4.0, 10.0)], constraints=Constraints(max_decode_ms=35.0)
+    )
     (child,) = limited.ask(1)
     limited.tell(child.hash, {"val_bpb": 2.0, "decode_ms": 40.0})
     assert limited.mutation_outcomes == [[child.mutation["kind"], 0]]
@@ -287,8 +305,11 @@ def test_pareto_aging_resume_restores_the_mutation_mix():
     assert len(state["mutation_outcomes"]) > 5 and any(s for _, s in state["mutation_outcomes"])
     resumed = make_strategy("pareto-aging", SPACE, **settings("pareto-aging", seed=9))
     resumed.load_state_dict(state)
-    assert resumed.mutation_weights() == uninterrupted.mutation_weights() != \
-        make_strategy("pareto-aging", SPACE, **settings("pareto-aging", seed=9)).mutation_weights()
+    assert (
+        resumed.mutation_weights()
+        == uninterrupted.mutation_weights()
+        != make_strategy("pareto-aging", SPACE, **settings("pareto-aging", seed=9)).mutation_weights()
+    )
     assert [p.hash for p in resumed.ask(4)] == [p.hash for p in uninterrupted.ask(4)]
     # a state saved before the adaptive mix (no outcomes) still loads: the mix starts uniform
     old = {k: v for k, v in state.items() if k != "mutation_outcomes"}
@@ -304,8 +325,9 @@ def test_initial_layouts_come_first_and_warm_start():
     first = strategy.ask(6)
     assert [p.layout for p in first[:4]] == initial and all(p.generation == 0 for p in first)
     for p in first:
-        strategy.tell(p.hash, objective(p.layout) if SPACE.decode(p.layout) else
-                      {"val_bpb": 2.0, "decode_ms": 30.0})
+        strategy.tell(
+            p.hash, objective(p.layout) if SPACE.decode(p.layout) else {"val_bpb": 2.0, "decode_ms": 30.0}
+        )
     children = strategy.ask(10)
     assert all(p.parent_hash in strategy.population for p in children)
     # warm start from the front of an earlier search
@@ -320,26 +342,46 @@ def test_initial_layouts_come_first_and_warm_start():
 
 def test_constraints_filter_proposals():
     budget = 150_000
-    strategy = make_strategy("pareto-aging", SPACE, seed=0, population_size=8, sample_size=3,
-                             constraints=Constraints(max_params=budget, max_decode_ms=9.0), latency_table=table())
+    strategy = make_strategy(
+        "pareto-aging",
+        SPACE,
+        seed=0,
+        population_size=8,
+        sample_size=3,
+        constraints=Constraints(max_params=budget, max_decode_ms=9.0),
+        latency_table=table(),
+    )
     proposals = run(strategy, 30)
     lut = table()
     assert all(count_parameters(p.layout, 257).total <= budget for p in proposals)
     assert all(lut.predict_decode_ms(p.layout, 128) <= 9.0 for p in proposals)
     # a measured latency over the budget ranks the member last (and keeps it out of the front)
-    strategy = make_strategy("pareto-aging", SPACE, seed=0, population_size=4, sample_size=4,
-                             constraints=Constraints(max_decode_ms=9.0))
+    strategy = make_strategy(
+        "pareto-aging",
+        SPACE,
+        seed=0,
+        population_size=4,
+        sample_size=4,
+        constraints=Constraints(max_decode_ms=9.0),
+    )
     first = strategy.ask(4)
     for i, p in enumerate(first):
-        strategy.tell(p.hash, {"val_bpb": 1.0 if i == 0 else 2.0 + i, "decode_ms": 50.0 if i == 0 else 5.0 + i})
+        strategy.tell(
+            p.hash, {"val_bpb": 1.0 if i == 0 else 2.0 + i, "decode_ms": 50.0 if i == 0 else 5.0 + i}
+        )
     assert first[0].hash not in strategy.pareto_front()
     assert {p.parent_hash for p in strategy.ask(5)} <= {p.hash for p in first[1:]}
     # the memory estimate: weights + cache; full attention's cache grows with the context, Mamba2's does not
-    attention, mamba = (SPACE.to_layout(SPACE.decode(Layout.from_dict({"operators": ops, **SPACE._dims_for(64)})))
-                        for ops in ("[A F] x 4", "[M2 F] x 4"))
+    attention, mamba = (
+        SPACE.to_layout(SPACE.decode(Layout.from_dict({"operators": ops, **SPACE._dims_for(64)})))
+        for ops in ("[A F] x 4", "[M2 F] x 4")
+    )
     assert estimate_memory_bytes(attention, 257, 4096) > estimate_memory_bytes(attention, 257, 128)
-    assert estimate_memory_bytes(mamba, 257, 4096) == estimate_memory_bytes(mamba, 257, 128) \
+    assert (
+        estimate_memory_bytes(mamba, 257, 4096)
+        == estimate_memory_bytes(mamba, 257, 128)
         > 2 * count_parameters(mamba, 257).total
+    )
 
 
 def test_latency_target_uses_the_width_rule():
@@ -368,8 +410,15 @@ def test_bad_input_is_refused_before_anything_runs():
         make_strategy("evolution", SPACE)
     with pytest.raises(ValueError, match="mixers"):
         SearchSpace(mixers=())
-    tiny = SearchSpace(mixers=("attention",), ratios=((0, 1),), ffn_counts=(1,), n_stages=1, max_operators=4,
-                       widths=(64,), dims={"head_dim": 16})
+    tiny = SearchSpace(
+        mixers=("attention",),
+        ratios=((0, 1),),
+        ffn_counts=(1,),
+        n_stages=1,
+        max_operators=4,
+        widths=(64,),
+        dims={"head_dim": 16},
+    )
     assert tiny.size() == 2
     for name in ("pareto-aging", "latency-target", "nsga2"):
         extra = dict(latency_table=table(), target_ms=50.0) if name == "latency-target" else {}
@@ -402,8 +451,15 @@ def test_bad_input_is_refused_before_anything_runs():
 
 
 def test_random_exhausts_a_small_space_without_repeats():
-    tiny = SearchSpace(mixers=("attention", "mamba2"), ratios=((0, 1),), ffn_counts=(1,), n_stages=1,
-                       max_operators=6, widths=(64,), dims={"head_dim": 16, "mamba_head_dim": 16})
+    tiny = SearchSpace(
+        mixers=("attention", "mamba2"),
+        ratios=((0, 1),),
+        ffn_counts=(1,),
+        n_stages=1,
+        max_operators=6,
+        widths=(64,),
+        dims={"head_dim": 16, "mamba_head_dim": 16},
+    )
     strategy = make_strategy("random", tiny, seed=0)
     got = strategy.ask(100)
     assert len(got) == len({p.hash for p in got}) == len(all_layouts(tiny)) == 6
@@ -411,12 +467,15 @@ def test_random_exhausts_a_small_space_without_repeats():
 
 
 def test_search_imports_no_torch():
-    code = ("import sys; import search.pareto, search.strategies, search.strategies.nsga2; "
-            "from search.space import benchmark_space; from search.strategies import make_strategy; "
-            "s = make_strategy('nsga2', benchmark_space(), population_size=4); p = s.ask(2); "
-            "s.tell(p[0].hash, {'val_bpb': 1.0, 'decode_ms': 2.0}); "
-            "from search.pareto import HypervolumeSpace; HypervolumeSpace(('a',), (0,), (1,)).hypervolume([(0.5,)]); "
-            "HypervolumeSpace(('a', 'b'), (0, 0), (1, 1)).hypervolume([(0.5, 0.5)]); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys; import search.pareto, search.strategies, search.strategies.nsga2; "
+        "from search.space import benchmark_space; from search.strategies import make_strategy; "
+        "s = make_strategy('nsga2', benchmark_space(), population_size=4); p = s.ask(2); "
+        "s.tell(p[0].hash, {'val_bpb': 1.0, 'decode_ms': 2.0}); "
+        "from search.pareto import HypervolumeSpace; HypervolumeSpace(('a',), (0,), "
+        "(1,)).hypervolume([(0.5,)]); "
+        "HypervolumeSpace(('a', 'b'), (0, 0), (1, 1)).hypervolume([(0.5, 0.5)]); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

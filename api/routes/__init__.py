@@ -1,4 +1,5 @@
 """The API's routers (thin: validation in api/schemas.py, state through search.storage.Storage)."""
+
 from api.routes import candidates, jobs, meta, schedules, searches
 
 ROUTERS = (meta.router, searches.router, candidates.router, jobs.router, schedules.router)

@@ -1,4 +1,5 @@
 """/api/candidates/{id}: one candidate in full, and its layout as a JSON file."""
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -24,17 +25,36 @@ def get_candidate(candidate_id: CandidateId, storage: StorageDep) -> CandidateDe
     training_result = dict(training.result or {}) if training is not None else None
     log_tail = list((training_result or {}).pop("log_tail", None) or [])
     return CandidateDetail(
-        **base, layout=c.layout, mutation=c.mutation, objectives=c.objectives, training_key=c.training_key,
-        latency_key=c.latency_key, failure_reason=c.failure_reason, traceback=c.traceback, started_at=c.started_at,
-        lineage=[LineageItem(id=a.id, generation=a.generation, mutation=a.mutation, val_bpb=a.val_bpb,
-                             decode_ms=a.decode_ms) for a in storage.lineage(c.id)],
+        **base,
+        layout=c.layout,
+        mutation=c.mutation,
+        objectives=c.objectives,
+        training_key=c.training_key,
+        latency_key=c.latency_key,
+        failure_reason=c.failure_reason,
+        traceback=c.traceback,
+        started_at=c.started_at,
+        lineage=[
+            LineageItem(
+                id=a.id,
+                generation=a.generation,
+                mutation=a.mutation,
+                val_bpb=a.val_bpb,
+                decode_ms=a.decode_ms,
+            )
+            for a in storage.lineage(c.id)
+        ],
         children=[child.id for child in storage.children(c.id)],
-        training=training_result, latency=latency.result if latency is not None else None,
-        device_fingerprint=latency.device_fingerprint if latency is not None else None, log_tail=log_tail)
+        training=training_result,
+        latency=latency.result if latency is not None else None,
+        device_fingerprint=latency.device_fingerprint if latency is not None else None,
+        log_tail=log_tail,
+    )
 
 
 @router.get("/{candidate_id}/layout.json", summary="The candidate's layout (loadable by `hybridnas layouts`)")
 def layout_json(candidate_id: CandidateId, storage: StorageDep) -> JSONResponse:
     c = candidate_or_404(storage, candidate_id)
-    return JSONResponse(c.layout, headers={
-        "Content-Disposition": f'attachment; filename="candidate-{c.id}-layout.json"'})
+    return JSONResponse(
+        c.layout, headers={"Content-Disposition": f'attachment; filename="candidate-{c.id}-layout.json"'}
+    )

@@ -1,4 +1,5 @@
 """Shared route dependencies: the storage and settings live on `app.state` (one place, set by create_app)."""
+
 from __future__ import annotations
 
 from typing import Annotated

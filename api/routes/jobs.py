@@ -1,4 +1,5 @@
 """/api/jobs: the queue (every kind of job), in the order runners take them: priority, then FIFO."""
+
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -14,13 +15,16 @@ router = APIRouter(prefix="/api/jobs", tags=["jobs"], dependencies=[Depends(requ
 
 
 @router.get("", response_model=Page[QueueJobOut])
-def queue(storage: StorageDep,
-          limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-          offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
-          status: Annotated[list[Literal[JOB_STATUSES]] | None,  # type: ignore[valid-type]
-                            Query(max_length=len(JOB_STATUSES),
-                                  description="default: queued and running")] = None,
-          kind: Literal[JOB_KINDS] | None = None) -> Page[QueueJobOut]:  # type: ignore[valid-type]
+def queue(
+    storage: StorageDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    status: Annotated[
+        list[Literal[JOB_STATUSES]] | None,  # type: ignore[valid-type]
+        Query(max_length=len(JOB_STATUSES), description="default: queued and running"),
+    ] = None,
+    kind: Literal[JOB_KINDS] | None = None,
+) -> Page[QueueJobOut]:  # type: ignore[valid-type]
     statuses = list(status) if status else ["queued", "running"]
     jobs = storage.queue(statuses, kind, limit=limit, offset=offset)
     rows = [QueueJobOut(**{name: getattr(job, name) for name in QueueJobOut.model_fields}) for job in jobs]

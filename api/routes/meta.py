@@ -1,4 +1,5 @@
 """/api/health (the process answers), /api/ready (database reachable, schema at head), /api/operators."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
@@ -22,15 +23,36 @@ def ready(storage: StorageDep):
     try:
         current, head = storage.schema_revision(), storage.head_revision()
     except Exception as exc:  # noqa: BLE001 - any failure to reach the database means "not ready"
-        body = Ready(ready=False, database=storage.dialect, reason=f"database unreachable: {type(exc).__name__}")
+        body = Ready(
+            ready=False, database=storage.dialect, reason=f"database unreachable: {type(exc).__name__}"
+        )
         return JSONResponse(body.model_dump(), status_code=503)
-    body = Ready(ready=current == head, database=storage.dialect, schema_revision=current, head_revision=head,
-                 reason=None if current == head else "database schema is not at head: run the migrations")
+    body = Ready(
+        ready=current == head,
+        database=storage.dialect,
+        schema_revision=current,
+        head_revision=head,
+        reason=None if current == head else "database schema is not at head: run the migrations",
+    )
     return body if body.ready else JSONResponse(body.model_dump(), status_code=503)
 
 
-@router.get("/operators", response_model=list[OperatorOut], dependencies=[Depends(require_read_token)],
-            tags=["catalog"])
+@router.get(
+    "/operators",
+    response_model=list[OperatorOut],
+    dependencies=[Depends(require_read_token)],
+    tags=["catalog"],
+)
 def operators() -> list[OperatorOut]:
-    return [OperatorOut(name=s.name, code=s.code, kind=s.kind, description=s.description, dims=list(s.dims),
-                        cache=s.cache, code_version=s.code_version) for s in OPERATORS.values()]
+    return [
+        OperatorOut(
+            name=s.name,
+            code=s.code,
+            kind=s.kind,
+            description=s.description,
+            dims=list(s.dims),
+            cache=s.cache,
+            code_version=s.code_version,
+        )
+        for s in OPERATORS.values()
+    ]

@@ -3,6 +3,7 @@
 The scheduler (api/scheduler.py) fires them; these routes only store them. Times are UTC, with the schedule's
 local time alongside where useful.
 """
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -55,39 +56,70 @@ def _out(schedule: ScheduleRecord, now: datetime) -> ScheduleOut:
     return ScheduleOut.of(schedule, due, None if due is None else local_time(due, schedule.timezone))
 
 
-@router.post("", status_code=201, response_model=ScheduleOut, dependencies=[Depends(require_token)],
-             summary="Create a schedule (its first due time is the first one after now)")
-def create_schedule(body: ScheduleCreate, request: Request, response: Response,
-                    storage: StorageDep) -> ScheduleOut:
+@router.post(
+    "",
+    status_code=201,
+    response_model=ScheduleOut,
+    dependencies=[Depends(require_token)],
+    summary="Create a schedule (its first due time is the first one after now)",
+)
+def create_schedule(
+    body: ScheduleCreate, request: Request, response: Response, storage: StorageDep
+) -> ScheduleOut:
     now = _now(request)
     template = _checked_template(request, body.template)
-    schedule_id = storage.create_schedule(body.name, body.cron, template_json(template),
-                                          timezone=body.timezone, enabled=body.enabled, warm_start=body.warm_start,
-                                          priority=body.priority, created_at=now)
+    schedule_id = storage.create_schedule(
+        body.name,
+        body.cron,
+        template_json(template),
+        timezone=body.timezone,
+        enabled=body.enabled,
+        warm_start=body.warm_start,
+        priority=body.priority,
+        created_at=now,
+    )
     response.headers["Location"] = f"/api/schedules/{schedule_id}"
     return _out(_schedule_or_404(storage, schedule_id), now)
 
 
-@router.get("", response_model=Page[ScheduleOut], dependencies=[Depends(require_read_token)],
-            summary="List schedules, oldest first")
-def list_schedules(request: Request, storage: StorageDep, limit: Limit = 50, offset: Offset = 0,
-                   enabled: bool | None = None) -> Page[ScheduleOut]:
+@router.get(
+    "",
+    response_model=Page[ScheduleOut],
+    dependencies=[Depends(require_read_token)],
+    summary="List schedules, oldest first",
+)
+def list_schedules(
+    request: Request, storage: StorageDep, limit: Limit = 50, offset: Offset = 0, enabled: bool | None = None
+) -> Page[ScheduleOut]:
     now = _now(request)
     rows = storage.list_schedules(enabled=enabled, limit=limit, offset=offset)
-    return Page[ScheduleOut](items=[_out(s, now) for s in rows], total=storage.count_schedules(enabled=enabled),
-                             limit=limit, offset=offset)
+    return Page[ScheduleOut](
+        items=[_out(s, now) for s in rows],
+        total=storage.count_schedules(enabled=enabled),
+        limit=limit,
+        offset=offset,
+    )
 
 
-@router.get("/{schedule_id}", response_model=ScheduleOut, dependencies=[Depends(require_read_token)],
-            summary="A schedule with its next due time (UTC and local)")
+@router.get(
+    "/{schedule_id}",
+    response_model=ScheduleOut,
+    dependencies=[Depends(require_read_token)],
+    summary="A schedule with its next due time (UTC and local)",
+)
 def get_schedule(schedule_id: ScheduleId, request: Request, storage: StorageDep) -> ScheduleOut:
     return _out(_schedule_or_404(storage, schedule_id), _now(request))
 
 
-@router.patch("/{schedule_id}", response_model=ScheduleOut, dependencies=[Depends(require_token)],
-              summary="Change some fields (a template replaces the whole template)")
-def patch_schedule(schedule_id: ScheduleId, body: SchedulePatch, request: Request,
-                   storage: StorageDep) -> ScheduleOut:
+@router.patch(
+    "/{schedule_id}",
+    response_model=ScheduleOut,
+    dependencies=[Depends(require_token)],
+    summary="Change some fields (a template replaces the whole template)",
+)
+def patch_schedule(
+    schedule_id: ScheduleId, body: SchedulePatch, request: Request, storage: StorageDep
+) -> ScheduleOut:
     now = _now(request)
     changes = body.changes()
     if body.template is not None:
@@ -101,19 +133,36 @@ def patch_schedule(schedule_id: ScheduleId, body: SchedulePatch, request: Reques
     return _out(schedule, now)
 
 
-@router.delete("/{schedule_id}", status_code=204, dependencies=[Depends(require_token)],
-               summary="Delete a schedule and its fire records (the searches it queued stay)")
+@router.delete(
+    "/{schedule_id}",
+    status_code=204,
+    dependencies=[Depends(require_token)],
+    summary="Delete a schedule and its fire records (the searches it queued stay)",
+)
 def delete_schedule(schedule_id: ScheduleId, storage: StorageDep) -> Response:
     if not storage.delete_schedule(schedule_id):
         raise HTTPException(404, detail=f"no schedule {schedule_id}")
     return Response(status_code=204)
 
 
-@router.get("/{schedule_id}/fires", response_model=Page[FireOut], dependencies=[Depends(require_read_token)],
-            summary="A schedule's recorded due times (fired, missed, skipped, failed), newest first")
-def list_fires(schedule_id: ScheduleId, storage: StorageDep, limit: Limit = 50, offset: Offset = 0,
-               status: FireStatus | None = None) -> Page[FireOut]:
+@router.get(
+    "/{schedule_id}/fires",
+    response_model=Page[FireOut],
+    dependencies=[Depends(require_read_token)],
+    summary="A schedule's recorded due times (fired, missed, skipped, failed), newest first",
+)
+def list_fires(
+    schedule_id: ScheduleId,
+    storage: StorageDep,
+    limit: Limit = 50,
+    offset: Offset = 0,
+    status: FireStatus | None = None,
+) -> Page[FireOut]:
     schedule = _schedule_or_404(storage, schedule_id)
     fires = storage.list_fires(schedule_id, limit=limit, offset=offset, status=status)
-    return Page[FireOut](items=[FireOut.of(f, local_time(f.due_at, schedule.timezone)) for f in fires],
-                         total=storage.count_fires(schedule_id, status=status), limit=limit, offset=offset)
+    return Page[FireOut](
+        items=[FireOut.of(f, local_time(f.due_at, schedule.timezone)) for f in fires],
+        total=storage.count_fires(schedule_id, status=status),
+        limit=limit,
+        offset=offset,
+    )

@@ -3,6 +3,7 @@ fronts (CSV too) and the live feed of finished evaluations.
 
 A submitted search is a queued job; a runner (`api/runner.py`) takes it from the queue.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,10 +20,10 @@ from sqlalchemy import update
 from api.auth import require_read_token, require_token
 from api.routes.deps import StorageDep, job_or_404
 from api.schemas import (
+    CURSOR_PATTERN,
     MAX_ID,
     MAX_OFFSET,
     MAX_PAGE,
-    CURSOR_PATTERN,
     CandidateSummary,
     EvaluationFeed,
     JobOut,
@@ -51,8 +52,17 @@ Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
 JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
 CandidateStatus = Literal[CANDIDATE_STATUSES]  # type: ignore[valid-type]
 # Whitelisted sort columns ("-" prefix: descending; NULLs last; ties by id).
-SORTABLE = ("id", "generation", "val_bpb", "decode_ms", "n_params", "created_at", "finished_at", "attempts",
-            "status")
+SORTABLE = (
+    "id",
+    "generation",
+    "val_bpb",
+    "decode_ms",
+    "n_params",
+    "created_at",
+    "finished_at",
+    "attempts",
+    "status",
+)
 SORT_PATTERN = rf"^-?({'|'.join(SORTABLE)})$"
 
 
@@ -68,13 +78,18 @@ def _out(job: JobRecord) -> SearchOut:
 
 def _detail(storage: Storage, job: JobRecord) -> SearchDetail:
     last = storage.latest_hypervolume(job.id)
-    return SearchDetail(**_out(job).model_dump(), config=job.config, counts=storage.candidate_counts(job.id),
-                        hypervolume=None if last is None else last.hypervolume,
-                        hypervolume_at=None if last is None else last.n_evaluations)
+    return SearchDetail(
+        **_out(job).model_dump(),
+        config=job.config,
+        counts=storage.candidate_counts(job.id),
+        hypervolume=None if last is None else last.hypervolume,
+        hypervolume_at=None if last is None else last.n_evaluations,
+    )
 
 
-def _transition(storage: Storage, job_id: int, allowed: tuple[str, ...], target: str, finish: bool,
-                **values: object) -> bool:
+def _transition(
+    storage: Storage, job_id: int, allowed: tuple[str, ...], target: str, finish: bool, **values: object
+) -> bool:
     """Atomically move a search from one of `allowed` to `target` (setting `values` too); False if its status
     was another."""
     t = db.jobs
@@ -82,18 +97,32 @@ def _transition(storage: Storage, job_id: int, allowed: tuple[str, ...], target:
     if finish:
         values["finished_at"] = utcnow()
     with storage.transaction() as conn:
-        stmt = update(t).where(t.c.id == job_id, t.c.kind == "search", t.c.status.in_(allowed)).values(**values)
+        stmt = (
+            update(t).where(t.c.id == job_id, t.c.kind == "search", t.c.status.in_(allowed)).values(**values)
+        )
         return conn.execute(stmt).rowcount > 0
 
 
-@router.post("", status_code=201, response_model=SearchCreated, dependencies=[Depends(require_token)],
-             summary="Submit a search (queued)")
-def create_search(body: SearchCreate, request: Request, response: Response, storage: StorageDep,
-                  idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200,
-                                                                pattern=r"^[\x21-\x7e]+$")] = None) -> SearchCreated:
+@router.post(
+    "",
+    status_code=201,
+    response_model=SearchCreated,
+    dependencies=[Depends(require_token)],
+    summary="Submit a search (queued)",
+)
+def create_search(
+    body: SearchCreate,
+    request: Request,
+    response: Response,
+    storage: StorageDep,
+    idempotency_key: Annotated[
+        str | None, Header(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")
+    ] = None,
+) -> SearchCreated:
     try:
-        submitted = submit_search(storage, body, idempotency_key=idempotency_key,
-                                  data_roots=request.app.state.settings.data_roots)
+        submitted = submit_search(
+            storage, body, idempotency_key=idempotency_key, data_roots=request.app.state.settings.data_roots
+        )
     except SubmitError as exc:
         if exc.conflict:
             raise HTTPException(409, detail=f"{exc.field} was {exc.reason}") from None
@@ -106,13 +135,22 @@ def create_search(body: SearchCreate, request: Request, response: Response, stor
     return SearchCreated(**_out(job).model_dump(), replayed=replayed)
 
 
-@router.get("", response_model=Page[SearchOut], dependencies=[Depends(require_read_token)],
-            summary="List searches, newest first")
-def list_searches(storage: StorageDep, limit: Limit = 50, offset: Offset = 0,
-                  status: JobStatus | None = None) -> Page[SearchOut]:
+@router.get(
+    "",
+    response_model=Page[SearchOut],
+    dependencies=[Depends(require_read_token)],
+    summary="List searches, newest first",
+)
+def list_searches(
+    storage: StorageDep, limit: Limit = 50, offset: Offset = 0, status: JobStatus | None = None
+) -> Page[SearchOut]:
     jobs = storage.list_jobs(status=status, kind="search", limit=limit, offset=offset)
-    return Page[SearchOut](items=[_out(j) for j in jobs], total=storage.count_jobs(status=status, kind="search"),
-                           limit=limit, offset=offset)
+    return Page[SearchOut](
+        items=[_out(j) for j in jobs],
+        total=storage.count_jobs(status=status, kind="search"),
+        limit=limit,
+        offset=offset,
+    )
 
 
 @router.get("/{search_id}", response_model=SearchDetail, dependencies=[Depends(require_read_token)])
@@ -120,31 +158,51 @@ def get_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
     return _detail(storage, job_or_404(storage, search_id))
 
 
-@router.post("/{search_id}/cancel", response_model=SearchDetail, dependencies=[Depends(require_token)],
-             summary="Cancel a queued or running search (idempotent)")
+@router.post(
+    "/{search_id}/cancel",
+    response_model=SearchDetail,
+    dependencies=[Depends(require_token)],
+    summary="Cancel a queued or running search (idempotent)",
+)
 def cancel_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
     job = job_or_404(storage, search_id)
-    if job.status != "cancelled" and not _transition(storage, search_id, ("queued", "running"), "cancelled", True):
+    if job.status != "cancelled" and not _transition(
+        storage, search_id, ("queued", "running"), "cancelled", True
+    ):
         job = job_or_404(storage, search_id)
-        raise HTTPException(409, detail=f"search {search_id} is {job.status}: only a queued or running search "
-                                        "can be cancelled")
+        raise HTTPException(
+            409,
+            detail=f"search {search_id} is {job.status}: only a queued or running search can be cancelled",
+        )
     return _detail(storage, job_or_404(storage, search_id))
 
 
-@router.post("/{search_id}/archive", response_model=SearchDetail, dependencies=[Depends(require_token)],
-             summary="Archive a finished search (idempotent)")
+@router.post(
+    "/{search_id}/archive",
+    response_model=SearchDetail,
+    dependencies=[Depends(require_token)],
+    summary="Archive a finished search (idempotent)",
+)
 def archive_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
     job = job_or_404(storage, search_id)
-    if job.status != "archived" and not _transition(storage, search_id, ("completed", "failed", "cancelled"),
-                                                    "archived", False):
+    if job.status != "archived" and not _transition(
+        storage, search_id, ("completed", "failed", "cancelled"), "archived", False
+    ):
         job = job_or_404(storage, search_id)
-        raise HTTPException(409, detail=f"search {search_id} is {job.status}: cancel it first (only a finished "
-                                        "search can be archived)")
+        raise HTTPException(
+            409,
+            detail=f"search {search_id} is {job.status}: cancel it first (only a finished "
+            "search can be archived)",
+        )
     return _detail(storage, job_or_404(storage, search_id))
 
 
-@router.delete("/{search_id}", status_code=204, dependencies=[Depends(require_token)],
-               summary="Delete a search with its candidates (stored results stay for reuse)")
+@router.delete(
+    "/{search_id}",
+    status_code=204,
+    dependencies=[Depends(require_token)],
+    summary="Delete a search with its candidates (stored results stay for reuse)",
+)
 def delete_search(search_id: SearchId, storage: StorageDep) -> Response:
     job = job_or_404(storage, search_id)
     if job.status == "running":
@@ -154,30 +212,60 @@ def delete_search(search_id: SearchId, storage: StorageDep) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/{search_id}/candidates", response_model=Page[CandidateSummary],
-            dependencies=[Depends(require_read_token)])
-def list_candidates(search_id: SearchId, storage: StorageDep, limit: Limit = 50, offset: Offset = 0,
-                    status: CandidateStatus | None = None,
-                    sort: Annotated[str, Query(pattern=SORT_PATTERN, max_length=32,
-                                               description=f"one of {', '.join(SORTABLE)}; '-' prefix: "
-                                                           "descending")] = "id") -> Page[CandidateSummary]:
+@router.get(
+    "/{search_id}/candidates",
+    response_model=Page[CandidateSummary],
+    dependencies=[Depends(require_read_token)],
+)
+def list_candidates(
+    search_id: SearchId,
+    storage: StorageDep,
+    limit: Limit = 50,
+    offset: Offset = 0,
+    status: CandidateStatus | None = None,
+    sort: Annotated[
+        str,
+        Query(
+            pattern=SORT_PATTERN,
+            max_length=32,
+            description=f"one of {', '.join(SORTABLE)}; '-' prefix: descending",
+        ),
+    ] = "id",
+) -> Page[CandidateSummary]:
     job_or_404(storage, search_id)
     rows = storage.candidates(search_id, status=status, order_by=sort, limit=limit, offset=offset)
-    return Page[CandidateSummary](items=[CandidateSummary.of(c) for c in rows],
-                                  total=storage.count_candidates(search_id, status=status), limit=limit,
-                                  offset=offset)
+    return Page[CandidateSummary](
+        items=[CandidateSummary.of(c) for c in rows],
+        total=storage.count_candidates(search_id, status=status),
+        limit=limit,
+        offset=offset,
+    )
 
 
-@router.post("/{search_id}/resume", response_model=SearchDetail, dependencies=[Depends(require_token)],
-             summary="Put a cancelled or failed search back in the queue (idempotent for a queued or running one)")
+@router.post(
+    "/{search_id}/resume",
+    response_model=SearchDetail,
+    dependencies=[Depends(require_token)],
+    summary="Put a cancelled or failed search back in the queue (idempotent for a queued or running one)",
+)
 def resume_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
     job = job_or_404(storage, search_id)
     if job.status not in ("queued", "running") and not _transition(
-            storage, search_id, ("cancelled", "failed"), "queued", False, finished_at=None, error=None,
-            lease_owner=None, lease_expires_at=None):
+        storage,
+        search_id,
+        ("cancelled", "failed"),
+        "queued",
+        False,
+        finished_at=None,
+        error=None,
+        lease_owner=None,
+        lease_expires_at=None,
+    ):
         job = job_or_404(storage, search_id)
-        raise HTTPException(409, detail=f"search {search_id} is {job.status}: only a cancelled or failed search "
-                                        "can be resumed")
+        raise HTTPException(
+            409,
+            detail=f"search {search_id} is {job.status}: only a cancelled or failed search can be resumed",
+        )
     return _detail(storage, job_or_404(storage, search_id))
 
 
@@ -189,12 +277,16 @@ def _front(storage: Storage, job: JobRecord, x: str | None, y: str | None) -> tu
     own = list(job.config.get("objectives") or ("val_bpb", "decode_ms"))
     chosen = [x or own[0], y or own[1]]
     if chosen[0] == chosen[1]:
-        raise RequestValidationError([{"loc": ("query", "y"), "type": "value_error",
-                                       "msg": "the two objectives must differ"}])
+        raise RequestValidationError(
+            [{"loc": ("query", "y"), "type": "value_error", "msg": "the two objectives must differ"}]
+        )
     if sorted(chosen) == sorted(own):
         return chosen, storage.candidates(job.id, on_front=True, order_by=chosen[0])
-    done = [c for c in storage.candidates(job.id, status=CANDIDATE_DONE_STATUSES)
-            if getattr(c, chosen[0]) is not None and getattr(c, chosen[1]) is not None]
+    done = [
+        c
+        for c in storage.candidates(job.id, status=CANDIDATE_DONE_STATUSES)
+        if getattr(c, chosen[0]) is not None and getattr(c, chosen[1]) is not None
+    ]
     keep = pareto_front([[float(getattr(c, name)) for name in chosen] for c in done]) if done else []
     return chosen, sorted((done[i] for i in keep), key=lambda c: (getattr(c, chosen[0]), c.id))
 
@@ -203,29 +295,70 @@ AxisX = Annotated[Objective | None, Query(description="first objective (default:
 AxisY = Annotated[Objective | None, Query(description="second objective (default: the search's own)")]
 
 
-@router.get("/{search_id}/pareto", response_model=ParetoOut, dependencies=[Depends(require_read_token)],
-            summary="The Pareto front (every objective minimized) for the search's objectives or a chosen pair")
+@router.get(
+    "/{search_id}/pareto",
+    response_model=ParetoOut,
+    dependencies=[Depends(require_read_token)],
+    summary="The Pareto front (every objective minimized) for the search's objectives or a chosen pair",
+)
 def pareto(search_id: SearchId, storage: StorageDep, x: AxisX = None, y: AxisY = None) -> ParetoOut:
     job = job_or_404(storage, search_id)
     objectives, front = _front(storage, job, x, y)
-    return ParetoOut(search_id=search_id, objectives=objectives, items=[CandidateSummary.of(c) for c in front])
+    return ParetoOut(
+        search_id=search_id, objectives=objectives, items=[CandidateSummary.of(c) for c in front]
+    )
 
 
-@router.get("/{search_id}/pareto.csv", dependencies=[Depends(require_read_token)], response_class=Response,
-            responses={200: {"content": {"text/csv": {}}}}, summary="The Pareto front as CSV")
+@router.get(
+    "/{search_id}/pareto.csv",
+    dependencies=[Depends(require_read_token)],
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}}},
+    summary="The Pareto front as CSV",
+)
 def pareto_csv(search_id: SearchId, storage: StorageDep, x: AxisX = None, y: AxisY = None) -> Response:
     job = job_or_404(storage, search_id)
     objectives, front = _front(storage, job, x, y)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["candidate_id", "layout_hash", "operators", "d_model", "val_bpb", "decode_ms", "n_params",
-                     "generation", "parent_id", "status"])
+    writer.writerow(
+        [
+            "candidate_id",
+            "layout_hash",
+            "operators",
+            "d_model",
+            "val_bpb",
+            "decode_ms",
+            "n_params",
+            "generation",
+            "parent_id",
+            "status",
+        ]
+    )
     for c in front:
         layout = Layout.from_dict(c.layout)
-        writer.writerow([c.id, c.layout_hash, layout.compact(), layout.d_model, c.val_bpb, c.decode_ms, c.n_params,
-                         c.generation, c.parent_id if c.parent_id is not None else "", c.status])
-    return Response(buffer.getvalue(), media_type="text/csv", headers={
-        "Content-Disposition": f'attachment; filename="search-{search_id}-pareto-{"-".join(objectives)}.csv"'})
+        writer.writerow(
+            [
+                c.id,
+                c.layout_hash,
+                layout.compact(),
+                layout.d_model,
+                c.val_bpb,
+                c.decode_ms,
+                c.n_params,
+                c.generation,
+                c.parent_id if c.parent_id is not None else "",
+                c.status,
+            ]
+        )
+    return Response(
+        buffer.getvalue(),
+        media_type="text/csv",
+        headers={
+            "Content-Disposition": f'attachment; filename="search-{search_id}-pareto-'
+            f'{"-".join(objectives)}.csv"'
+        },
+    )
 
 
 def _cursor(since: str | None):
@@ -233,22 +366,42 @@ def _cursor(since: str | None):
     try:
         return parse_cursor(since)
     except ValueError as exc:
-        raise RequestValidationError([{"loc": ("query", "since"), "type": "value_error",
-                                       "msg": str(exc).removeprefix("since: ")}]) from None
+        raise RequestValidationError(
+            [{"loc": ("query", "since"), "type": "value_error", "msg": str(exc).removeprefix("since: ")}]
+        ) from None
 
 
-@router.get("/{search_id}/evaluations", response_model=EvaluationFeed, dependencies=[Depends(require_read_token)],
-            summary="Live progress: evaluations finished after a cursor (poll with the returned `next`)")
-def evaluations(search_id: SearchId, storage: StorageDep, limit: Limit = 50,
-                since: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN,
-                                                   description="the `next` of the previous call; none: "
-                                                               "from the start")] = None) -> EvaluationFeed:
+@router.get(
+    "/{search_id}/evaluations",
+    response_model=EvaluationFeed,
+    dependencies=[Depends(require_read_token)],
+    summary="Live progress: evaluations finished after a cursor (poll with the returned `next`)",
+)
+def evaluations(
+    search_id: SearchId,
+    storage: StorageDep,
+    limit: Limit = 50,
+    since: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            pattern=CURSOR_PATTERN,
+            description="the `next` of the previous call; none: from the start",
+        ),
+    ] = None,
+) -> EvaluationFeed:
     job = job_or_404(storage, search_id)
     after = _cursor(since)
     rows = storage.finished_since(search_id, after, limit=limit)
     cursor = make_cursor(rows[-1].finished_at, rows[-1].id) if rows else since
-    return EvaluationFeed(search_id=search_id, status=job.status, n_evaluations=job.n_evaluations,
-                          budget=job.budget, items=[CandidateSummary.of(c) for c in rows], next=cursor)
+    return EvaluationFeed(
+        search_id=search_id,
+        status=job.status,
+        n_evaluations=job.n_evaluations,
+        budget=job.budget,
+        items=[CandidateSummary.of(c) for c in rows],
+        next=cursor,
+    )
 
 
 SSE_POLL_S = 1.0
@@ -256,14 +409,21 @@ SSE_KEEPALIVE_S = 15.0
 SSE_MAX_S = 3600.0  # a stream ends after this long; EventSource clients reconnect with Last-Event-ID
 
 
-@router.get("/{search_id}/events", dependencies=[Depends(require_read_token)], response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}},
-            summary="Live progress as Server-Sent Events: one `evaluation` event per finished evaluation, "
-                    "`status` on changes, `end` when the search is over (resume with Last-Event-ID)")
-async def events(search_id: SearchId, request: Request, storage: StorageDep,
-                 last_event_id: Annotated[str | None, Header(max_length=64, pattern=CURSOR_PATTERN)] = None,
-                 since: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN)] = None
-                 ) -> StreamingResponse:
+@router.get(
+    "/{search_id}/events",
+    dependencies=[Depends(require_read_token)],
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+    summary="Live progress as Server-Sent Events: one `evaluation` event per finished evaluation, "
+    "`status` on changes, `end` when the search is over (resume with Last-Event-ID)",
+)
+async def events(
+    search_id: SearchId,
+    request: Request,
+    storage: StorageDep,
+    last_event_id: Annotated[str | None, Header(max_length=64, pattern=CURSOR_PATTERN)] = None,
+    since: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN)] = None,
+) -> StreamingResponse:
     await run_in_threadpool(job_or_404, storage, search_id)
     cursor = _cursor(last_event_id or since)
 
@@ -279,14 +439,16 @@ async def events(search_id: SearchId, request: Request, storage: StorageDep,
                 yield f"id: {make_cursor(*cursor)}\nevent: evaluation\ndata: {data}\n\n"
             current = await run_in_threadpool(storage.get_job, search_id)
             if current is None:  # deleted while watched
-                yield "event: end\ndata: {\"status\": \"deleted\"}\n\n"
+                yield 'event: end\ndata: {"status": "deleted"}\n\n'
                 return
             if current.status != status:
                 status = current.status
-                yield (f"event: status\ndata: {{\"status\": \"{status}\", \"n_evaluations\": "
-                       f"{current.n_evaluations}, \"budget\": {current.budget or 'null'}}}\n\n")
+                yield (
+                    f'event: status\ndata: {{"status": "{status}", "n_evaluations": '
+                    f'{current.n_evaluations}, "budget": {current.budget or "null"}}}\n\n'
+                )
             if not rows and status in JOB_TERMINAL_STATUSES:
-                yield f"event: end\ndata: {{\"status\": \"{status}\"}}\n\n"
+                yield f'event: end\ndata: {{"status": "{status}"}}\n\n'
                 return
             if await request.is_disconnected():
                 return
@@ -299,6 +461,8 @@ async def events(search_id: SearchId, request: Request, storage: StorageDep,
                 quiet = 0.0
                 yield ": keep-alive\n\n"
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

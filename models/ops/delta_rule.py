@@ -18,6 +18,7 @@ final states in the state dtype.
                           inter-chunk state recurrence a loop over chunks only; the CPU training path.
     delta_rule_step       one decode token, updating the state in place (static shapes, no host sync).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,9 @@ def _check(q, k, v, beta, g, initial_state):
     assert beta.shape == (B, T, H), f"beta {tuple(beta.shape)} != {(B, T, H)}"
     assert g is None or g.shape == (B, T, H), f"g {tuple(g.shape)} != {(B, T, H)}"
     V = v.shape[3]
-    assert initial_state is None or initial_state.shape == (B, H, K, V), \
+    assert initial_state is None or initial_state.shape == (B, H, K, V), (
         f"initial_state {tuple(initial_state.shape)} != {(B, H, K, V)}"
+    )
     return B, T, H, K, V
 
 
@@ -52,7 +54,7 @@ def delta_rule_recurrent(q, k, v, beta, g=None, scale=None, initial_state=None):
     B, T, H, K, V = _check(q, k, v, beta, g, initial_state)
     ct = _compute_dtype(q, initial_state)
     out_dtype = q.dtype
-    scale = K ** -0.5 if scale is None else scale
+    scale = K**-0.5 if scale is None else scale
     q, k, v, beta = (t.to(ct) for t in (q, k, v, beta))
     if g is not None:
         g = g.to(ct)
@@ -62,9 +64,9 @@ def delta_rule_recurrent(q, k, v, beta, g=None, scale=None, initial_state=None):
         if g is not None:
             S = S * g[:, t].exp()[..., None, None]
         k_t = k[:, t]
-        u = beta[:, t, :, None] * (v[:, t] - torch.einsum('bhkv,bhk->bhv', S, k_t))
+        u = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, k_t))
         S = S + k_t.unsqueeze(-1) * u.unsqueeze(-2)
-        outs.append(torch.einsum('bhkv,bhk->bhv', S, q[:, t]) * scale)
+        outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]) * scale)
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V, dtype=ct)
     return o.to(out_dtype), S
 
@@ -84,7 +86,7 @@ def delta_rule_chunked(q, k, v, beta, g=None, scale=None, initial_state=None, ch
     B, T, H, K, V = _check(q, k, v, beta, g, initial_state)
     ct = _compute_dtype(q, initial_state)
     out_dtype = q.dtype
-    scale = K ** -0.5 if scale is None else scale
+    scale = K**-0.5 if scale is None else scale
     C = int(chunk_size)
     assert C >= 1
     if T == 0:
@@ -108,7 +110,7 @@ def delta_rule_chunked(q, k, v, beta, g=None, scale=None, initial_state=None, ch
         return x.view(B, N, C, H).permute(1, 0, 3, 2).contiguous()
 
     qc, kc, vc = blocks(q), blocks(k), blocks(v)
-    bc = blocks_s(beta)[..., None]          # (N, B, H, C, 1)
+    bc = blocks_s(beta)[..., None]  # (N, B, H, C, 1)
     qc = qc * scale
 
     # A's diagonal and upper triangle are never read: solve_triangular(unitriangular=True) ignores them (and
@@ -117,14 +119,14 @@ def delta_rule_chunked(q, k, v, beta, g=None, scale=None, initial_state=None, ch
 
     kt = kc.transpose(-1, -2)
     kb = kc * bc
-    A = kb @ kt                             # beta_t (k_t . k_s), (N, B, H, C, C)
-    Pm = qc @ kt                            # scale (q_t . k_s)
+    A = kb @ kt  # beta_t (k_t . k_s), (N, B, H, C, C)
+    Pm = qc @ kt  # scale (q_t . k_s)
     if g is not None:
-        G = blocks_s(g).cumsum(-1)          # (N, B, H, C) chunk-local cumulative log decay
+        G = blocks_s(g).cumsum(-1)  # (N, B, H, C) chunk-local cumulative log decay
         D = (G[..., :, None] - G[..., None, :]).masked_fill(upper, -math.inf).exp()  # 0 above the diagonal
         A = A * D
         Pm = Pm * D
-        gam = G.exp()[..., None]            # exp(G_t)
+        gam = G.exp()[..., None]  # exp(G_t)
         rhs = torch.cat([vc * bc, kb * gam], dim=-1)
         Kt = (kc * (G[..., -1:] - G).exp()[..., None]).transpose(-1, -2)  # (k_s exp(G_C - G_s))^T
         last = G[..., -1].exp()[..., None, None]  # (N, B, H, 1, 1)
@@ -134,7 +136,7 @@ def delta_rule_chunked(q, k, v, beta, g=None, scale=None, initial_state=None, ch
         rhs = torch.cat([vc * bc, kb], dim=-1)
         Kt, last, qi = kt, None, qc
     sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # (I + tril(A, -1))^-1 rhs
-    U0, W = sol[..., :V], sol[..., V:]      # (N, B, H, C, V), (N, B, H, C, K)
+    U0, W = sol[..., :V], sol[..., V:]  # (N, B, H, C, V), (N, B, H, C, K)
 
     S = q.new_zeros(B, H, K, V, dtype=ct) if initial_state is None else initial_state.to(ct)
     # unbind (not indexing) so that the backward assembles each gradient with one stack, not N scatters.
@@ -146,9 +148,9 @@ def delta_rule_chunked(q, k, v, beta, g=None, scale=None, initial_state=None, ch
         U = U0s[n] - Ws[n] @ S
         Us.append(U)
         S = (S if lasts[n] is None else S * lasts[n]) + Kts[n] @ U
-    S0s = torch.stack(states)               # (N, B, H, K, V)
-    Uall = torch.stack(Us)                  # (N, B, H, C, V)
-    o = qi @ S0s + Pm @ Uall                # (N, B, H, C, V)
+    S0s = torch.stack(states)  # (N, B, H, K, V)
+    Uall = torch.stack(Us)  # (N, B, H, C, V)
+    o = qi @ S0s + Pm @ Uall  # (N, B, H, C, V)
     o = o.permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]
     return o.to(out_dtype), S
 
@@ -159,13 +161,13 @@ def delta_rule_step(q, k, v, beta, state, g=None, scale=None):
     ct = state.dtype
     out_dtype = q.dtype
     K = q.shape[-1]
-    scale = K ** -0.5 if scale is None else scale
+    scale = K**-0.5 if scale is None else scale
     q, k, v, beta = q.to(ct), k.to(ct), v.to(ct), beta.to(ct)
     S = state
     if g is not None:
         S = S * g.to(ct).exp()[..., None, None]
-    u = beta[..., None] * (v - torch.einsum('bhkv,bhk->bhv', S, k))
+    u = beta[..., None] * (v - torch.einsum("bhkv,bhk->bhv", S, k))
     S = S + k.unsqueeze(-1) * u.unsqueeze(-2)
-    o = torch.einsum('bhkv,bhk->bhv', S, q) * scale
+    o = torch.einsum("bhkv,bhk->bhv", S, q) * scale
     state.copy_(S)
     return o.to(out_dtype)

@@ -12,6 +12,7 @@ final states in the state dtype.
     ssd_chunked    the chunked SSD algorithm (`ssd_minimal_discrete`), vectorised over chunks; the CPU path.
     ssd_step       one decode token, updating the state in place (static shapes, no host sync).
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,7 +39,8 @@ def _check_shapes(x, dt, A, B, C):
 
 
 def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """Stable segment sum: out[..., i, j] = a[..., j+1] + ... + a[..., i] for i >= j, -inf above the diagonal."""
+    """Stable segment sum: out[..., i, j] = a[..., j+1] + ... + a[..., i] for i >= j, -inf above the
+    diagonal."""
     T = a.size(-1)
     strict = torch.ones(T, T, device=a.device, dtype=torch.bool).tril(-1)
     seg = a.unsqueeze(-1).expand(*a.shape, T).masked_fill(~strict, 0).cumsum(-2)

@@ -9,9 +9,11 @@
 
 Adding a strategy is one entry in STRATEGIES (a `Strategy` subclass implementing `_propose`).
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from search.layout import Layout
 from search.space import SearchSpace
@@ -22,6 +24,7 @@ from search.strategies.random_search import RandomStrategy
 
 def _nsga2(space: SearchSpace, **kw: Any) -> Strategy:
     from search.strategies.nsga2 import NSGA2Strategy  # imports optuna only when used
+
     return NSGA2Strategy(space, **kw)
 
 
@@ -34,24 +37,51 @@ STRATEGIES: dict[str, Any] = {
 DEFAULT_STRATEGY = "pareto-aging"
 
 
-def make_strategy(name: str, space: SearchSpace, *, objectives: Sequence[str] = ("val_bpb", "decode_ms"),
-                  seed: int = 0, population_size: int | None = None, sample_size: int | None = None,
-                  initial: Iterable[Layout] | None = None, constraints: Constraints | None = None,
-                  latency_table: Any = None, **kw: Any) -> Strategy:
-    """A strategy by name. Raises ValueError for an unknown name, a population larger than the space, a latency
-    budget no layout can meet, or other bad settings — before anything runs."""
+def make_strategy(
+    name: str,
+    space: SearchSpace,
+    *,
+    objectives: Sequence[str] = ("val_bpb", "decode_ms"),
+    seed: int = 0,
+    population_size: int | None = None,
+    sample_size: int | None = None,
+    initial: Iterable[Layout] | None = None,
+    constraints: Constraints | None = None,
+    latency_table: Any = None,
+    **kw: Any,
+) -> Strategy:
+    """A strategy by name. Raises ValueError for an unknown name, a population larger than the space, a
+    latency budget no layout can meet, or other bad settings — before anything runs."""
     factory = STRATEGIES.get(name)
     if factory is None:
         raise ValueError(f"unknown search strategy {name!r} (known: {', '.join(STRATEGIES)})")
     try:
-        return factory(space, objectives=tuple(objectives), seed=seed, population_size=population_size,
-                       sample_size=sample_size, initial=list(initial or []), constraints=constraints,
-                       latency_table=latency_table, **kw)
+        return factory(
+            space,
+            objectives=tuple(objectives),
+            seed=seed,
+            population_size=population_size,
+            sample_size=sample_size,
+            initial=list(initial or []),
+            constraints=constraints,
+            latency_table=latency_table,
+            **kw,
+        )
     except TypeError as exc:
         if "keyword argument" not in str(exc):
             raise
         raise ValueError(f"strategy {name!r}: bad settings: {exc}") from None
 
 
-__all__ = ["Constraints", "DEFAULT_STRATEGY", "LatencyTargetStrategy", "ParetoAgingStrategy", "Proposal",
-           "RandomStrategy", "STRATEGIES", "Strategy", "estimate_memory_bytes", "make_strategy"]
+__all__ = [
+    "Constraints",
+    "DEFAULT_STRATEGY",
+    "LatencyTargetStrategy",
+    "ParetoAgingStrategy",
+    "Proposal",
+    "RandomStrategy",
+    "STRATEGIES",
+    "Strategy",
+    "estimate_memory_bytes",
+    "make_strategy",
+]

@@ -9,8 +9,8 @@ constraint checkable before evaluation, is drawn again. Every told result joins 
 population is full, pushes out the oldest member that is not on the population's own Pareto front (the oldest
 of all when every member is on it: `protect_front=False` gives plain aging); failed results (told None) are
 dropped. Protecting the front was measured on the search-efficiency benchmark (benchmarks/results/
-search_efficiency.md): with plain aging, a 40-evaluation budget lost front members to age before their children
-were drawn.
+search_efficiency.md): with plain aging, a 40-evaluation budget lost front members to age before their
+children were drawn.
 
 - `pareto-aging`: the best sampled member has the lowest Pareto rank on the objectives within the population;
   ties within a front are broken by the member's exclusive **hypervolume contribution** to that front
@@ -25,13 +25,14 @@ were drawn.
   (`adapt_mutations=True`, the default, for parents in the grammar): each kind's weight is its smoothed
   success rate, (1 + successes) / (2 + trials), over the last `mutation_window` children told, where a success
   is a child that is feasible and not dominated by (nor equal to) any feasible population member when it
-  arrives; the weights are mixed with the uniform mix (`mutation_exploration`, share 0.2), so no applicable kind
-  ever drops out. With `adapt_mutations=False` every kind is equally likely (the paper's rule).
+  arrives; the weights are mixed with the uniform mix (`mutation_exploration`, share 0.2), so no applicable
+  kind ever drops out. With `adapt_mutations=False` every kind is equally likely (the paper's rule).
 - `latency-target`: one latency target (ms); every proposal's width is the largest hidden size whose predicted
   latency meets the target (the latency table's rule), so mutations change the pattern, not the width; the
   parent is the sampled member with the lowest first objective (val_bpb) among those meeting the target
   (measured latency when told), or the least violating one when none does. Mutation kinds stay uniform.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,27 +52,50 @@ class ParetoAgingStrategy(Strategy):
     uses_population = True
     uses_tournament = True
 
-    def __init__(self, space, *, protect_front: bool = True, selection: str = "hypervolume",
-                 adapt_mutations: bool = True, mutation_window: int = 100, mutation_exploration: float = 0.2,
-                 **kw: Any):
+    def __init__(
+        self,
+        space,
+        *,
+        protect_front: bool = True,
+        selection: str = "hypervolume",
+        adapt_mutations: bool = True,
+        mutation_window: int = 100,
+        mutation_exploration: float = 0.2,
+        **kw: Any,
+    ):
         super().__init__(space, **kw)
         self.protect_front = bool(protect_front)
         if selection not in SELECTIONS:
-            raise ValueError(f"{self.name}: selection must be one of {', '.join(SELECTIONS)}, not {selection!r}")
+            raise ValueError(
+                f"{self.name}: selection must be one of {', '.join(SELECTIONS)}, not {selection!r}"
+            )
         self.selection = selection
         self.adapt_mutations = bool(adapt_mutations)
         if isinstance(mutation_window, bool) or not isinstance(mutation_window, int) or mutation_window < 1:
-            raise ValueError(f"{self.name}: mutation_window must be a positive integer, got {mutation_window!r}")
+            raise ValueError(
+                f"{self.name}: mutation_window must be a positive integer, got {mutation_window!r}"
+            )
         self.mutation_window = mutation_window
         if not (isinstance(mutation_exploration, (int, float)) and 0.0 <= mutation_exploration <= 1.0):
-            raise ValueError(f"{self.name}: mutation_exploration must be between 0 and 1, got "
-                             f"{mutation_exploration!r}")
+            raise ValueError(
+                f"{self.name}: mutation_exploration must be between 0 and 1, got {mutation_exploration!r}"
+            )
         self.mutation_exploration = float(mutation_exploration)
         # The grammar's mutation kinds this space can apply at all (e.g. no "ffn" with a single FFN count).
-        self.mutation_kinds = tuple(k for k in MUTATION_KINDS if {
-            "operator": len(space.mixers) > 1, "ratio": len(space.ratios) > 1, "ffn": len(space.ffn_counts) > 1,
-            "blocks": True, "width": len(space.widths) > 1}[k])
-        self.mutation_outcomes: list[list] = []  # [kind, 1 = success / 0], the last `mutation_window` children
+        self.mutation_kinds = tuple(
+            k
+            for k in MUTATION_KINDS
+            if {
+                "operator": len(space.mixers) > 1,
+                "ratio": len(space.ratios) > 1,
+                "ffn": len(space.ffn_counts) > 1,
+                "blocks": True,
+                "width": len(space.widths) > 1,
+            }[k]
+        )
+        self.mutation_outcomes: list[
+            list
+        ] = []  # [kind, 1 = success / 0], the last `mutation_window` children
         self.population: list[str] = []  # hashes, oldest first
         self.n_initial_issued = 0
         self.initial_queue: list[dict] = [layout.to_dict() for layout in self.initial]
@@ -146,7 +170,8 @@ class ParetoAgingStrategy(Strategy):
 
     def mutation_weights(self) -> dict[str, float]:
         """The probability of each applicable mutation kind: (1 - exploration) x its smoothed success rate
-        over the recent children (normalized) + exploration x uniform; uniform when `adapt_mutations` is off."""
+        over the recent children (normalized) + exploration x uniform; uniform when `adapt_mutations` is
+        off."""
         kinds = self.mutation_kinds
         uniform = {k: 1.0 / len(kinds) for k in kinds}
         if not self.adapt_mutations:
@@ -170,9 +195,13 @@ class ParetoAgingStrategy(Strategy):
 
     def _selection_keys(self) -> dict[str, tuple]:
         if self._selection is None:
-            violations = {h: self.violation(self.layout_of(h), self.records[h]["objectives"]) for h in self.population}
+            violations = {
+                h: self.violation(self.layout_of(h), self.records[h]["objectives"]) for h in self.population
+            }
             feasible = [h for h in self.population if violations[h] == 0.0]
-            rank_and_tiebreak = rank_and_contribution if self.selection == "hypervolume" else rank_and_crowding
+            rank_and_tiebreak = (
+                rank_and_contribution if self.selection == "hypervolume" else rank_and_crowding
+            )
             ranks, tiebreak = rank_and_tiebreak([self.objective_values(h) for h in feasible])
             keys = {h: (0, r, -c, 0.0) for h, r, c in zip(feasible, ranks, tiebreak)}
             for h in self.population:
@@ -186,7 +215,7 @@ class ParetoAgingStrategy(Strategy):
         kind = (proposal.mutation or {}).get("kind")
         if self.adapt_mutations and kind in self.mutation_kinds:
             self.mutation_outcomes.append([kind, int(self._improves_population(proposal.hash, values))])
-            del self.mutation_outcomes[:-self.mutation_window]
+            del self.mutation_outcomes[: -self.mutation_window]
         if values is None:
             return
         self.population.append(proposal.hash)
@@ -195,14 +224,16 @@ class ParetoAgingStrategy(Strategy):
         self._selection = None
 
     def _improves_population(self, layout_hash: str, values: dict[str, float] | None) -> bool:
-        """A success for the mutation mix: the child is feasible and no feasible member dominates or equals it."""
+        """A success for the mutation mix: the child is feasible and no feasible member dominates or equals
+        it."""
         if values is None or self.violation(self.layout_of(layout_hash), values) != 0.0:
             return False
         point = tuple(values[o] for o in self.objectives)
         for h in self.population:
             other = self.objective_values(h)
-            if (other == point or dominates(other, point)) and \
-                    self.violation(self.layout_of(h), self.records[h]["objectives"]) == 0.0:
+            if (other == point or dominates(other, point)) and self.violation(
+                self.layout_of(h), self.records[h]["objectives"]
+            ) == 0.0:
                 return False
         return True
 
@@ -214,10 +245,13 @@ class ParetoAgingStrategy(Strategy):
         return next((i for i in range(len(self.population)) if i not in front), 0)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"population": list(self.population),
-                "ages": [self.n_told - 1 - int(self.records[h]["told"]) for h in self.population],
-                "n_initial_issued": self.n_initial_issued, "initial_queue": list(self.initial_queue),
-                "mutation_outcomes": [list(o) for o in self.mutation_outcomes]}
+        return {
+            "population": list(self.population),
+            "ages": [self.n_told - 1 - int(self.records[h]["told"]) for h in self.population],
+            "n_initial_issued": self.n_initial_issued,
+            "initial_queue": list(self.initial_queue),
+            "mutation_outcomes": [list(o) for o in self.mutation_outcomes],
+        }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.population = list(state["population"])
@@ -231,29 +265,44 @@ class ParetoAgingStrategy(Strategy):
 class LatencyTargetStrategy(ParetoAgingStrategy):
     name = "latency-target"
 
-    def __init__(self, space, *, target_ms: float | None = None, latency_table: Any = None,
-                 constraints: Constraints | None = None, **kw: Any):
+    def __init__(
+        self,
+        space,
+        *,
+        target_ms: float | None = None,
+        latency_table: Any = None,
+        constraints: Constraints | None = None,
+        **kw: Any,
+    ):
         if latency_table is None:
-            raise ValueError("latency-target needs a latency_table (its width rule picks the largest hidden size "
-                             "whose predicted latency meets the target)")
+            raise ValueError(
+                "latency-target needs a latency_table (its width rule picks the largest hidden size "
+                "whose predicted latency meets the target)"
+            )
         constraints = as_constraints(constraints)
         target = target_ms if target_ms is not None else constraints.max_decode_ms
         if target is None or not target > 0:
-            raise ValueError("latency-target needs a positive latency target: target_ms=..., or "
-                             "constraints.max_decode_ms")
+            raise ValueError(
+                "latency-target needs a positive latency target: target_ms=..., or constraints.max_decode_ms"
+            )
         if constraints.max_decode_ms != target:
             constraints = Constraints(**{**constraints.to_dict(), "max_decode_ms": float(target)})
         self.target_ms = float(target)
         if kw.pop("adapt_mutations", False):
-            raise ValueError("latency-target: adapt_mutations is not supported (its mutation kinds stay uniform, "
-                             "as in the paper)")
-        super().__init__(space, latency_table=latency_table, constraints=constraints, adapt_mutations=False, **kw)
+            raise ValueError(
+                "latency-target: adapt_mutations is not supported (its mutation kinds stay uniform, "
+                "as in the paper)"
+            )
+        super().__init__(
+            space, latency_table=latency_table, constraints=constraints, adapt_mutations=False, **kw
+        )
         self._kinds = tuple(k for k in MUTATION_KINDS if k != "width")
 
     def _transform(self, layout: Layout) -> Layout | None:
         """The width rule: the largest width of the space whose predicted latency meets the target."""
-        width = self.latency_table.largest_width_meeting(layout, self.target_ms, self.space.widths, self.context,
-                                                         self.space)
+        width = self.latency_table.largest_width_meeting(
+            layout, self.target_ms, self.space.widths, self.context, self.space
+        )
         if width is None:
             return None
         fitted = layout.replace(**self.space._dims_for(width))
@@ -288,13 +337,16 @@ class LatencyTargetStrategy(ParetoAgingStrategy):
         try:
             super()._check_constraints_satisfiable()
         except ValueError as exc:
-            raise ValueError(f"latency-target: the target of {self.target_ms} ms cannot be met — {exc}") from None
+            raise ValueError(
+                f"latency-target: the target of {self.target_ms} ms cannot be met — {exc}"
+            ) from None
 
     def _extra_state(self) -> dict[str, Any]:
         return {**super()._extra_state(), "target_ms": self.target_ms}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         if not math.isclose(float(state.get("target_ms", self.target_ms)), self.target_ms):
-            raise ValueError(f"latency-target: state target {state.get('target_ms')} ms differs from "
-                             f"{self.target_ms} ms")
+            raise ValueError(
+                f"latency-target: state target {state.get('target_ms')} ms differs from {self.target_ms} ms"
+            )
         super()._load_extra_state(state)

@@ -14,18 +14,20 @@ prediction afterwards.
 
 No torch here: layouts, the space, the analytic parameter count and the (pure Python) latency table only.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from search.layout import Layout
 from search.operators import OPERATORS
-from search.pareto import pareto_front as _front_indices
 from search.params import count_parameters
+from search.pareto import pareto_front as _front_indices
 from search.space import Genome, SearchSpace, Stage
 
 STATE_VERSION = 1
@@ -44,13 +46,22 @@ class Proposal:
         return self.layout.content_hash
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layout": self.layout.to_dict(), "hash": self.hash, "parent_hash": self.parent_hash,
-                "mutation": self.mutation, "generation": self.generation}
+        return {
+            "layout": self.layout.to_dict(),
+            "hash": self.hash,
+            "parent_hash": self.parent_hash,
+            "mutation": self.mutation,
+            "generation": self.generation,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Proposal":
-        return cls(Layout.from_dict(data["layout"]), data.get("parent_hash"), data.get("mutation"),
-                   int(data.get("generation", 0)))
+    def from_dict(cls, data: dict[str, Any]) -> Proposal:
+        return cls(
+            Layout.from_dict(data["layout"]),
+            data.get("parent_hash"),
+            data.get("mutation"),
+            int(data.get("generation", 0)),
+        )
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,9 @@ class Constraints:
     """Budgets a candidate must meet. `max_decode_ms`: ms/token at batch 1 after a `context`-token prompt
     (measured when told, else the latency table's prediction); `max_params`: the analytic count at
     `vocab_size`; `max_memory`: bytes of weights + decode cache at `context` (`estimate_memory_bytes`, or a
-    told `memory_bytes`). `context`: None = the latency table's largest measured context (1024 without one)."""
+    told `memory_bytes`). `context`: None = the latency table's largest measured context (1024 without
+    one)."""
+
     max_decode_ms: float | None = None
     max_params: int | None = None
     max_memory: int | None = None
@@ -82,7 +95,7 @@ class Constraints:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "Constraints":
+    def from_dict(cls, data: dict[str, Any] | None) -> Constraints:
         return as_constraints(dict(data or {}))
 
 
@@ -95,8 +108,10 @@ def as_constraints(value: Any) -> Constraints:
     if isinstance(value, dict):
         unknown = sorted(set(value) - {f.name for f in dataclasses.fields(Constraints)})
         if unknown:
-            raise ValueError(f"unknown constraint(s) {', '.join(unknown)} (known: "
-                             f"{', '.join(f.name for f in dataclasses.fields(Constraints))})")
+            raise ValueError(
+                f"unknown constraint(s) {', '.join(unknown)} (known: "
+                f"{', '.join(f.name for f in dataclasses.fields(Constraints))})"
+            )
         return Constraints(**value)
     raise ValueError(f"constraints must be a Constraints or a dict, not {type(value).__name__}")
 
@@ -114,11 +129,14 @@ def estimate_memory_bytes(layout: Layout, vocab_size: int, context: int, element
             elements += 2 * layout.n_kv_heads * layout.head_dim * min(context, layout.swa_window)
         elif op == "mamba2":
             d_inner = layout.mamba_expand * layout.d_model
-            elements += d_inner * layout.mamba_d_state + (d_inner + 2 * layout.mamba_groups * layout.mamba_d_state) \
-                * (layout.conv_size - 1)
+            elements += d_inner * layout.mamba_d_state + (
+                d_inner + 2 * layout.mamba_groups * layout.mamba_d_state
+            ) * (layout.conv_size - 1)
         elif cache == "state":
             inner = layout.n_heads * layout.head_dim
-            elements += layout.n_heads * layout.head_dim * layout.head_dim + 3 * inner * (layout.conv_size - 1)
+            elements += layout.n_heads * layout.head_dim * layout.head_dim + 3 * inner * (
+                layout.conv_size - 1
+            )
     return elements * element_bytes
 
 
@@ -143,10 +161,18 @@ class Strategy:
     default_population_size = 20
     default_sample_size = 5
 
-    def __init__(self, space: SearchSpace, *, objectives: Sequence[str] = ("val_bpb", "decode_ms"), seed: int = 0,
-                 population_size: int | None = None, sample_size: int | None = None,
-                 initial: Iterable[Layout] | None = None, constraints: Constraints | None = None,
-                 latency_table: Any = None):
+    def __init__(
+        self,
+        space: SearchSpace,
+        *,
+        objectives: Sequence[str] = ("val_bpb", "decode_ms"),
+        seed: int = 0,
+        population_size: int | None = None,
+        sample_size: int | None = None,
+        initial: Iterable[Layout] | None = None,
+        constraints: Constraints | None = None,
+        latency_table: Any = None,
+    ):
         if not isinstance(space, SearchSpace):
             raise ValueError(f"{self.name}: space must be a SearchSpace, not {type(space).__name__}")
         self.space = space
@@ -154,9 +180,12 @@ class Strategy:
         if not self.objectives or len(set(self.objectives)) != len(self.objectives):
             raise ValueError(f"{self.name}: objectives must be non-empty and distinct, got {self.objectives}")
         self.seed = int(seed)
-        self.population_size = int(population_size if population_size is not None else self.default_population_size)
-        self.sample_size = int(sample_size if sample_size is not None
-                               else min(self.default_sample_size, self.population_size))
+        self.population_size = int(
+            population_size if population_size is not None else self.default_population_size
+        )
+        self.sample_size = int(
+            sample_size if sample_size is not None else min(self.default_sample_size, self.population_size)
+        )
         self.constraints = as_constraints(constraints)
         self.latency_table = latency_table
         self.initial = [layout for layout in (initial or [])]
@@ -165,14 +194,20 @@ class Strategy:
                 raise ValueError(f"{self.name}: initial[{index}] is not a Layout")
         if self.uses_population:
             if self.population_size < 2:
-                raise ValueError(f"{self.name}: population_size must be at least 2, got {self.population_size}")
+                raise ValueError(
+                    f"{self.name}: population_size must be at least 2, got {self.population_size}"
+                )
             size = space.size()
             if self.population_size > size:
-                raise ValueError(f"{self.name}: population_size {self.population_size} is larger than the search "
-                                 f"space ({size} genomes)")
+                raise ValueError(
+                    f"{self.name}: population_size {self.population_size} is larger than the search "
+                    f"space ({size} genomes)"
+                )
             if self.uses_tournament and not 1 <= self.sample_size <= self.population_size:
-                raise ValueError(f"{self.name}: sample_size must be between 1 and population_size "
-                                 f"({self.population_size}), got {self.sample_size}")
+                raise ValueError(
+                    f"{self.name}: sample_size must be between 1 and population_size "
+                    f"({self.population_size}), got {self.sample_size}"
+                )
         self.context = self._resolve_context()
         self.rng = random.Random(self.seed)
         self.records: dict[str, dict[str, Any]] = {}  # hash -> told result, in tell order
@@ -215,42 +250,62 @@ class Strategy:
         if objectives is not None:
             missing = [o for o in self.objectives if o not in objectives]
             if missing:
-                raise ValueError(f"{self.name}: result lacks objective(s) {', '.join(missing)} "
-                                 f"(objectives: {', '.join(self.objectives)})")
+                raise ValueError(
+                    f"{self.name}: result lacks objective(s) {', '.join(missing)} "
+                    f"(objectives: {', '.join(self.objectives)})"
+                )
             values = {}
             for key, value in objectives.items():
                 try:
                     values[str(key)] = float(value)
                 except (TypeError, ValueError):
                     if key in self.objectives:
-                        raise ValueError(f"{self.name}: objective {key!r} must be a number, not {value!r}") from None
+                        raise ValueError(
+                            f"{self.name}: objective {key!r} must be a number, not {value!r}"
+                        ) from None
             if not all(math.isfinite(values[o]) for o in self.objectives):
                 values = None
         proposal = self.pending.pop(layout_hash)
-        self.records[layout_hash] = {"layout": proposal.layout.to_dict(), "objectives": values,
-                                     "generation": proposal.generation, "parent_hash": proposal.parent_hash,
-                                     "told": self.n_told}
+        self.records[layout_hash] = {
+            "layout": proposal.layout.to_dict(),
+            "objectives": values,
+            "generation": proposal.generation,
+            "parent_hash": proposal.parent_hash,
+            "told": self.n_told,
+        }
         self.n_told += 1
         self._on_result(proposal, values)
 
     def state_dict(self) -> dict[str, Any]:
         state = {
-            "strategy": self.name, "version": STATE_VERSION, "seed": self.seed, "objectives": list(self.objectives),
-            "population_size": self.population_size, "sample_size": self.sample_size,
-            "constraints": self.constraints.to_dict(), "rng": rng_state(self.rng), "n_asked": self.n_asked,
-            "n_told": self.n_told, "pending": [p.to_dict() for p in self.pending.values()],
-            "records": [{"hash": h, **r} for h, r in self.records.items()], "notes": list(self.notes),
+            "strategy": self.name,
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "objectives": list(self.objectives),
+            "population_size": self.population_size,
+            "sample_size": self.sample_size,
+            "constraints": self.constraints.to_dict(),
+            "rng": rng_state(self.rng),
+            "n_asked": self.n_asked,
+            "n_told": self.n_told,
+            "pending": [p.to_dict() for p in self.pending.values()],
+            "records": [{"hash": h, **r} for h, r in self.records.items()],
+            "notes": list(self.notes),
         }
         state.update(self._extra_state())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("strategy") != self.name:
-            raise ValueError(f"state of strategy {state.get('strategy')!r} cannot be loaded into {self.name!r}")
+            raise ValueError(
+                f"state of strategy {state.get('strategy')!r} cannot be loaded into {self.name!r}"
+            )
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"{self.name}: state version {state.get('version')!r} is not {STATE_VERSION}")
         if tuple(state["objectives"]) != self.objectives:
-            raise ValueError(f"{self.name}: state objectives {state['objectives']} differ from {list(self.objectives)}")
+            raise ValueError(
+                f"{self.name}: state objectives {state['objectives']} differ from {list(self.objectives)}"
+            )
         set_rng_state(self.rng, state["rng"])
         self.n_asked, self.n_told = int(state["n_asked"]), int(state["n_told"])
         self.pending = {}
@@ -296,8 +351,11 @@ class Strategy:
     def pareto_front(self) -> list[str]:
         """Hashes of the non-dominated told results among those meeting the constraints (measured values where
         told). Failed evaluations never enter it. Its layouts (`layout_of`) can seed a later search."""
-        ok = [h for h, r in self.records.items()
-              if r["objectives"] is not None and self.violation(self.layout_of(h), r["objectives"]) == 0.0]
+        ok = [
+            h
+            for h, r in self.records.items()
+            if r["objectives"] is not None and self.violation(self.layout_of(h), r["objectives"]) == 0.0
+        ]
         return [ok[i] for i in _front_indices([self.objective_values(h) for h in ok])]
 
     def _note(self, text: str) -> None:
@@ -351,7 +409,9 @@ class Strategy:
             try:
                 terms["decode_ms"] = max(0.0, self.predicted_decode_ms(layout) / c.max_decode_ms - 1.0)
             except ValueError as exc:
-                self._note(f"latency table cannot predict {layout.compact()} at d_model={layout.d_model}: {exc}")
+                self._note(
+                    f"latency table cannot predict {layout.compact()} at d_model={layout.d_model}: {exc}"
+                )
                 terms["decode_ms"] = math.inf
         if c.max_memory is not None:
             memory = estimate_memory_bytes(layout, c.vocab_size, self.context, c.element_bytes)
@@ -393,20 +453,30 @@ class Strategy:
             parts = []
             c = self.constraints
             if c.max_params is not None:
-                parts.append(f"{count_parameters(best_layout, c.vocab_size).total} parameters "
-                             f"(budget {c.max_params})")
+                parts.append(
+                    f"{count_parameters(best_layout, c.vocab_size).total} parameters (budget {c.max_params})"
+                )
             if c.max_decode_ms is not None and self.latency_table is not None:
                 try:
-                    parts.append(f"{self.predicted_decode_ms(best_layout):.4g} ms predicted "
-                                 f"(budget {c.max_decode_ms} ms)")
+                    parts.append(
+                        f"{self.predicted_decode_ms(best_layout):.4g} ms predicted "
+                        f"(budget {c.max_decode_ms} ms)"
+                    )
                 except ValueError as exc:
                     parts.append(f"latency not predictable: {exc}")
             if c.max_memory is not None:
-                parts.append(f"{estimate_memory_bytes(best_layout, c.vocab_size, self.context, c.element_bytes)} "
-                             f"bytes (budget {c.max_memory})")
-            detail = f"; the closest, {best_layout.compact()} at d_model={best_layout.d_model}, has " + ", ".join(parts)
-        raise ValueError(f"{self.name}: no layout of the space can meet the constraints (checked the cheapest "
-                         f"layout of every block type at the smallest width and the initial layouts){detail}")
+                parts.append(
+                    f"{estimate_memory_bytes(best_layout, c.vocab_size, self.context, c.element_bytes)} "
+                    f"bytes (budget {c.max_memory})"
+                )
+            detail = (
+                f"; the closest, {best_layout.compact()} at d_model={best_layout.d_model}, has "
+                + ", ".join(parts)
+            )
+        raise ValueError(
+            f"{self.name}: no layout of the space can meet the constraints (checked the cheapest "
+            f"layout of every block type at the smallest width and the initial layouts){detail}"
+        )
 
     def all_layouts(self) -> list[Layout]:
         """Every distinct layout of the space, in enumeration order (only for small spaces)."""

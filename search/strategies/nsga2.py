@@ -20,6 +20,7 @@ of the sampler and of its inner RandomSampler. `load_state_dict()` rebuilds a fr
 parent lists), then restores the study attributes and the random states: a resumed study continues at its
 generation, with the same next proposals as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -39,14 +40,23 @@ class NSGA2Strategy(Strategy):
     name = "nsga2"
     uses_population = True
 
-    def __init__(self, space, *, crossover_prob: float = 0.9, swapping_prob: float = 0.5,
-                 mutation_prob: float | None = None, **kw: Any):
+    def __init__(
+        self,
+        space,
+        *,
+        crossover_prob: float = 0.9,
+        swapping_prob: float = 0.5,
+        mutation_prob: float | None = None,
+        **kw: Any,
+    ):
         super().__init__(space, **kw)
         import optuna  # lazily: `search` imports no optimizer until a strategy needs it
+
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self._optuna = optuna
-        self._sampler_kw = dict(crossover_prob=crossover_prob, swapping_prob=swapping_prob,
-                                mutation_prob=mutation_prob)
+        self._sampler_kw = dict(
+            crossover_prob=crossover_prob, swapping_prob=swapping_prob, mutation_prob=mutation_prob
+        )
         self.generation_key = optuna.samplers.NSGAIISampler._get_generation_key()
         self.distributions = self._make_distributions()
         self._new_study()
@@ -56,8 +66,10 @@ class NSGA2Strategy(Strategy):
             genome = space.decode(layout)
             label = layout.name or layout.compact()
             if genome is None:
-                self._note(f"initial layout {label} skipped: outside the grammar (nsga2's categorical encoding "
-                           f"covers the grammar only)")
+                self._note(
+                    f"initial layout {label} skipped: outside the grammar (nsga2's categorical encoding "
+                    f"covers the grammar only)"
+                )
             else:
                 self.initial_queue.append(self.encode(genome))
         self.n_invalid = 0
@@ -84,9 +96,20 @@ class NSGA2Strategy(Strategy):
         for i, stage in enumerate(genome.stages):
             block = stage.block
             a = block.mixers[0]
-            b = block.mixers[1] if len(block.mixers) > 1 else next((m for m in self.space.mixers if m != a), a)
-            params.update({f"s{i}_mixer_a": a, f"s{i}_mixer_b": b, f"s{i}_ratio": _ratio_label(block.ratio),
-                           f"s{i}_ffns": block.ffns, f"s{i}_blocks": stage.n_blocks})
+            b = (
+                block.mixers[1]
+                if len(block.mixers) > 1
+                else next((m for m in self.space.mixers if m != a), a)
+            )
+            params.update(
+                {
+                    f"s{i}_mixer_a": a,
+                    f"s{i}_mixer_b": b,
+                    f"s{i}_ratio": _ratio_label(block.ratio),
+                    f"s{i}_ffns": block.ffns,
+                    f"s{i}_blocks": stage.n_blocks,
+                }
+            )
         params["width"] = genome.d_model
         return params
 
@@ -110,10 +133,14 @@ class NSGA2Strategy(Strategy):
     # ---- the Optuna study ----------------------------------------------------------------------------------
     def _new_study(self) -> None:
         optuna = self._optuna
-        self.sampler = optuna.samplers.NSGAIISampler(population_size=self.population_size, seed=self.seed,
-                                                     **self._sampler_kw)
-        self.study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), sampler=self.sampler,
-                                         directions=["minimize"] * len(self.objectives))
+        self.sampler = optuna.samplers.NSGAIISampler(
+            population_size=self.population_size, seed=self.seed, **self._sampler_kw
+        )
+        self.study = optuna.create_study(
+            storage=optuna.storages.InMemoryStorage(),
+            sampler=self.sampler,
+            directions=["minimize"] * len(self.objectives),
+        )
 
     def _trial(self, number: int):
         storage = self.study._storage
@@ -128,12 +155,20 @@ class NSGA2Strategy(Strategy):
             out["params"] = self._static_terms(layout)["params"]
         if c.max_decode_ms is not None:
             ms = values.get("decode_ms")
-            out["decode_ms"] = (ms / c.max_decode_ms - 1.0) if ms is not None else \
-                (self.predicted_decode_ms(layout) / c.max_decode_ms - 1.0 if self.latency_table is not None else 0.0)
+            out["decode_ms"] = (
+                (ms / c.max_decode_ms - 1.0)
+                if ms is not None
+                else (
+                    self.predicted_decode_ms(layout) / c.max_decode_ms - 1.0
+                    if self.latency_table is not None
+                    else 0.0
+                )
+            )
         if c.max_memory is not None:
             memory = values.get("memory_bytes")
-            out["memory"] = (memory / c.max_memory - 1.0) if memory is not None \
-                else self._static_terms(layout)["memory"]
+            out["memory"] = (
+                (memory / c.max_memory - 1.0) if memory is not None else self._static_terms(layout)["memory"]
+            )
         return out
 
     def _tell_optuna(self, number: int, layout: Layout | None, values: dict[str, float] | None) -> None:
@@ -184,7 +219,9 @@ class NSGA2Strategy(Strategy):
                 continue
             trial.set_user_attr("layout_hash", h)
             self.trial_of[h] = trial.number
-            return Proposal(layout, None, {"kind": "nsga2", "trial": trial.number}, self._generation(trial.number))
+            return Proposal(
+                layout, None, {"kind": "nsga2", "trial": trial.number}, self._generation(trial.number)
+            )
         return None
 
     def _on_result(self, proposal: Proposal, values: dict[str, float] | None) -> None:
@@ -198,33 +235,52 @@ class NSGA2Strategy(Strategy):
         for t in self.study.get_trials(deepcopy=False):
             if t.state == optuna.trial.TrialState.FAIL:
                 # Nothing reads a failed trial (generations, populations and the search space count complete
-                # trials only): keep its place (trial ids must match the cached parent lists), not its content.
+                # trials only): keep its place (trial ids must match the cached parent lists), not its
+                # content.
                 trials.append({"number": t.number, "state": "FAIL"})
                 continue
             if t.distributions != self.distributions:
                 raise RuntimeError(f"nsga2: trial {t.number} has unexpected distributions")
-            trials.append({"number": t.number, "state": t.state.name, "params": dict(t.params),
-                           "values": None if t.values is None else list(t.values),
-                           "system_attrs": dict(t.system_attrs), "user_attrs": dict(t.user_attrs)})
+            trials.append(
+                {
+                    "number": t.number,
+                    "state": t.state.name,
+                    "params": dict(t.params),
+                    "values": None if t.values is None else list(t.values),
+                    "system_attrs": dict(t.system_attrs),
+                    "user_attrs": dict(t.user_attrs),
+                }
+            )
         storage = self.study._storage
-        return {"optuna": {"version": optuna.__version__, "generation_key": self.generation_key,
-                           "population_size": self.population_size,
-                           "distributions": {k: optuna.distributions.distribution_to_json(d)
-                                             for k, d in self.distributions.items()},
-                           "trials": trials,
-                           "study_system_attrs": dict(storage.get_study_system_attrs(self.study._study_id)),
-                           "sampler_rng": _np_state(self.sampler._rng.rng),
-                           "random_sampler_rng": _np_state(self.sampler._random_sampler._rng.rng)},
-                "trial_of": dict(self.trial_of), "initial_queue": list(self.initial_queue),
-                "n_invalid": self.n_invalid, "n_duplicates": self.n_duplicates}
+        return {
+            "optuna": {
+                "version": optuna.__version__,
+                "generation_key": self.generation_key,
+                "population_size": self.population_size,
+                "distributions": {
+                    k: optuna.distributions.distribution_to_json(d) for k, d in self.distributions.items()
+                },
+                "trials": trials,
+                "study_system_attrs": dict(storage.get_study_system_attrs(self.study._study_id)),
+                "sampler_rng": _np_state(self.sampler._rng.rng),
+                "random_sampler_rng": _np_state(self.sampler._random_sampler._rng.rng),
+            },
+            "trial_of": dict(self.trial_of),
+            "initial_queue": list(self.initial_queue),
+            "n_invalid": self.n_invalid,
+            "n_duplicates": self.n_duplicates,
+        }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         optuna = self._optuna
         saved = state["optuna"]
         if int(saved["population_size"]) != self.population_size:
-            raise ValueError(f"nsga2: state population_size {saved['population_size']} differs from "
-                             f"{self.population_size}")
-        distributions = {k: optuna.distributions.json_to_distribution(d) for k, d in saved["distributions"].items()}
+            raise ValueError(
+                f"nsga2: state population_size {saved['population_size']} differs from {self.population_size}"
+            )
+        distributions = {
+            k: optuna.distributions.json_to_distribution(d) for k, d in saved["distributions"].items()
+        }
         if distributions != self.distributions:
             raise ValueError("nsga2: the stored parameter encoding differs from this search space's")
         self._new_study()
@@ -237,9 +293,13 @@ class NSGA2Strategy(Strategy):
                 frozen = optuna.trial.create_trial(state=trial_state)
             else:
                 frozen = optuna.trial.create_trial(
-                    state=trial_state, params=item["params"], distributions=distributions,
+                    state=trial_state,
+                    params=item["params"],
+                    distributions=distributions,
                     values=item["values"] if trial_state == states.COMPLETE else None,
-                    system_attrs=item["system_attrs"], user_attrs=item["user_attrs"])
+                    system_attrs=item["system_attrs"],
+                    user_attrs=item["user_attrs"],
+                )
             self.study.add_trial(frozen)
         storage = self.study._storage
         for key, value in saved["study_system_attrs"].items():
@@ -264,7 +324,6 @@ def _np_state(rng) -> list:
 
 def _set_np_state(rng, state: list) -> None:
     import numpy as np
+
     name, keys, pos, has_gauss, cached = state
     rng.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
-
-

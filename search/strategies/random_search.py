@@ -1,5 +1,7 @@
-"""`random`: uniform random layouts of the space (as `SearchSpace.sample_uniform` draws them: every genome equally likely), never one seen before and
-never one violating a constraint checkable before evaluation. The floor every strategy must beat."""
+"""`random`: uniform random layouts of the space (as `SearchSpace.sample_uniform` draws them: every genome
+equally likely), never one seen before and never one violating a constraint checkable before evaluation. The
+floor every strategy must beat."""
+
 from __future__ import annotations
 
 from search.strategies.base import Proposal, Strategy
@@ -14,6 +16,7 @@ class RandomStrategy(Strategy):
 
     def _propose(self) -> Proposal | None:
         from search.layout import Layout
+
         while self.initial_queue:  # initial layouts (if any) are proposed first, as given
             layout = Layout.from_dict(self.initial_queue.pop(0))
             if not self.seen(layout.content_hash) and self.feasible(layout):
