@@ -165,6 +165,7 @@ def start_background(settings: Settings, storage: Storage) -> Background:
             lease_s=settings.lease_s,
             poll_s=settings.poll_s,
             ray_num_cpus=settings.ray_num_cpus,
+            data_roots=settings.resolved_data_roots(),
         )
     if settings.scheduler:
         from datetime import timedelta

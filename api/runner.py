@@ -19,104 +19,16 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from search.engine import StopEvent
+from search.leases import held_lease, owner_id, owner_is_dead_here
 from search.storage import JobRecord, Storage
 
 log = logging.getLogger("hybridnas.runner")
-
-
-def _pid_namespace() -> str:
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return "-"
-
-
-def owner_id(prefix: str = "") -> str:
-    """A lease owner's name: host, pid and pid namespace (so a process can tell whether a lease's owner is a
-    dead process of its own machine), plus a random part (so a reused pid is another owner)."""
-    return f"{prefix}{socket.gethostname()}:{os.getpid()}:{_pid_namespace()}:{uuid.uuid4().hex[:8]}"
-
-
-def owner_is_dead_here(owner: str | None) -> bool:
-    """True only when the owner was a process of this host and pid namespace that no longer exists: its job
-    can be taken at once instead of after its lease lapses. Anything uncertain is False (wait for the
-    lease)."""
-    if not owner:
-        return False
-    parts = owner.split(":")
-    if len(parts) < 4 or not parts[-3].isdigit():
-        return False
-    host, pid, namespace = parts[-4].rpartition("@")[2], int(parts[-3]), parts[-2]  # after any "prefix@"
-    if host != socket.gethostname() or namespace != _pid_namespace() or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
-
-
-def keep_lease(
-    storage: Storage, job_id: int, owner: str, lease_s: float, stop: StopEvent, done: threading.Event
-) -> None:
-    """The heartbeat: renew the lease every third of it until `done`; if the job is gone from this owner,
-    tell the engine why (cancelled, or lost) and stop it."""
-    while not done.wait(lease_s / 3):
-        try:
-            held = storage.renew_lease(job_id, owner, lease_s)
-        except Exception:  # database unreachable: try again next beat (the lease may still hold)
-            log.warning("job %d: heartbeat failed; retrying", job_id, exc_info=True)
-            continue
-        if not held:
-            job = storage.get_job(job_id)
-            if job is not None and job.status == "cancelled":
-                stop.cancel = True
-                log.info("job %d: cancelled; stopping", job_id)
-            else:
-                stop.lost = True
-                log.warning(
-                    "job %d: lease lost to %s; stopping without writing",
-                    job_id,
-                    job.lease_owner if job else None,
-                )
-            stop.set()
-            return
-
-
-@contextmanager
-def held_lease(storage: Storage, job_id: int, owner: str, lease_s: float, stop: StopEvent) -> Iterator[None]:
-    """Keep `owner`'s lease on the job alive (a heartbeat thread) for the duration of the block."""
-    done = threading.Event()
-    heartbeat = threading.Thread(
-        target=keep_lease,
-        args=(storage, job_id, owner, lease_s, stop, done),
-        daemon=True,
-        name=f"hybridnas-heartbeat-{job_id}",
-    )
-    heartbeat.start()
-    try:
-        yield
-    finally:
-        done.set()
-        heartbeat.join()
-
-
-class StopEvent(threading.Event):
-    """The engine's stop signal, saying why: `cancel` (the job was cancelled) or `lost` (another runner owns
-    it now: write nothing more); neither means a shutdown (the job goes back to the queue)."""
-
-    cancel = False
-    lost = False
 
 
 @dataclass
@@ -182,8 +94,10 @@ class JobRunner:
         ray_num_cpus: int | None = None,
         executor_factory: Callable | None = None,
         owner: str | None = None,
+        data_roots: tuple[str, ...] = (),
     ):
         self.storage, self.data_dir = storage, Path(data_dir)
+        self.data_roots = tuple(data_roots) or (str(Path(".").resolve()),)
         self.slots, self.max_running = slots, max_running
         self.lease_s, self.poll_s = lease_s, poll_s
         self.owner = owner or owner_id()
@@ -198,9 +112,9 @@ class JobRunner:
     def executor_factory(self, config):
         if self._executor_factory is not None:
             return self._executor_factory(config)
-        from api.search_cli import executor_factory
+        from search.executors import executor_factory
 
-        return executor_factory(self.data_dir)(config)  # Ray is up already (poll_once), shared by the jobs
+        return executor_factory(self.data_dir, self.data_roots)(config)  # Ray is up already (poll_once)
 
     # ---- lifecycle
     def start(self) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.schemas import SearchCreate
-from search.storage_schedules import ScheduleFireRecord, ScheduleRecord, check_cron, check_timezone
+from search.storage import ScheduleFireRecord, ScheduleRecord, check_cron, check_timezone
 
 NAME_MAX = 200
 CRON_MAX = 200

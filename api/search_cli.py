@@ -38,32 +38,6 @@ def _storage(db: str | None):
     return storage
 
 
-def executor_factory(data_dir: Path):
-    """Build the configured executor for a search (the engine calls this once per run)."""
-
-    def make(config):
-        from api.settings import get_settings
-        from search.executors import InlineExecutor, RayExecutor
-
-        lock_dir = str(data_dir / "locks")
-        roots = tuple(str(p.expanduser().resolve()) for p in get_settings().data_roots)
-        if config.executor == "inline":
-            return InlineExecutor(
-                str(data_dir), threads=int(config.cpus_per_worker), lock_dir=lock_dir, data_roots=roots
-            )
-        return RayExecutor(
-            str(data_dir),
-            config.workers,
-            config.cpus_per_worker,
-            config.gpus_per_worker,
-            config.timeout_s,
-            lock_dir=lock_dir,
-            data_roots=roots,
-        )
-
-    return make
-
-
 def load_search_config(path: Path):
     import yaml
     from pydantic import ValidationError
@@ -93,35 +67,24 @@ CLI_LEASE_S = 30.0
 
 def take_job(storage, job_id: int) -> str:
     """Take the job under a lease for this command (as a service runner would), so a coordinator on the same
-    database never runs it at the same time. A job held by a process of this machine that died (a killed
-    `search run`, a crashed coordinator) is taken at once; one held by a live owner elsewhere is refused."""
-    from api.runner import owner_id, owner_is_dead_here
+    database never runs it at the same time; the owner's name. A job held by a live owner elsewhere is
+    refused (exit 1)."""
+    from search.leases import LeaseHeld, owner_id, take_job
 
     owner = owner_id("cli@")
-    job = storage.get_job(job_id)
-    takeover = (
-        job.lease_owner
-        if job.status == "running" and (job.lease_owner is None or owner_is_dead_here(job.lease_owner))
-        else None
-    )
-    if job.status not in ("queued", "running"):
-        storage.set_job_status(job_id, "queued")  # cancelled or failed: resuming puts it back
-    if (
-        storage.claim_job(owner, CLI_LEASE_S, kinds=(job.kind,), job_id=job_id, takeover_from=takeover)
-        is None
-    ):
-        job = storage.get_job(job_id)
-        err.print(
-            f"[red]search {job_id} is {job.status} under {job.lease_owner} (lease until "
-            f"{job.lease_expires_at:%H:%M:%S} UTC): stop it there, or wait for the lease to lapse[/red]"
-        )
-        raise typer.Exit(1)
+    try:
+        take_job(storage, job_id, owner, CLI_LEASE_S)
+    except LeaseHeld as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
     return owner
 
 
 def run_engine(storage, job_id: int, data_dir: Path) -> None:
-    from api.runner import StopEvent, held_lease
-    from search.engine import SearchEngine
+    from api.settings import get_settings
+    from search.engine import SearchEngine, StopEvent
+    from search.executors import executor_factory
+    from search.leases import held_lease
 
     owner = take_job(storage, job_id)
     stop = StopEvent()
@@ -163,7 +126,7 @@ def run_engine(storage, job_id: int, data_dir: Path) -> None:
             engine = SearchEngine(
                 storage,
                 job_id,
-                executor_factory(data_dir),
+                executor_factory(data_dir, get_settings().resolved_data_roots()),
                 stop=stop,
                 on_progress=on_progress,
                 lease_owner=owner,

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def resolved_data_roots(self) -> tuple[str, ...]:
+        """The data roots as absolute paths (a Ray worker's working folder is not the caller's)."""
+        return tuple(str(p.expanduser().resolve()) for p in self.data_roots)
+
     def resolved_database_url(self) -> str:
         import os
 

@@ -53,7 +53,20 @@ CANDIDATE_DONE_STATUSES = ("completed", "reused")  # a result is there: may be o
 RESULT_STATUSES = ("completed", "failed")
 SCHEDULE_FIRE_STATUSES = ("fired", "missed", "skipped", "failed")  # failed: the template no longer validates
 
-SORTED_CANDIDATE_COLUMNS = ("val_bpb", "decode_ms", "n_params", "finished_at", "generation")
+# The columns a candidate list may be sorted by ("-name": descending; NULLs last; ties by id), and those of
+# them with an index of their own (the rest sort few enough rows, or sort by the primary key).
+CANDIDATE_SORT_COLUMNS = (
+    "id",
+    "generation",
+    "val_bpb",
+    "decode_ms",
+    "n_params",
+    "created_at",
+    "finished_at",
+    "attempts",
+    "status",
+)
+INDEXED_SORT_COLUMNS = ("val_bpb", "decode_ms", "n_params", "finished_at", "generation")
 KEY_LENGTH = 128  # sha256 hex keys are 64 characters; room for other digests
 
 
@@ -169,7 +182,7 @@ class Candidate(Base):
         Index(None, "job_id", "status"),
         # Pages sorted by a metric, and the live feed (by finished_at), read the index instead of sorting
         # rows.
-        *(Index(None, "job_id", column, "id") for column in SORTED_CANDIDATE_COLUMNS),
+        *(Index(None, "job_id", column, "id") for column in INDEXED_SORT_COLUMNS),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

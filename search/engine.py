@@ -27,6 +27,14 @@ log = logging.getLogger("hybridnas.engine")
 SEED_PRESETS = ("llama", "mamba2", "deltanet", "nemotron-flash-1b-mini")
 
 
+class StopEvent(threading.Event):
+    """The engine's stop signal, saying why: `cancel` (the job was cancelled) or `lost` (another runner owns
+    it now: write nothing more); neither means a shutdown (the job goes back to the queue)."""
+
+    cancel = False
+    lost = False
+
+
 @dataclass
 class Progress:
     n_evaluations: int

@@ -274,3 +274,27 @@ def init_ray(num_cpus: int, num_gpus: int | None = None, namespace: str = "hybri
 
 def _project_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def executor_factory(data_dir: str | os.PathLike, data_roots: tuple[str, ...]):
+    """The engine's executor factory: the executor a search's config asks for (called once per run). Data
+    paths resolve inside `data_roots`; locks and artifacts live under `data_dir`."""
+    data_dir = os.fspath(data_dir)
+    lock_dir = os.path.join(data_dir, "locks")
+
+    def make(config):
+        if config.executor == "inline":
+            return InlineExecutor(
+                data_dir, threads=int(config.cpus_per_worker), lock_dir=lock_dir, data_roots=data_roots
+            )
+        return RayExecutor(
+            data_dir,
+            config.workers,
+            config.cpus_per_worker,
+            config.gpus_per_worker,
+            config.timeout_s,
+            lock_dir=lock_dir,
+            data_roots=data_roots,
+        )
+
+    return make

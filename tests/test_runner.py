@@ -155,7 +155,7 @@ def test_a_dead_owner_of_this_machine_is_taken_over_at_once_a_live_one_is_not(st
     import socket
     import subprocess
 
-    from api.runner import _pid_namespace, owner_is_dead_here
+    from search.leases import _pid_namespace, owner_is_dead_here
 
     gone = subprocess.Popen(["true"])
     gone.wait()

@@ -15,7 +15,6 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Requ
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from sqlalchemy import update
 
 from api.auth import require_read_token, require_token
 from api.routes.deps import StorageDep, job_or_404
@@ -37,9 +36,14 @@ from api.schemas import (
     parse_cursor,
 )
 from api.submit import SubmitError, submit_search
-from search import db
 from search.config import OBJECTIVES
-from search.db import CANDIDATE_DONE_STATUSES, CANDIDATE_STATUSES, JOB_STATUSES, JOB_TERMINAL_STATUSES, utcnow
+from search.db import (
+    CANDIDATE_DONE_STATUSES,
+    CANDIDATE_SORT_COLUMNS,
+    CANDIDATE_STATUSES,
+    JOB_STATUSES,
+    JOB_TERMINAL_STATUSES,
+)
 from search.layout import Layout
 from search.pareto import pareto_front
 from search.storage import JobRecord, Storage
@@ -51,19 +55,7 @@ Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size (at most
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
 JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
 CandidateStatus = Literal[CANDIDATE_STATUSES]  # type: ignore[valid-type]
-# Whitelisted sort columns ("-" prefix: descending; NULLs last; ties by id).
-SORTABLE = (
-    "id",
-    "generation",
-    "val_bpb",
-    "decode_ms",
-    "n_params",
-    "created_at",
-    "finished_at",
-    "attempts",
-    "status",
-)
-SORT_PATTERN = rf"^-?({'|'.join(SORTABLE)})$"
+SORT_PATTERN = rf"^-?({'|'.join(CANDIDATE_SORT_COLUMNS)})$"
 
 
 def _progress(job: JobRecord) -> float | None:
@@ -87,20 +79,8 @@ def _detail(storage: Storage, job: JobRecord) -> SearchDetail:
     )
 
 
-def _transition(
-    storage: Storage, job_id: int, allowed: tuple[str, ...], target: str, finish: bool, **values: object
-) -> bool:
-    """Atomically move a search from one of `allowed` to `target` (setting `values` too); False if its status
-    was another."""
-    t = db.jobs
-    values["status"] = target
-    if finish:
-        values["finished_at"] = utcnow()
-    with storage.transaction() as conn:
-        stmt = (
-            update(t).where(t.c.id == job_id, t.c.kind == "search", t.c.status.in_(allowed)).values(**values)
-        )
-        return conn.execute(stmt).rowcount > 0
+def _transition(storage: Storage, job_id: int, allowed: tuple[str, ...], target: str) -> bool:
+    return storage.transition_job(job_id, allowed, target, kind="search")
 
 
 @router.post(
@@ -166,9 +146,7 @@ def get_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
 )
 def cancel_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
     job = job_or_404(storage, search_id)
-    if job.status != "cancelled" and not _transition(
-        storage, search_id, ("queued", "running"), "cancelled", True
-    ):
+    if job.status != "cancelled" and not _transition(storage, search_id, ("queued", "running"), "cancelled"):
         job = job_or_404(storage, search_id)
         raise HTTPException(
             409,
@@ -186,7 +164,7 @@ def cancel_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
 def archive_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
     job = job_or_404(storage, search_id)
     if job.status != "archived" and not _transition(
-        storage, search_id, ("completed", "failed", "cancelled"), "archived", False
+        storage, search_id, ("completed", "failed", "cancelled"), "archived"
     ):
         job = job_or_404(storage, search_id)
         raise HTTPException(
@@ -228,7 +206,7 @@ def list_candidates(
         Query(
             pattern=SORT_PATTERN,
             max_length=32,
-            description=f"one of {', '.join(SORTABLE)}; '-' prefix: descending",
+            description=f"one of {', '.join(CANDIDATE_SORT_COLUMNS)}; '-' prefix: descending",
         ),
     ] = "id",
 ) -> Page[CandidateSummary]:
@@ -251,15 +229,7 @@ def list_candidates(
 def resume_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
     job = job_or_404(storage, search_id)
     if job.status not in ("queued", "running") and not _transition(
-        storage,
-        search_id,
-        ("cancelled", "failed"),
-        "queued",
-        False,
-        finished_at=None,
-        error=None,
-        lease_owner=None,
-        lease_expires_at=None,
+        storage, search_id, ("cancelled", "failed"), "queued"
     ):
         job = job_or_404(storage, search_id)
         raise HTTPException(

@@ -1,4 +1,4 @@
-"""Schedules of searches in the storage seam: `ScheduleStore`, a mixin of `search.storage.Storage`.
+"""Schedules of searches in the storage seam: `ScheduleStore`, a part of `search.storage.Storage`.
 
 A schedule is a cron expression in a time zone plus a search template; every due time of it is recorded once
 in `schedule_fires` as fired (with the queued job), missed (older than the scheduler's grace period), skipped
@@ -11,73 +11,34 @@ racing on one due time exactly one records it and at most one job exists.
 scheduler, or passed while the schedule was disabled or before its cron or time zone last changed). `fire()`
 only ever moves it forward.
 
-The mixin uses Storage's plumbing (`transaction()`, `_read()`, `_insert()`); it imports `search.storage`
-lazily because that module imports this one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
 from datetime import datetime
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import case, func, or_, select, update
 from sqlalchemy import delete as sa_delete
 
 from search import db
-from search.db import SCHEDULE_FIRE_STATUSES, utcnow
-
-if TYPE_CHECKING:
-    from search.storage import JobRecord
+from search.db import JOB_KINDS, SCHEDULE_FIRE_STATUSES, utcnow
+from search.storage.engines import Connected
+from search.storage.records import (
+    JobRecord,
+    ScheduleFireRecord,
+    ScheduleRecord,
+    check_value,
+    columns_of,
+    record_of,
+)
 
 DEFAULT_PAGE = 100
 CRON_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
 SCHEDULE_FIELDS = ("name", "cron", "timezone", "template", "enabled", "warm_start", "priority")
 ACTIVE_JOB_STATUSES = ("queued", "running")
-
-
-@dataclass(frozen=True, slots=True)
-class ScheduleRecord:
-    id: int
-    name: str
-    cron: str
-    timezone: str
-    template: dict
-    enabled: bool
-    warm_start: bool
-    priority: int
-    created_at: datetime
-    updated_at: datetime
-    last_due_at: datetime | None
-
-    @property
-    def cursor(self) -> datetime:
-        """Due times at or before this instant are done: max(last_due_at, created_at)."""
-        if self.last_due_at is None:
-            return self.created_at
-        return max(self.last_due_at, self.created_at)
-
-
-@dataclass(frozen=True, slots=True)
-class ScheduleFireRecord:
-    id: int
-    schedule_id: int
-    due_at: datetime
-    fired_at: datetime
-    status: str
-    job_id: int | None
-    reason: str | None
-
-
-def _record(cls: type, row: Any) -> Any:
-    mapping = row._mapping
-    return cls(**{f.name: mapping[f.name] for f in fields(cls)})
-
-
-def _columns(cls: type, table: Any) -> list:
-    return [table.c[f.name] for f in fields(cls)]
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -149,17 +110,8 @@ def _aware(value: datetime, what: str) -> datetime:
 # ------------------------------------------------------------------------------------------ the mixin
 
 
-class ScheduleStore:
-    """Schedule methods of `Storage` (needs its `transaction()`, `_read()` and `_insert()`)."""
-
-    if TYPE_CHECKING:
-        from contextlib import AbstractContextManager
-
-        from sqlalchemy import Connection
-
-        def transaction(self) -> AbstractContextManager[Connection]: ...
-        def _read(self) -> AbstractContextManager[Connection]: ...
-        def _insert(self, table: Any) -> Any: ...
+class ScheduleStore(Connected):
+    """Schedules and their fire records."""
 
     # ---- schedules
 
@@ -198,18 +150,18 @@ class ScheduleStore:
     def get_schedule(self, schedule_id: int) -> ScheduleRecord | None:
         t = db.schedules
         with self._read() as conn:
-            row = conn.execute(select(*_columns(ScheduleRecord, t)).where(t.c.id == schedule_id)).first()
-        return None if row is None else _record(ScheduleRecord, row)
+            row = conn.execute(select(*columns_of(ScheduleRecord, t)).where(t.c.id == schedule_id)).first()
+        return None if row is None else record_of(ScheduleRecord, row)
 
     def list_schedules(
         self, enabled: bool | None = None, limit: int | None = DEFAULT_PAGE, offset: int = 0
     ) -> list[ScheduleRecord]:
         """Schedules by id (oldest first)."""
         t = db.schedules
-        stmt = select(*_columns(ScheduleRecord, t)).where(*self._schedule_filters(enabled))
+        stmt = select(*columns_of(ScheduleRecord, t)).where(*self._schedule_filters(enabled))
         stmt = stmt.order_by(t.c.id).offset(offset).limit(limit)
         with self._read() as conn:
-            return [_record(ScheduleRecord, row) for row in conn.execute(stmt)]
+            return [record_of(ScheduleRecord, row) for row in conn.execute(stmt)]
 
     def count_schedules(self, enabled: bool | None = None) -> int:
         stmt = select(func.count()).select_from(db.schedules).where(*self._schedule_filters(enabled))
@@ -245,10 +197,10 @@ class ScheduleStore:
         now = _aware(now, "now") if now is not None else utcnow()
         t = db.schedules
         with self.transaction() as conn:
-            row = conn.execute(select(*_columns(ScheduleRecord, t)).where(t.c.id == schedule_id)).first()
+            row = conn.execute(select(*columns_of(ScheduleRecord, t)).where(t.c.id == schedule_id)).first()
             if row is None:
                 raise KeyError(f"no schedule {schedule_id}")
-            current: ScheduleRecord = _record(ScheduleRecord, row)
+            current: ScheduleRecord = record_of(ScheduleRecord, row)
             rebase = (
                 (values.get("enabled") is True and not current.enabled)
                 or values.get("cron", current.cron) != current.cron
@@ -258,8 +210,8 @@ class ScheduleStore:
                 values["last_due_at"] = now
             values["updated_at"] = utcnow()
             conn.execute(update(t).where(t.c.id == schedule_id).values(**values))
-            row = conn.execute(select(*_columns(ScheduleRecord, t)).where(t.c.id == schedule_id)).first()
-        return _record(ScheduleRecord, row)
+            row = conn.execute(select(*columns_of(ScheduleRecord, t)).where(t.c.id == schedule_id)).first()
+        return record_of(ScheduleRecord, row)
 
     def delete_schedule(self, schedule_id: int) -> bool:
         """Delete a schedule and its fire records; its jobs stay (their schedule_id becomes NULL). False if
@@ -279,14 +231,14 @@ class ScheduleStore:
         """A schedule's recorded due times, newest due time first."""
         t = db.schedule_fires
         stmt = (
-            select(*_columns(ScheduleFireRecord, t))
+            select(*columns_of(ScheduleFireRecord, t))
             .where(*self._fire_filters(schedule_id, status))
             .order_by(t.c.due_at.desc(), t.c.id.desc())
             .offset(offset)
             .limit(limit)
         )
         with self._read() as conn:
-            return [_record(ScheduleFireRecord, row) for row in conn.execute(stmt)]
+            return [record_of(ScheduleFireRecord, row) for row in conn.execute(stmt)]
 
     def count_fires(self, schedule_id: int, status: str | Iterable[str] | None = None) -> int:
         stmt = (
@@ -331,13 +283,11 @@ class ScheduleStore:
             raise ValueError("a 'fired' fire needs its job, and only a fired one has a job")
         job_values = None
         if job is not None:
-            from search.storage import JOB_KINDS, _check
-
             unknown = sorted(set(job) - {"kind", "config", "name", "priority", "budget"})
             if unknown or "config" not in job:
                 raise ValueError(f"job: needs 'config'; unknown key(s) {', '.join(unknown) or 'none'}")
             job_values = {
-                "kind": _check(job.get("kind", "search"), JOB_KINDS, "job kind"),
+                "kind": check_value(job.get("kind", "search"), JOB_KINDS, "job kind"),
                 "config": job["config"],
                 "name": job.get("name"),
                 "priority": int(job.get("priority", 0)),
@@ -361,7 +311,7 @@ class ScheduleStore:
             self._insert(f)
             .values(**values)
             .on_conflict_do_nothing(index_elements=[f.c.schedule_id, f.c.due_at])
-            .returning(*_columns(ScheduleFireRecord, f))
+            .returning(*columns_of(ScheduleFireRecord, f))
         )
         with self.transaction() as conn:
             if conn.execute(select(s.c.id).where(s.c.id == schedule_id)).first() is None:
@@ -369,7 +319,7 @@ class ScheduleStore:
             row = conn.execute(stmt).first()
             if row is None:
                 return None
-            record: ScheduleFireRecord = _record(ScheduleFireRecord, row)
+            record: ScheduleFireRecord = record_of(ScheduleFireRecord, row)
             if job_values is not None:
                 job_id = int(conn.execute(j.insert().values(**job_values).returning(j.c.id)).scalar_one())
                 conn.execute(update(f).where(f.c.id == record.id).values(job_id=job_id))
@@ -395,34 +345,26 @@ class ScheduleStore:
     def active_schedule_job(self, schedule_id: int) -> JobRecord | None:
         """A previous run of this schedule that is still queued or running (a running one first, then the
         oldest), or None."""
-        from search.storage import JobRecord
-        from search.storage import _columns as job_columns
-        from search.storage import _record as job_record
-
         t = db.jobs
         stmt = (
-            select(*job_columns(JobRecord, t))
+            select(*columns_of(JobRecord, t))
             .where(t.c.schedule_id == schedule_id, t.c.status.in_(ACTIVE_JOB_STATUSES))
             .order_by(case((t.c.status == "running", 0), else_=1), t.c.created_at, t.c.id)
             .limit(1)
         )
         with self._read() as conn:
             row = conn.execute(stmt).first()
-        return None if row is None else job_record(JobRecord, row)
+        return None if row is None else record_of(JobRecord, row)
 
     def latest_completed_schedule_job(self, schedule_id: int) -> JobRecord | None:
         """The most recently started (created) run of this schedule that completed, or None."""
-        from search.storage import JobRecord
-        from search.storage import _columns as job_columns
-        from search.storage import _record as job_record
-
         t = db.jobs
         stmt = (
-            select(*job_columns(JobRecord, t))
+            select(*columns_of(JobRecord, t))
             .where(t.c.schedule_id == schedule_id, t.c.status == "completed")
             .order_by(t.c.created_at.desc(), t.c.id.desc())
             .limit(1)
         )
         with self._read() as conn:
             row = conn.execute(stmt).first()
-        return None if row is None else job_record(JobRecord, row)
+        return None if row is None else record_of(JobRecord, row)

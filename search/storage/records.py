@@ -1,0 +1,174 @@
+"""The storage seam's records (frozen dataclasses, never ORM objects) and the helpers every part shares:
+row-to-record conversion, value checks, and JSON that PostgreSQL accepts (non-finite floats as null).
+
+Imported by every part of `search.storage` and by nothing it imports: no cycles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    id: int
+    kind: str
+    name: str | None
+    status: str
+    priority: int
+    config: dict
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    n_evaluations: int
+    budget: int | None
+    error: str | None
+    idempotency_key: str | None
+    schedule_id: int | None
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    heartbeat_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateRecord:
+    id: int
+    job_id: int
+    layout_hash: str
+    layout: dict
+    parent_id: int | None
+    generation: int
+    mutation: dict | None
+    status: str
+    failure_reason: str | None
+    traceback: str | None
+    attempts: int
+    training_key: str | None
+    latency_key: str | None
+    val_bpb: float | None
+    decode_ms: float | None
+    n_params: int | None
+    objectives: dict | None
+    on_front: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingResultRecord:
+    training_key: str
+    layout_hash: str
+    proxy_config_hash: str | None
+    result: dict | None
+    val_bpb: float | None
+    status: str
+    artifact_path: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyResultRecord:
+    latency_key: str
+    layout_hash: str
+    latency_config_hash: str | None
+    device_fingerprint: dict | None
+    result: dict | None
+    decode_ms: float | None
+    status: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class HypervolumeRecord:
+    n_evaluations: int
+    hypervolume: float
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRecord:
+    id: int
+    name: str
+    cron: str
+    timezone: str
+    template: dict
+    enabled: bool
+    warm_start: bool
+    priority: int
+    created_at: datetime
+    updated_at: datetime
+    last_due_at: datetime | None
+
+    @property
+    def cursor(self) -> datetime:
+        """Due times at or before this instant are done: max(last_due_at, created_at)."""
+        if self.last_due_at is None:
+            return self.created_at
+        return max(self.last_due_at, self.created_at)
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleFireRecord:
+    id: int
+    schedule_id: int
+    due_at: datetime
+    fired_at: datetime
+    status: str
+    job_id: int | None
+    reason: str | None
+
+
+def record_of(cls: type, row: Any) -> Any:
+    """A record of `cls` from a row that has (at least) its fields as columns."""
+    mapping = row._mapping
+    return cls(**{f.name: mapping[f.name] for f in fields(cls)})
+
+
+def columns_of(cls: type, table: Any) -> list:
+    """The table's columns named by the record's fields, in their order."""
+    return [table.c[f.name] for f in fields(cls)]
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities are not JSON (PostgreSQL's json type rejects them): stored as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_dumps(value: Any) -> str:
+    return json.dumps(_finite(value), allow_nan=False, separators=(",", ":"))
+
+
+def finite_float(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def check_value(value: str, allowed: Sequence[str], what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+    return value
+
+
+def check_statuses(status: str | Iterable[str] | None, allowed: Sequence[str], what: str) -> list[str] | None:
+    if status is None:
+        return None
+    values = [status] if isinstance(status, str) else list(status)
+    return [check_value(s, allowed, what) for s in values]
