@@ -13,7 +13,6 @@ cannot be reached 503.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,60 +23,27 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 
 from api.auth import Auth, AuthSettings, build_auth
+from api.bodies import BodyGuard
+from api.errors import NAMED_FIELD, validation_errors
+from api.errors import summary as error_summary
 from api.routes import ROUTERS
 from api.settings import Settings, get_settings
 from search.storage import Storage, StorageError
 
 log = logging.getLogger("hybridnas.api")
-_NAMED_FIELD = re.compile(r"^([A-Za-z_][\w.]*): (.+)$", re.DOTALL)
-
-
-def _field(loc: tuple | list) -> str:
-    parts = [str(p) for p in loc]
-    if parts and parts[0] in ("body", "query", "path", "header"):
-        parts = parts[1:]
-    return ".".join(parts)
-
-
-def _message(error: dict[str, Any]) -> str:
-    msg = str(error.get("msg", "invalid value"))
-    return msg.removeprefix("Value error, ")
-
-
-def _validation_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for e in errors:
-        loc = list(e.get("loc", ()))
-        if e.get("type") == "json_invalid":
-            out.append(
-                {
-                    "loc": loc,
-                    "field": "body",
-                    "msg": f"malformed JSON: {e.get('ctx', {}).get('error', '')}".rstrip(": "),
-                    "type": "json_invalid",
-                }
-            )
-            continue
-        field, msg = _field(loc), _message(e)
-        named = _NAMED_FIELD.match(msg)
-        if not field and named:  # a model-level check that names its field ("space.widths: ...")
-            field, msg = named.group(1), named.group(2)
-            loc = [*loc, *field.split(".")]
-        out.append({"loc": loc, "field": field, "msg": msg, "type": e.get("type", "value_error")})
-    return out
 
 
 def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = _validation_errors(list(exc.errors()))
-        summary = "; ".join(f"{e['field'] or 'body'}: {e['msg']}" for e in errors)
+        errors = validation_errors(list(exc.errors()))
+        summary = error_summary(errors)
         return JSONResponse({"detail": errors, "message": summary}, status_code=422)
 
     @app.exception_handler(ValueError)
     async def _value_error(_request: Request, exc: ValueError) -> JSONResponse:
         # The same shape as a validation error, so clients parse one 422 format.
-        named = _NAMED_FIELD.match(str(exc))
+        named = NAMED_FIELD.match(str(exc))
         field, msg = (named.group(1), named.group(2)) if named else ("", str(exc))
         errors = [
             {"loc": field.split(".") if field else [], "field": field, "msg": msg, "type": "value_error"}
@@ -131,6 +97,8 @@ class Background:
         self.runner, self.scheduler = runner, scheduler
         self._scheduler_stop = threading.Event()
         self._scheduler_thread: threading.Thread | None = None
+        self._stop_lock = threading.Lock()
+        self._stopped = False
 
     def start(self, interval_s: float) -> None:
         if self.runner is not None:
@@ -145,11 +113,17 @@ class Background:
             self._scheduler_thread.start()
 
     def stop(self) -> None:
-        self._scheduler_stop.set()  # first: no new jobs while the runner hands its jobs back
-        if self._scheduler_thread is not None:
-            self._scheduler_thread.join(30)
-        if self.runner is not None:
-            self.runner.stop()
+        """Idempotent, and safe from two threads at once (the signal's early stop and the lifespan's): the
+        second caller waits for the first to finish."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._scheduler_stop.set()  # first: no new jobs while the runner hands its jobs back
+            if self._scheduler_thread is not None:
+                self._scheduler_thread.join(30)
+            if self.runner is not None:
+                self.runner.stop()
+            self._stopped = True
 
 
 def start_background(settings: Settings, storage: Storage) -> Background:
@@ -178,45 +152,15 @@ def start_background(settings: Settings, storage: Storage) -> Background:
     return background
 
 
-class BodySizeLimit:
-    """Refuse request bodies over `max_bytes` with 413 before a route parses them (declared or streamed)."""
-
-    def __init__(self, app: Any, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(send)
-            return
-        seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await self._refuse(send)
-
-    async def _refuse(self, send: Any) -> None:
-        response = JSONResponse(
-            {"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413
-        )
-        await response({"type": "http"}, None, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
+def begin_shutdown(app: FastAPI) -> None:
+    """The first shutdown signal: live streams end, and the runner hands its jobs back at once (in a thread),
+    without waiting for uvicorn to drain connections. The lifespan's own stop then finds it done."""
+    if app.state.shutting_down.is_set():
+        return
+    app.state.shutting_down.set()
+    background = app.state.background
+    if background is not None:
+        threading.Thread(target=background.stop, name="hybridnas-shutdown", daemon=True).start()
 
 
 def create_app(
@@ -238,9 +182,11 @@ def create_app(
             storage.create_schema()
         background = start_background(settings, storage)
         _app.state.runner = background.runner
+        _app.state.background = background
         try:
             yield
         finally:
+            _app.state.shutting_down.set()
             background.stop()  # graceful (SIGTERM under uvicorn): leases released, jobs back in the queue
             if owns_storage:
                 storage.close()
@@ -255,8 +201,10 @@ def create_app(
     app.state.settings = settings
     app.state.storage = storage
     app.state.auth = auth
+    app.state.shutting_down = threading.Event()  # set at the first shutdown signal: streams end
+    app.state.background = None
     _install_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
     for router in ROUTERS:
         app.include_router(router)
     return app

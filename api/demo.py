@@ -28,7 +28,7 @@ from search.presets import CPU_PRESETS, get_preset, preset_names
 def data_dir() -> Path:
     from api.settings import get_settings
 
-    return get_settings().resolved_data_dir()
+    return get_settings().ensure_data_dir()
 
 
 DEMO_SEARCH = {
@@ -174,6 +174,7 @@ def run_service_demo(console: Console, port: int = 8000, exit_when_done: bool = 
     serving."""
     console.rule("the coordinator: REST API + job runner on local Ray (SQLite under the data dir)")
     proc, base = start_service(console, port)
+    interrupted = False
     try:
         submit_and_follow(console, base, DEMO_SEARCH)
         if exit_when_done:
@@ -182,6 +183,7 @@ def run_service_demo(console: Console, port: int = 8000, exit_when_done: bool = 
         proc.wait()
     except KeyboardInterrupt:
         console.print("stopping the coordinator")
+        interrupted = True
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # graceful: running jobs go back to the queue
@@ -189,6 +191,8 @@ def run_service_demo(console: Console, port: int = 8000, exit_when_done: bool = 
                 proc.wait(120)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    if interrupted:
+        raise SystemExit(130)  # Ctrl-C: the shell's convention
 
 
 def run_demo(

@@ -60,22 +60,23 @@ class _Ray:
         self.started = False
 
     def ensure(self) -> None:
-        import ray
+        from search.executors import import_ray, init_ray
 
+        ray = import_ray()
         with self.lock:
             if ray.is_initialized():
                 return
-            from search.executors import init_ray
-
             init_ray(self.num_cpus or os.cpu_count() or 1)
             self.started = True
 
     def shutdown(self) -> None:
+        """From the thread that started it: Ray's head processes die with that thread, and a shutdown that
+        finds them gone takes seconds."""
         with self.lock:
             if self.started:
-                import ray
+                from search.executors import import_ray
 
-                ray.shutdown()
+                import_ray().shutdown()
                 self.started = False
 
 
@@ -104,6 +105,8 @@ class JobRunner:
         self.ray = _Ray(ray_num_cpus)
         self._executor_factory = executor_factory
         self._stopping = threading.Event()
+        self._jobs_stopped = threading.Event()
+        self.stop_timeout_s = 120.0
         self._active: dict[int, tuple[threading.Thread, StopEvent]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -137,9 +140,10 @@ class JobRunner:
             stop.set()
         for thread, _stop in active:
             thread.join(timeout)
+        self._jobs_stopped.set()  # now the runner thread shuts its Ray down, then ends
         if self._thread is not None:
             self._thread.join(timeout)
-        self.ray.shutdown()
+        self.ray.shutdown()  # a runner that never started its thread (tests polling by hand)
 
     @property
     def running_jobs(self) -> list[int]:
@@ -147,13 +151,18 @@ class JobRunner:
             return [job_id for job_id, (thread, _) in self._active.items() if thread.is_alive()]
 
     def _loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                while self.poll_once() is not None:  # fill every free slot before sleeping
-                    pass
-            except Exception:  # the database may be restarting: log, and look again at the next poll
-                log.exception("runner %s: polling the queue failed", self.owner)
-            self._stopping.wait(self.poll_s)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    while self.poll_once() is not None:  # fill every free slot before sleeping
+                        pass
+                except Exception:  # the database may be restarting: log, and look again at the next poll
+                    log.exception("runner %s: polling the queue failed", self.owner)
+                self._stopping.wait(self.poll_s)
+        finally:
+            # The local Ray was started on this thread and must be shut down on it, after the jobs stopped.
+            self._jobs_stopped.wait(self.stop_timeout_s)
+            self.ray.shutdown()
 
     def poll_once(self) -> JobRecord | None:
         """Claim one job if a slot is free and start it in a thread; the job, or None."""

@@ -1,6 +1,6 @@
 """The scheduler: fires each due time of each enabled schedule exactly once, even with several coordinators.
 
-    scheduler = Scheduler(storage)                       # or Scheduler.from_settings(storage)
+    scheduler = Scheduler(storage, grace=timedelta(minutes=15))
     stop = threading.Event()
     threading.Thread(target=scheduler.run, args=(stop, 30.0), daemon=True).start()
     ...
@@ -43,7 +43,6 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any
 from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
@@ -202,24 +201,6 @@ class Scheduler:
         self.clock = clock or _utc_clock
         self.grace = grace
         self.max_missed_recorded = int(max_missed_recorded)
-
-    @classmethod
-    def from_settings(
-        cls, storage: Storage, settings: Any = None, *, clock: Callable[[], datetime] | None = None
-    ) -> Scheduler:
-        """From `api.settings.Settings` (`HYBRIDNAS_SCHEDULER_GRACE_S`; default: the environment's)."""
-        if settings is None:
-            from api.settings import get_settings
-
-            settings = get_settings()
-        return cls(
-            storage,
-            clock=clock,
-            grace=timedelta(seconds=settings.scheduler_grace_s),
-            max_missed_recorded=getattr(
-                settings, "scheduler_max_missed_recorded", DEFAULT_MAX_MISSED_RECORDED
-            ),
-        )
 
     def now(self) -> datetime:
         now = self.clock()

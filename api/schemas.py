@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from search.config import SearchConfig
 from search.storage import CandidateRecord, JobRecord
@@ -14,29 +14,6 @@ T = TypeVar("T")
 
 MAX_PAGE = 200
 MAX_OFFSET = 1_000_000_000
-MAX_DIM = 1 << 20  # any width, count or dimension in a submitted space
-# Upper bounds on worker settings a request may ask for (a budget, not a validity rule: larger runs are a
-# config file's business, not an HTTP body's).
-PROXY_CAPS = {
-    "steps": 10_000_000,
-    "tokens": 10**13,
-    "batch_size": 4096,
-    "seq_len": 1 << 17,
-    "eval_tokens": 10**10,
-    "log_every": 10**7,
-    "meta_tokens": 1024,
-    "timeout_s": 7 * 24 * 3600,
-}
-LATENCY_CAPS = {
-    "prompt_len": 1 << 17,
-    "decode_tokens": 1 << 16,
-    "repeats": 1000,
-    "warmup": 100,
-    "throughput_max_batch": 4096,
-    "memory_cap_bytes": 1 << 40,
-    "threads": 1024,
-    "vocab_size": 1 << 20,
-}
 MAX_ID = 2**31 - 1  # the id columns are SQL INTEGER: larger ids would overflow on PostgreSQL (422, not 500)
 
 
@@ -44,63 +21,6 @@ class SearchCreate(SearchConfig):
     """A search config (every field optional; unknown fields rejected) plus its queue priority."""
 
     priority: int = Field(0, ge=-1000, le=1000, description="higher runs first; FIFO within a priority")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _bounded_numbers(cls, data: Any) -> Any:
-        """Reject huge integers in the space before the space is built (building with 10**20 would hang)."""
-        space = data.get("space") if isinstance(data, dict) else None
-        if not isinstance(space, dict):
-            return data
-        for key in ("widths", "ffn_counts"):
-            for value in space.get(key) or () if isinstance(space.get(key), list) else ():
-                if isinstance(value, (int, float)) and abs(value) > MAX_DIM:
-                    raise ValueError(f"space.{key}: {value} exceeds {MAX_DIM}")
-        dims = space.get("dims")
-        if isinstance(dims, dict):
-            for key, value in dims.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_DIM:
-                    raise ValueError(f"space.dims.{key}: {value} exceeds {MAX_DIM}")
-        return data
-
-    @model_validator(mode="after")
-    def _worker_settings(self) -> SearchCreate:
-        """The proxy and latency settings the workers will get: known names, valid values, sane sizes —
-        refused here rather than failing every candidate once the search runs."""
-        from dataclasses import fields
-
-        from latency.config import LatencyConfig
-        from proxies.config import ProxyConfig
-
-        for section, cls, caps in (
-            ("proxy", ProxyConfig, PROXY_CAPS),
-            ("latency", LatencyConfig, LATENCY_CAPS),
-        ):
-            data = getattr(self, section)
-            known = {f.name for f in fields(cls)}
-            for key, value in data.items():
-                if key not in known:
-                    raise ValueError(
-                        f"{section}.{key}: unknown {section} setting (known: {', '.join(sorted(known))})"
-                    )
-                cap = caps.get(key)
-                if (
-                    cap is not None
-                    and isinstance(value, (int, float))
-                    and not isinstance(value, bool)
-                    and value > cap
-                ):
-                    raise ValueError(f"{section}.{key}: {value} exceeds {cap}")
-            try:
-                cls(**data)
-            except (TypeError, ValueError) as exc:
-                name, sep, reason = str(exc).partition(": ")
-                if not sep:
-                    raise ValueError(f"{section}: {exc}") from None
-                if "/" in name:  # a rule over several settings ("steps/tokens"): name the first, say which
-                    name, reason = name.split("/")[0], f"{reason} ({name})"
-                raise ValueError(f"{section}.{name}: {reason}") from None
-        return self
 
     def search_config(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"priority"})

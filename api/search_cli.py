@@ -29,12 +29,24 @@ console = Console(width=max(140, Console().width))
 err = Console(stderr=True)
 
 
-def _storage(db: str | None):
+def _storage(db: str | None, *, create: bool = True, migrate: bool = True):
+    """The database (SQLite under the data dir unless --db says otherwise). `create`: made (and migrated) if
+    missing, for commands that start searches; otherwise a missing database is an error naming where it was
+    looked for, and nothing is created (read commands never leave files behind)."""
     from api.settings import get_settings
-    from search.storage import Storage
+    from search.storage import Storage, sqlite_path
 
-    storage = Storage(db or get_settings().resolved_database_url())
-    storage.create_schema()
+    url = db or get_settings().resolved_database_url()
+    path = sqlite_path(url)
+    if not create and path is not None and not path.is_file():
+        err.print(f"[red]no database at {path}[/red] (a search run there would make one; or pass --db URL)")
+        raise typer.Exit(1)
+    storage = Storage(url)
+    if create or (migrate and not storage.schema_is_current()):
+        storage.create_schema()
+    elif storage.schema_revision() is None:
+        err.print(f"[red]{storage!r} holds no hybridnas database[/red]")
+        raise typer.Exit(1)
     return storage
 
 
@@ -52,14 +64,21 @@ def load_search_config(path: Path):
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise typer.BadParameter(f"{path}: not valid YAML/JSON ({exc})") from None
-    try:  # the service's checks too (worker settings, limits), then the plain config
-        from api.schemas import SearchCreate
+    from api.errors import validation_errors
+    from api.schemas import SearchCreate
+    from api.settings import get_settings
+    from api.submit import SubmitError, check_data_paths
 
-        return SearchConfig.model_validate(SearchCreate.model_validate(data or {}).search_config())
+    try:  # the service's checks: the same models, limits and data-roots rule as POST /api/searches
+        body = check_data_paths(SearchCreate.model_validate(data or {}), get_settings().data_roots)
+        return SearchConfig.model_validate(body.search_config())
     except ValidationError as exc:
-        lines = [f"  {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()]
-        err.print(f"[red]invalid search config[/red] {path}:\n" + "\n".join(lines))
-        raise typer.Exit(2) from None
+        errors = validation_errors(list(exc.errors()))
+    except SubmitError as exc:
+        errors = [{"field": exc.field, "msg": exc.reason}]
+    lines = [f"  {e['field'] or 'config'}: {e['msg']}" for e in errors]
+    err.print(f"[red]invalid search config[/red] {path}:\n" + "\n".join(lines))
+    raise typer.Exit(2)
 
 
 CLI_LEASE_S = 30.0
@@ -88,17 +107,19 @@ def run_engine(storage, job_id: int, data_dir: Path) -> None:
 
     owner = take_job(storage, job_id)
     stop = StopEvent()
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    received: list[int] = []
 
-    def on_sigint(signum, frame):  # first Ctrl-C: stop cleanly; the state stays resumable
+    def on_signal(signum, frame):  # Ctrl-C or SIGTERM: stop cleanly; the state stays resumable
         err.print(
             "[yellow]stopping: cancelling running evaluations (resume with `hybridnas search resume "
             f"{job_id}`)[/yellow]"
         )
+        received.append(signum)
         stop.set()
 
-    signal.signal(signal.SIGINT, on_sigint)
-    signal.signal(signal.SIGTERM, on_sigint)
+    for sig in previous:
+        signal.signal(sig, on_signal)
     job = storage.get_job(job_id)
     try:
         with (
@@ -133,8 +154,11 @@ def run_engine(storage, job_id: int, data_dir: Path) -> None:
             )
             engine.run()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print_front(storage, job_id)
+    if received:  # interrupted: the shell's convention, 128 + the signal (130 for Ctrl-C)
+        raise typer.Exit(128 + received[0])
 
 
 def print_front(storage, job_id: int) -> None:
@@ -176,6 +200,7 @@ def search_run(
     from api.settings import get_settings
 
     config = load_search_config(config_path)
+    get_settings().ensure_data_dir()
     storage = _storage(db)
     job_id = storage.create_job(
         "search", json.loads(config.model_dump_json()), name=config.name, budget=config.budget
@@ -189,7 +214,7 @@ def search_resume(job_id: int = typer.Argument(...), db: str = typer.Option(None
     """Continue a stopped search from the database."""
     from api.settings import get_settings
 
-    storage = _storage(db)
+    storage = _storage(db, create=False)
     job = storage.get_job(job_id)
     if job is None or job.kind != "search":
         err.print(f"[red]no search with id {job_id}[/red]")
@@ -203,7 +228,7 @@ def search_resume(job_id: int = typer.Argument(...), db: str = typer.Option(None
 @search_app.command("show")
 def search_show(job_id: int = typer.Argument(...), db: str = typer.Option(None)) -> None:
     """Print a search's Pareto front."""
-    storage = _storage(db)
+    storage = _storage(db, create=False, migrate=False)
     if storage.get_job(job_id) is None:
         err.print(f"[red]no search with id {job_id}[/red]")
         raise typer.Exit(1)

@@ -8,19 +8,31 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from search.storage import normalize_database_url
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="HYBRIDNAS_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="HYBRIDNAS_", env_file=".env", extra="ignore", populate_by_name=True
+    )
 
     data_dir: Path = Field(Path(".hybridnas"), description="token, artifacts, locks, the SQLite database")
     database_url: str | None = Field(
         None,
-        description="default: SQLite under the data dir; production: "
-        "postgresql+psycopg://user:pass@host/db (or DATABASE_URL)",
+        validation_alias=AliasChoices("HYBRIDNAS_DATABASE_URL", "DATABASE_URL"),
+        description="default: SQLite under the data dir; production: postgresql://user:pass@host/db "
+        "(HYBRIDNAS_DATABASE_URL, or DATABASE_URL as hosting platforms set it; postgres:// and postgresql:// "
+        "mean psycopg 3)",
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg(cls, value: str | None) -> str | None:
+        return None if value is None else normalize_database_url(value)
+
     data_roots: list[Path] = Field(
         default_factory=lambda: [Path(".")], description="corpus paths must resolve inside one of these"
     )
@@ -57,7 +69,12 @@ class Settings(BaseSettings):
     )
 
     def resolved_data_dir(self) -> Path:
-        path = self.data_dir.expanduser().resolve()
+        """The data dir as an absolute path (nothing is created: see `ensure_data_dir`)."""
+        return self.data_dir.expanduser().resolve()
+
+    def ensure_data_dir(self) -> Path:
+        """The data dir, made if missing (for commands that write: serve, search run, demo)."""
+        path = self.resolved_data_dir()
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -66,13 +83,7 @@ class Settings(BaseSettings):
         return tuple(str(p.expanduser().resolve()) for p in self.data_roots)
 
     def resolved_database_url(self) -> str:
-        import os
-
-        return (
-            self.database_url
-            or os.environ.get("DATABASE_URL")
-            or f"sqlite:///{self.resolved_data_dir() / 'hybridnas.db'}"
-        )
+        return self.database_url or f"sqlite:///{self.resolved_data_dir() / 'hybridnas.db'}"
 
 
 @lru_cache

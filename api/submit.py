@@ -52,8 +52,20 @@ def check_data_paths(body: SearchCreate, data_roots: Sequence[Path]) -> SearchCr
         except CorpusError as exc:
             raise SubmitError(field, str(exc)) from None
         if field == "latency_lut":
+            _check_latency_table(resolved)
             body = body.model_copy(update={"latency_lut": str(resolved)})
     return body
+
+
+def _check_latency_table(path: Path) -> None:
+    """A table the engine can read (`hybridnas latency build-lut` writes them), or a SubmitError saying
+    why."""
+    from search.latency_model import LatencyTable
+
+    try:
+        LatencyTable.load(path)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SubmitError("latency_lut", f"not a valid latency table: {exc}") from None
 
 
 def submit_search(
@@ -69,19 +81,15 @@ def submit_search(
     config = body.search_config()
     if body.warm_start_job is not None and storage.get_job(body.warm_start_job) is None:
         raise SubmitError("warm_start_job", f"no search {body.warm_start_job} to warm-start from")
-    replayed = False
-    existing = storage.get_job_by_idempotency_key(idempotency_key) if idempotency_key is not None else None
-    if existing is not None:
-        job_id, replayed = existing.id, True
-    else:
-        job_id = storage.create_job(
-            "search",
-            config,
-            name=body.name,
-            priority=body.priority,
-            budget=body.budget,
-            idempotency_key=idempotency_key,
-        )
+    job_id, created = storage.create_job_once(
+        "search",
+        config,
+        name=body.name,
+        priority=body.priority,
+        budget=body.budget,
+        idempotency_key=idempotency_key,
+    )
+    replayed = not created
     job = storage.get_job(job_id)
     assert job is not None
     if idempotency_key is not None and (

@@ -823,7 +823,6 @@ def step_lut(
     measurement of the whole model, same config and device) on a few layouts at the table's width/context."""
     if importlib.util.find_spec("latency.lut") is None:
         return {"skipped": "latency/lut.py not present"}
-    import dataclasses
 
     from latency import lut
     from latency.profiler import LatencyConfig
@@ -880,7 +879,7 @@ def step_lut(
 
                 def one(ops=ops, width=width, context=context):
                     layout = Layout.from_dict({"operators": ops, **dims_fn(width), "d_model": width})
-                    cfg = dataclasses.replace(config, prompt_len=context)
+                    cfg = config.replace(prompt_len=context)
                     predicted, measured, rel = lut.confirm(layout, data, cfg, device)
                     return {
                         "predicted_ms": round(predicted, 4),

@@ -29,7 +29,6 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -126,7 +125,7 @@ def predictor_error(args, config: LatencyConfig) -> tuple[dict, list[dict]]:
     for label, lo, context, _ in held_out:
         model = HybridLM(lo, config.vocab_size)
         result, share = _timed(
-            lambda model=model, context=context: profile(model, replace(config, prompt_len=context), "cpu")
+            lambda model=model, context=context: profile(model, config.replace(prompt_len=context), "cpu")
         )
         before.append((result.decode_ms_per_token.median, share))
         print(

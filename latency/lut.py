@@ -28,7 +28,6 @@ Imports only the standard library, torch and project modules (a GPU machine may 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import os
@@ -77,10 +76,10 @@ def _as_config(config: Any) -> LatencyConfig:
     if config is None:
         return LatencyConfig(throughput=False)
     if isinstance(config, dict):
-        config = LatencyConfig(**{k: v for k, v in config.items() if k in LatencyConfig.__dataclass_fields__})
+        config = LatencyConfig(**{k: v for k, v in config.items() if k in LatencyConfig.model_fields})
     if not isinstance(config, LatencyConfig):
         raise TypeError("config must be a LatencyConfig or a dict of its fields")
-    return dataclasses.replace(config, throughput=False)
+    return config.replace(throughput=False)
 
 
 def _model(layout: Layout, operators: list[str], vocab_size: int, backend: str) -> HybridLM:
@@ -200,7 +199,7 @@ def _build(
         levels = _reference_levels(layout, reference, size_levels_mb, config.vocab_size, element_bytes)
         ref_models = {n: _model(layout, reference * n, config.vocab_size, backend) for n in levels}
         for context in contexts:
-            cfg = dataclasses.replace(config, prompt_len=context)
+            cfg = config.replace(prompt_len=context)
             base_decode, base_prefill = [], []
             est: dict[str, tuple[list[float], list[float]]] = {op: ([], []) for op in operators}
             factors: dict[int, list[float]] = {n: [] for n in levels}

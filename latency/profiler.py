@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from latency.config import LatencyConfig  # noqa: F401 - re-exported
 from models.hybrid import HybridLM
 from models.kernels import kernel_versions
+from search.evaluation import LatencyConfig  # noqa: F401 - re-exported beside the profiler that reads it
 
 
 @dataclass

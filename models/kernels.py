@@ -15,16 +15,9 @@ import sys
 import types
 
 import torch
+from packaging.version import Version
 
 log = logging.getLogger("hybridnas.kernels")
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split("+")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
 
 
 def cuda_ready() -> bool:
@@ -60,8 +53,8 @@ def fla_gated_delta_rule(need_backward: bool = True):
         log.warning("fla gated delta-rule kernels unavailable (%s): using the pure-torch chunked path", exc)
         return None
     major, _minor = torch.cuda.get_device_capability()
-    tv = _version_tuple(triton.__version__)
-    if need_backward and major == 9 and (3, 4) <= tv < (3, 7, 1):
+    triton_version = Version(triton.__version__).release
+    if need_backward and major == 9 and (3, 4) <= triton_version < (3, 7, 1):
         log.warning(
             "fla gated delta-rule backward refuses Triton %s on Hopper (needs >= 3.7.1): "
             "training uses the pure-torch chunked path",

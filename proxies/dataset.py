@@ -15,20 +15,7 @@ import numpy as np
 
 from proxies.corpus import CorpusError, CorpusSource, Document, iter_documents
 from proxies.tokenizer import ByteTokenizer, HFTokenizer, tokenizer_from_spec
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    corpus: str = "stdlib"  # "stdlib" | PATH | "hf:PATH"
-    text_field: str = "text"
-    tokenizer: str = "bytes"  # "bytes" | "bpe:VOCAB" | "file:PATH"
-    val_fraction: float = 0.05
-    split_seed: int = 0
-    min_val_tokens: int = 4096
-
-    def __post_init__(self) -> None:
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
+from search.evaluation import DataConfig  # noqa: F401 - re-exported beside the loader that reads it
 
 
 @dataclass

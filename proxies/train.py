@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from models.hybrid import HybridLM
 from models.weight_norm import normalize_weights
-from proxies.config import ProxyConfig  # noqa: F401 - re-exported: where callers have always found it
 from proxies.dataset import TokenData, bits_per_byte
+from search.evaluation import ProxyConfig  # noqa: F401 - re-exported beside the trainer that reads it
 from search.layout import Layout
 
 
@@ -138,9 +138,10 @@ def train_proxy(
     data: TokenData,
     device: str | torch.device | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> tuple[TrainResult, HybridLM | None]:
     """Short-train `layout` on `data`; returns the result (never raises for a failing candidate) and the
-    trained model (None if it could not be built)."""
+    trained model (None if it could not be built). `on_phase` hears "model", then "training"."""
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     result = TrainResult()
     started = time.perf_counter()
@@ -148,7 +149,11 @@ def train_proxy(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
+        if on_phase is not None:
+            on_phase("model")
         model = build_model(layout, data.vocab_size, config, device)
+        if on_phase is not None:
+            on_phase("training")
         result.n_params = model.num_parameters()
         optimizer = make_optimizer(model, config)
         rng = np.random.default_rng(config.seed)

@@ -1,64 +1,35 @@
 """The worker entry point: everything a worker does for one candidate.
 
-    evaluate(layout, proxy_config, latency_config) -> EvaluationResult
+    evaluate(layout, proxy_config, latency_config, data_dir=...) -> EvaluationResult
 
-train it briefly (the val_bpb proxy), keep its weights, measure its latency on this device, and return plain
-data (metrics, curves, fingerprints, status, failure reason, traceback, log tail, timings, artifact path).
-The CLI calls it now; Ray actors in the search reach it by this module path. Workers are meant to be
-long-lived: the tokenized corpus is loaded once per process and compiled kernels stay cached
-(TRITON_CACHE_DIR under the data dir).
+in four phases (`search.evaluation.PHASES`): load the data (tokenized once per process), build the model,
+train it briefly (the val_bpb proxy) and keep its weights, measure its latency on this device. It returns
+plain data (metrics, curves, fingerprints, status, the failed phase and reason, traceback, log tail, timings,
+artifact path) and never raises for a failing candidate. `result_keys` gives the keys an evaluation would
+have, so that stored results are reused instead. The CLI calls these directly; Ray actors in the search reach
+them by this module path. Workers are long-lived: the tokenized corpus stays loaded and compiled kernels stay
+cached (TRITON_CACHE_DIR under the data dir).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from search.evaluation import DataConfig, EvaluationResult, LatencyConfig, ProxyConfig, ResultKeys
 from search.keys import latency_key, training_key
 from search.layout import Layout
 
 log = logging.getLogger("hybridnas.worker")
-
-
-@dataclass
-class EvaluationResult:
-    status: str  # "completed" | "failed"
-    layout_hash: str
-    failure_reason: str | None = None
-    traceback: str | None = None
-    training_key: str | None = None
-    latency_key: str | None = None
-    training: dict | None = None  # proxies.train.TrainResult as a dict
-    latency: dict | None = None  # latency.profiler.LatencyResult as a dict
-    corpus_fingerprint: dict = field(default_factory=dict)
-    device_fingerprint: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
-    artifact_path: str | None = None
-    log_tail: list[str] = field(default_factory=list)
-
-    @property
-    def val_bpb(self) -> float | None:
-        return (self.training or {}).get("val_bpb")
-
-    @property
-    def decode_ms_per_token(self) -> float | None:
-        stat = (self.latency or {}).get("decode_ms_per_token")
-        return stat["median"] if stat else None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, default=str)
 
 
 class _TailHandler(logging.Handler):
@@ -72,23 +43,73 @@ class _TailHandler(logging.Handler):
 
 
 _DATA_CACHE: dict = {}
+_DATA_LOCK = threading.Lock()  # a threaded actor may ask for keys while it evaluates: load once
 
 
-def _load_data(data_config, data_dir: Path, data_roots):
+def _load_data(data_config: DataConfig, data_dir: Path, data_roots):
     from proxies.dataset import load_data
 
     key = (data_config, str(data_dir), tuple(map(str, data_roots)))
-    if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = load_data(data_config, data_dir, data_roots)
-    return _DATA_CACHE[key]
+    with _DATA_LOCK:
+        if key not in _DATA_CACHE:
+            _DATA_CACHE[key] = load_data(data_config, data_dir, data_roots)
+        return _DATA_CACHE[key]
 
 
-def _as_layout(layout: Layout | dict | str) -> Layout:
-    if isinstance(layout, Layout):
-        return layout
-    if isinstance(layout, str):
-        return Layout.from_json(layout)
-    return Layout.from_dict(layout)
+@dataclass(frozen=True)
+class Inputs:
+    """One evaluation's inputs, each in its own type (the coercion every entry point shares)."""
+
+    layout: Layout
+    proxy: ProxyConfig
+    latency: LatencyConfig
+    data: DataConfig
+    data_dir: Path
+
+
+def coerce_inputs(layout, proxy_config, latency_config, data_config, data_dir) -> Inputs:
+    """Layouts from a Layout, a dict or JSON text; settings from their models or plain dicts (validated by
+    the same models as at submission); the data dir made absolute."""
+    if not isinstance(layout, Layout):
+        layout = Layout.from_json(layout) if isinstance(layout, str) else Layout.from_dict(layout)
+    if data_dir is None:
+        raise ValueError("data_dir: the worker needs the data dir (cache, artifacts, locks)")
+    return Inputs(
+        layout=layout,
+        proxy=proxy_config if isinstance(proxy_config, ProxyConfig) else ProxyConfig.from_dict(proxy_config),
+        latency=(
+            latency_config
+            if isinstance(latency_config, LatencyConfig)
+            else LatencyConfig.from_dict(latency_config)
+        ),
+        data=data_config if isinstance(data_config, DataConfig) else DataConfig.from_dict(data_config),
+        data_dir=Path(data_dir).resolve(),
+    )
+
+
+def _precision(proxy_config: ProxyConfig, torch_device) -> str:
+    bf16 = proxy_config.precision == "bf16" or (
+        proxy_config.precision == "auto" and torch_device.type == "cuda"
+    )
+    return "bf16" if bf16 else "fp32"
+
+
+def _training_key(inputs: Inputs, data, torch_device) -> str:
+    return training_key(
+        inputs.layout,
+        inputs.proxy.content_hash,
+        data.fingerprint,
+        torch_device.type,
+        _precision(inputs.proxy, torch_device),
+    )
+
+
+def _device_fingerprint(config: LatencyConfig, torch_device) -> dict:
+    from latency.profiler import device_fingerprint, resolve_dtype, resolve_method
+
+    return device_fingerprint(
+        torch_device, resolve_dtype(config, torch_device), resolve_method(config, torch_device)
+    )
 
 
 def result_keys(
@@ -100,54 +121,115 @@ def result_keys(
     data_dir: str | Path | None = None,
     data_roots: tuple = (".",),
     device: str | None = None,
-) -> dict:
-    """The training and latency keys `evaluate` would give these inputs on this worker (cheap: the corpus is
-    cached per process), so a search can reuse stored results instead of evaluating again."""
-    from latency.profiler import (
-        LatencyConfig,
-        device_fingerprint,
-        fingerprint_hash,
-        resolve_dtype,
-        resolve_method,
-    )
-    from proxies.dataset import DataConfig
-    from proxies.train import ProxyConfig, resolve_device
+    on_phase: Callable[[str], None] | None = None,
+) -> ResultKeys:
+    """The training and latency keys `evaluate` would give these inputs on this worker (cheap once the
+    corpus is loaded: it is cached per process), so a search can reuse stored results instead."""
+    from latency.profiler import fingerprint_hash
+    from proxies.train import resolve_device
 
-    layout = _as_layout(layout)
-    proxy_config = (
-        proxy_config if isinstance(proxy_config, ProxyConfig) else ProxyConfig.from_dict(proxy_config or {})
-    )
-    latency_config = (
-        latency_config
-        if isinstance(latency_config, LatencyConfig)
-        else LatencyConfig(**(latency_config or {}))
-    )
-    data_config = data_config if isinstance(data_config, DataConfig) else DataConfig(**(data_config or {}))
-    data_dir = Path(data_dir or os.environ.get("HYBRIDNAS_DATA_DIR", ".hybridnas")).resolve()
+    inputs = coerce_inputs(layout, proxy_config, latency_config, data_config, data_dir)
     torch_device = resolve_device(device)
-    data = _load_data(data_config, data_dir, data_roots)
-    fingerprint = device_fingerprint(
-        torch_device,
-        resolve_dtype(latency_config, torch_device),
-        resolve_method(latency_config, torch_device),
+    if on_phase is not None:
+        on_phase("data")
+    data = _load_data(inputs.data, inputs.data_dir, data_roots)
+    fingerprint = _device_fingerprint(inputs.latency, torch_device)
+    return ResultKeys(
+        training_key=_training_key(inputs, data, torch_device),
+        latency_key=latency_key(inputs.layout, inputs.latency.content_hash, fingerprint_hash(fingerprint)),
     )
-    return {
-        "training_key": training_key(
-            layout,
-            proxy_config.content_hash,
-            data.fingerprint,
-            torch_device.type,
-            _precision(proxy_config, torch_device),
-        ),
-        "latency_key": latency_key(layout, latency_config.content_hash, fingerprint_hash(fingerprint)),
-    }
 
 
-def _precision(proxy_config, torch_device) -> str:
-    bf16 = proxy_config.precision == "bf16" or (
-        proxy_config.precision == "auto" and torch_device.type == "cuda"
+class _Phases:
+    """The phase an evaluation is in (told to `on_phase` as each starts) and the seconds spent in each
+    (`timings["<phase>_s"]`)."""
+
+    def __init__(self, on_phase: Callable[[str], None] | None):
+        self.current, self.since, self.timings = "data", time.perf_counter(), {}
+        self.on_phase = on_phase
+
+    def __call__(self, name: str) -> None:
+        self.close()
+        self.current = name
+        if self.on_phase is not None:
+            self.on_phase(name)
+
+    def close(self) -> None:
+        now = time.perf_counter()
+        key = f"{self.current}_s"
+        self.timings[key] = self.timings.get(key, 0.0) + now - self.since
+        self.since = now
+
+
+def _locked(lock: Any, mode: str):
+    return getattr(lock, mode)() if lock is not None else contextlib.nullcontext()
+
+
+def _train_phase(
+    inputs: Inputs,
+    data,
+    torch_device,
+    result: EvaluationResult,
+    *,
+    device_lock,
+    progress,
+    save_artifacts: bool,
+    phase: _Phases,
+):
+    """Build and short-train the model (the device held shared); its weights saved. The model, or None when
+    training failed (the result then says why, and in which phase)."""
+    from proxies.artifacts import ArtifactStore
+    from proxies.train import train_proxy
+
+    with _locked(device_lock, "shared"):
+        train_result, model = train_proxy(inputs.layout, inputs.proxy, data, torch_device, progress, phase)
+    result.training = train_result.to_dict()
+    if train_result.status != "completed":
+        result.failed_phase = phase.current
+        result.failure_reason = f"{result.failed_phase}: {train_result.failure_reason}"
+        result.traceback = train_result.traceback
+        log.warning("%s", result.failure_reason)
+        return None
+    log.info("trained %d steps: val_bpb %.4f", train_result.steps_done, train_result.val_bpb)
+    if save_artifacts:
+        metadata = {
+            "layout_hash": inputs.layout.content_hash,
+            "proxy_config": inputs.proxy.to_dict(),
+            "corpus": data.fingerprint,
+            "val_bpb": train_result.val_bpb,
+            "vocab_size": data.vocab_size,
+        }
+        path = ArtifactStore(inputs.data_dir / "artifacts").save(
+            result.training_key, model, data.tokenizer, inputs.layout.to_json(), metadata
+        )
+        result.artifact_path = str(path)
+    return model
+
+
+def _latency_phase(
+    inputs: Inputs, data, torch_device, model, result: EvaluationResult, *, device_lock, phase: _Phases
+) -> None:
+    """Measure decode latency (the device held exclusive: nothing trains during a measurement). Without a
+    trained model, an untrained one of the same layout (latency does not depend on the weights)."""
+    import torch
+
+    from latency.profiler import fingerprint_hash, profile
+    from models.hybrid import HybridLM
+
+    if model is None:
+        phase("model")
+        torch.manual_seed(0)
+        model = HybridLM(inputs.layout, data.vocab_size)
+    phase("latency")
+    result.device_fingerprint = _device_fingerprint(inputs.latency, torch_device)
+    result.latency_key = latency_key(
+        inputs.layout, inputs.latency.content_hash, fingerprint_hash(result.device_fingerprint)
     )
-    return "bf16" if bf16 else "fp32"
+    with _locked(device_lock, "exclusive"):
+        latency = profile(model, inputs.latency, torch_device)
+    result.latency = latency.to_dict()
+    result.device_fingerprint = latency.fingerprint
+    log.info("decode %.3f ms/token", latency.decode_ms_per_token.median)
 
 
 def evaluate(
@@ -164,25 +246,15 @@ def evaluate(
     save_artifacts: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
     device_lock: Any = None,
+    on_phase: Callable[[str], None] | None = None,
     log_lines: int = 50,
 ) -> EvaluationResult:
-    """Evaluate one candidate. Never raises for a failing candidate: failure is a result.
+    """Evaluate one candidate. Never raises for a failing candidate: failure is a result, naming its phase.
 
     `device_lock` (a `search.devicelock.DeviceLock`) is held shared while training and exclusive while
-    latency is measured, so that nothing trains on the node's devices during a measurement."""
-    import torch
-
-    from latency.profiler import (
-        LatencyConfig,
-        device_fingerprint,
-        fingerprint_hash,
-        profile,
-        resolve_dtype,
-        resolve_method,
-    )
-    from proxies.artifacts import ArtifactStore
-    from proxies.dataset import DataConfig
-    from proxies.train import ProxyConfig, resolve_device, train_proxy
+    latency is measured. `on_phase(name)` is told each phase as it starts (a worker reports it when a
+    timeout stops it)."""
+    from proxies.train import resolve_device
 
     started = time.perf_counter()
     tail = _TailHandler(log_lines)
@@ -191,97 +263,46 @@ def evaluate(
     if root_logger.level == logging.NOTSET or root_logger.level > logging.INFO:
         root_logger.setLevel(logging.INFO)
     result = EvaluationResult(status="failed", layout_hash="")
-    timings: dict[str, float] = {}
+    phase = _Phases(on_phase)
     try:
-        layout = _as_layout(layout)
-        result.layout_hash = layout.content_hash
-        proxy_config = (
-            proxy_config
-            if isinstance(proxy_config, ProxyConfig)
-            else ProxyConfig.from_dict(proxy_config or {})
-        )
-        latency_config = (
-            latency_config
-            if isinstance(latency_config, LatencyConfig)
-            else LatencyConfig(**(latency_config or {}))
-        )
-        data_config = (
-            data_config if isinstance(data_config, DataConfig) else DataConfig(**(data_config or {}))
-        )
-        data_dir = Path(data_dir or os.environ.get("HYBRIDNAS_DATA_DIR", ".hybridnas")).resolve()
-        os.environ.setdefault("TRITON_CACHE_DIR", str(data_dir / "cache" / "triton"))
+        phase("data")
+        inputs = coerce_inputs(layout, proxy_config, latency_config, data_config, data_dir)
+        result.layout_hash = inputs.layout.content_hash
+        os.environ.setdefault("TRITON_CACHE_DIR", str(inputs.data_dir / "cache" / "triton"))
         torch_device = resolve_device(device)
-        log.info("evaluating %s (%s) on %s", layout.content_hash[:12], layout.compact(), torch_device)
-
-        t0 = time.perf_counter()
-        data = _load_data(data_config, data_dir, data_roots)
-        timings["data_s"] = time.perf_counter() - t0
+        log.info("evaluating %s (%s) on %s", result.layout_hash[:12], inputs.layout.compact(), torch_device)
+        data = _load_data(inputs.data, inputs.data_dir, data_roots)
         result.corpus_fingerprint = dict(data.fingerprint)
-        result.training_key = training_key(
-            layout,
-            proxy_config.content_hash,
-            data.fingerprint,
-            torch_device.type,
-            _precision(proxy_config, torch_device),
-        )
+        result.training_key = _training_key(inputs, data, torch_device)
         model = None
         if train:
-            t0 = time.perf_counter()
-            with device_lock.shared() if device_lock is not None else contextlib.nullcontext():
-                train_result, model = train_proxy(layout, proxy_config, data, torch_device, progress)
-            timings["train_s"] = time.perf_counter() - t0
-            result.training = train_result.to_dict()
-            if train_result.status != "completed":
-                result.failure_reason = f"training: {train_result.failure_reason}"
-                result.traceback = train_result.traceback
-                log.warning("training failed: %s", train_result.failure_reason)
-                return result
-            log.info("trained %d steps: val_bpb %.4f", train_result.steps_done, train_result.val_bpb)
-            if save_artifacts:
-                store = ArtifactStore(data_dir / "artifacts")
-                path = store.save(
-                    result.training_key,
-                    model,
-                    data.tokenizer,
-                    layout.to_json(),
-                    {
-                        "layout_hash": layout.content_hash,
-                        "proxy_config": proxy_config.to_dict(),
-                        "corpus": data.fingerprint,
-                        "val_bpb": train_result.val_bpb,
-                        "vocab_size": data.vocab_size,
-                    },
-                )
-                result.artifact_path = str(path)
-        if measure_latency:
-            from models.hybrid import HybridLM
-
-            t0 = time.perf_counter()
-            if model is None:
-                torch.manual_seed(0)
-                model = HybridLM(layout, data.vocab_size)
-            dtype = resolve_dtype(latency_config, torch_device)
-            method = resolve_method(latency_config, torch_device)
-            result.device_fingerprint = device_fingerprint(torch_device, dtype, method)
-            result.latency_key = latency_key(
-                layout, latency_config.content_hash, fingerprint_hash(result.device_fingerprint)
+            model = _train_phase(
+                inputs,
+                data,
+                torch_device,
+                result,
+                device_lock=device_lock,
+                progress=progress,
+                save_artifacts=save_artifacts,
+                phase=phase,
             )
-            with device_lock.exclusive() if device_lock is not None else contextlib.nullcontext():
-                latency = profile(model, latency_config, torch_device)
-            result.latency = latency.to_dict()
-            result.device_fingerprint = latency.fingerprint
-            timings["latency_s"] = time.perf_counter() - t0
-            log.info("decode %.3f ms/token", latency.decode_ms_per_token.median)
+            if model is None:
+                return result
+        if measure_latency:
+            _latency_phase(inputs, data, torch_device, model, result, device_lock=device_lock, phase=phase)
         result.status = "completed"
     except Exception as exc:  # an operator's exception, bad config, OOM while profiling: data, not a crash
         result.status = "failed"
+        result.failed_phase = phase.current
         first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
-        result.failure_reason = f"{type(exc).__name__}: {first_line}"
+        result.failure_reason = f"{phase.current}: {type(exc).__name__}: {first_line}"
         result.traceback = traceback.format_exc()
         log.error("evaluation failed: %s", result.failure_reason)
     finally:
-        timings["total_s"] = time.perf_counter() - started
-        result.timings = {k: round(v, 4) for k, v in timings.items()}
+        phase.close()
+        result.timings = {
+            k: round(v, 4) for k, v in {**phase.timings, "total_s": time.perf_counter() - started}.items()
+        }
         result.log_tail = list(tail.records)
         root_logger.removeHandler(tail)
     return result

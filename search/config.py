@@ -1,19 +1,24 @@
 """A search's configuration: validated before anything runs (pydantic; errors name the field).
 
 name, space (a named space or its settings), strategy + options, objectives, budget, constraints,
-proxy / latency / data settings (passed to the workers as plain dicts), executor and resources.
+proxy / latency / data settings (the workers' own models, `search.evaluation`), executor and resources.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
+from search.evaluation import DataConfig, LatencyConfig, ProxyConfig
 from search.space import SearchSpace, SpaceError, benchmark_space, cpu_space
+from search.strategies.base import Constraints
+from search.strategies.options import strategy_kwargs
 
 OBJECTIVES = ("val_bpb", "decode_ms", "n_params")
+MAX_DIM = 1 << 20  # any width, count or dimension of a space (a space built with 10**20 would hang)
+Count = Annotated[int, Strict()]
 NAMED_SPACES = {"cpu": cpu_space, "benchmark": benchmark_space, "paper": SearchSpace}
 
 
@@ -21,12 +26,30 @@ class SpaceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     preset: Literal["cpu", "benchmark", "paper"] | None = "cpu"
     mixers: list[str] | None = Field(None, max_length=8)
-    ratios: list[tuple[int, int]] | None = Field(None, max_length=8)
-    ffn_counts: list[int] | None = Field(None, max_length=4)
+    ratios: list[tuple[Count, Count]] | None = Field(None, max_length=8)
+    ffn_counts: list[Count] | None = Field(None, max_length=4)
     n_stages: int | None = Field(None, ge=1, le=8)
     max_operators: int | None = Field(None, ge=1, le=128)
-    widths: list[int] | None = Field(None, min_length=1, max_length=32)
-    dims: dict[str, Any] | None = None
+    widths: list[Count] | None = Field(None, min_length=1, max_length=32)
+    dims: dict[str, Any] | None = Field(
+        None, max_length=32, description="layout dimensions for every width (head_dim, kv_group, ...)"
+    )
+
+    @field_validator("ratios", "ffn_counts", "widths")
+    @classmethod
+    def _bounded_counts(cls, value):
+        for number in (n for item in value or () for n in (item if isinstance(item, tuple) else (item,))):
+            if abs(number) > MAX_DIM:
+                raise ValueError(f"{number} exceeds {MAX_DIM}")
+        return value
+
+    @field_validator("dims")
+    @classmethod
+    def _bounded_dims(cls, value):
+        for key, number in (value or {}).items():
+            if isinstance(number, (int, float)) and not isinstance(number, bool) and abs(number) > MAX_DIM:
+                raise ValueError(f"{key}: {number} exceeds {MAX_DIM}")
+        return value
 
     def build(self) -> SearchSpace:
         base = NAMED_SPACES[self.preset or "cpu"]()
@@ -46,44 +69,15 @@ class SpaceSettings(BaseModel):
         return SearchSpace(**settings)
 
 
-class DataSettings(BaseModel):
-    """Where the training text comes from (the worker's `proxies.dataset.DataConfig`). A corpus path must
-    resolve inside the configured data roots: the service checks it at submission, the worker again when it
-    loads."""
-
-    model_config = ConfigDict(extra="forbid")
-    corpus: str = Field(
-        "stdlib",
-        min_length=1,
-        max_length=4096,
-        pattern=r"^[^\x00]+$",
-        description='"stdlib" (the embedded default), a file/folder/JSONL path, or "hf:PATH"',
-    )
-    text_field: str = Field("text", min_length=1, max_length=200, description="JSONL / datasets text column")
-    tokenizer: str = Field(
-        "bytes",
-        max_length=4096,
-        pattern=r"^(bytes|bpe:[0-9]{3,7}|file:[^\x00]+)$",
-        description='"bytes", "bpe:VOCAB" or "file:PATH" (a tokenizer.json)',
-    )
-    val_fraction: float = Field(0.05, gt=0, lt=1)
-    split_seed: int = Field(0, ge=0, le=2**31 - 1)
-    min_val_tokens: int = Field(4096, ge=1, le=10**9)
-
-
-class Constraints(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    max_decode_ms: float | None = Field(None, gt=0)
-    max_params: int | None = Field(None, gt=0)
-
-
 class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | None = Field(None, max_length=200)
     space: SpaceSettings = Field(default_factory=SpaceSettings)
     strategy: str = "pareto-aging"
     strategy_options: dict[str, Any] = Field(
-        default_factory=dict, max_length=32, description="the strategy's own settings (population_size, ...)"
+        default_factory=dict,
+        max_length=32,
+        description="the strategy's own settings (`search.strategies.options`: population_size, ...)",
     )
     objectives: tuple[str, str] = ("val_bpb", "decode_ms")
     budget: int = Field(16, ge=1, le=100_000, description="evaluations (a reused result counts as one)")
@@ -97,11 +91,12 @@ class SearchConfig(BaseModel):
     )
     constraints: Constraints = Field(default_factory=Constraints)
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds every random choice (numpy takes < 2**32)")
-    proxy: dict[str, Any] = Field(default_factory=lambda: {"steps": 100})
-    latency: dict[str, Any] = Field(
-        default_factory=lambda: {"prompt_len": 128, "decode_tokens": 32, "repeats": 3, "throughput": False}
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig, description="the short training")
+    latency: LatencyConfig = Field(
+        default_factory=lambda: LatencyConfig(decode_tokens=32, repeats=3, throughput=False),
+        description="the latency measurement",
     )
-    data: DataSettings = Field(default_factory=DataSettings)
+    data: DataConfig = Field(default_factory=DataConfig, description="the training text and tokenizer")
     executor: Literal["ray", "inline"] = "ray"
     workers: int = Field(2, ge=1, le=1024)
     cpus_per_worker: float = Field(1, gt=0, le=256)
@@ -166,8 +161,14 @@ class SearchConfig(BaseModel):
             space = self.build_space()
         except SpaceError as exc:
             raise ValueError(f"space.{exc.field}: {exc.reason}") from None
-        # The strategy is built once here so bad options (an unknown name, a population larger than the space,
-        # a budget no layout can meet) are refused at submission, not when a runner starts the search.
+        try:
+            strategy_kwargs(
+                self.strategy, self.strategy_options
+            )  # the engine builds it through the same model
+        except ValueError as exc:
+            raise ValueError(f"strategy_options.{exc}") from None
+        # The strategy is built once here so bad options (a population larger than the space, a budget no
+        # layout can meet) are refused at submission, not when a runner starts the search.
         if self.strategy == "latency-target":  # its table is read when the search starts (a path check first)
             if not self.latency_lut:
                 raise ValueError(

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from search.config import SearchConfig
+from search.evaluation import EvaluationResult, ResultKeys
+from search.executors import Executor, Outcome, WorkersUnavailable
 from search.layout import Layout
 from search.params import count_parameters
 from search.pareto import HypervolumeSpace, pareto_front
@@ -71,7 +73,7 @@ class SearchEngine:
         self,
         storage,
         job_id: int,
-        executor_factory: Callable[[SearchConfig], object],
+        executor_factory: Callable[[SearchConfig], Executor],
         stop: threading.Event | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         lease_owner: str | None = None,
@@ -81,7 +83,7 @@ class SearchEngine:
         # (cancelled, or taken over after its lease lapsed) writes no status.
         self.lease_owner = lease_owner
         self.executor_factory = executor_factory
-        self.stop = stop or threading.Event()
+        self.stop = stop or StopEvent()
         self.on_progress = on_progress
         job = storage.get_job(job_id)
         self.config = SearchConfig.model_validate(job.config)
@@ -99,7 +101,6 @@ class SearchEngine:
                 tuple(bounds[name][1] for name in self.config.objectives),
             )
         )
-        self._payloads: dict[int, dict] = {}  # candidate id -> what was sent (for retries)
 
     # ---- strategy state ------------------------------------------------------------------------------------
     def _strategy(self):
@@ -172,39 +173,46 @@ class SearchEngine:
             log.info("resuming: %d evaluation(s) in flight at the stop go again", len(requeued))
         if self.lease_owner is None:
             storage.set_job_status(self.job_id, "running")
-        executor = self.executor_factory(config)
-        cycle = config.cycle or executor.capacity
         try:
-            while not self.stop.is_set():
-                done = self._count_done()
-                in_flight = executor.in_flight()
-                if done >= config.budget and not in_flight:
-                    break
-                # Keep every worker busy: pending candidates first (resume), then a new cycle of proposals.
-                room = min(executor.capacity - len(in_flight), config.budget - done - len(in_flight))
-                if room > 0:
-                    self._fill(executor, strategy, room, cycle)
-                for outcome in executor.poll(timeout=0.5):
-                    self._handle(outcome, strategy, executor)
-            status = "completed" if self._count_done() >= config.budget else "queued"
-            if (
-                self.stop.is_set()
-            ):  # running evaluations are abandoned (shutdown below kills them) and rerun on resume
-                if getattr(self.stop, "lost", False):  # another runner owns the job now: touch nothing of it
-                    return self._progress()
-                storage.reset_running(self.job_id)
-                status = "cancelled" if getattr(self.stop, "cancel", False) else "queued"
-            self._set_status(status)
+            executor = self.executor_factory(config)
+        except WorkersUnavailable as exc:
+            self._set_status("failed", error=str(exc))
+            return self._progress()
+        try:
+            status, error = self._loop(executor, strategy), None
+        except WorkersUnavailable as exc:  # no worker can be brought back: not a completed search
+            log.error("job %d: %s", self.job_id, exc)
+            status, error = "failed", str(exc)
         except BaseException as exc:
             storage.reset_running(self.job_id)
-            self._set_status(
-                "queued" if isinstance(exc, KeyboardInterrupt) else "failed",
-                error=None if isinstance(exc, KeyboardInterrupt) else repr(exc),
-            )
+            interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))  # resumable, not failed
+            self._set_status("queued" if interrupted else "failed", error=None if interrupted else repr(exc))
             raise
         finally:
             executor.shutdown()
+        if self.stop.is_set() and getattr(self.stop, "lost", False):
+            return self._progress()  # another runner owns the job now: touch nothing of it
+        if status != "completed":  # in flight at the stop: abandoned (shutdown killed them), rerun on resume
+            storage.reset_running(self.job_id)
+        self._set_status(status, error=error)
         return self._progress()
+
+    def _loop(self, executor, strategy) -> str:
+        """Keep every worker busy until the budget is spent or the stop is set; the status to end with."""
+        config = self.config
+        cycle = config.cycle or executor.capacity
+        while not self.stop.is_set():
+            done = self._count_done()
+            in_flight = executor.in_flight()
+            if done >= config.budget and not in_flight:
+                return "completed"
+            # Pending candidates first (resume, retries), then a new cycle of proposals.
+            room = min(executor.capacity - len(in_flight), config.budget - done - len(in_flight))
+            if room > 0:
+                self._fill(executor, strategy, room, cycle)
+            for outcome in executor.poll(timeout=0.5):
+                self._handle(outcome, strategy, executor)
+        return "cancelled" if getattr(self.stop, "cancel", False) else "queued"
 
     def _set_status(self, status: str, error: str | None = None) -> None:
         if self.lease_owner is None:
@@ -220,15 +228,13 @@ class SearchEngine:
         counted = ("completed", "failed", "reused") if self.config.reused_counts else ("completed", "failed")
         return sum(self.storage.count_candidates(self.job_id, status=s) for s in counted)
 
-    def _payload(self, layout_json: str, train: bool = True, measure_latency: bool = True) -> dict:
+    def _payload(self, cand) -> dict:
         c = self.config
         return {
-            "layout": layout_json,
-            "proxy": c.proxy,
-            "latency": c.latency,
+            "layout": json.dumps(cand.layout),
+            "proxy": c.proxy.model_dump(),
+            "latency": c.latency.model_dump(),
             "data": c.data.model_dump(),
-            "train": train,
-            "measure_latency": measure_latency,
         }
 
     def _fill(self, executor, strategy, room: int, cycle: int) -> None:
@@ -254,7 +260,8 @@ class SearchEngine:
                     known.add(cid)
                     pending.append(cand)
         for cand in pending:
-            self._dispatch(cand, executor, strategy)
+            self.storage.mark_running(cand.id)  # an attempt: the worker computes its keys, then evaluates
+            executor.submit(cand.id, self._payload(cand))
 
     def _candidate_id(self, layout_hash: str | None) -> int | None:
         if layout_hash is None:
@@ -262,25 +269,30 @@ class SearchEngine:
         found = self.storage.find_candidate(self.job_id, layout_hash)
         return found.id if found else None
 
-    def _dispatch(self, cand, executor, strategy) -> None:
-        payload = self._payload(json.dumps(cand.layout))
-        try:
-            keys = executor.keys(payload)
-        except (
-            Exception
-        ) as exc:  # e.g. the data cannot load on the worker: the candidate fails, not the search
-            self.storage.fail_candidate(cand.id, f"keys: {type(exc).__name__}: {exc}", None)
-            strategy.tell(cand.layout_hash, None)
-            return
-        training = self.storage.get_training_result(keys["training_key"])
-        latency = self.storage.get_latency_result(keys["latency_key"])
+    def _handle(self, outcome: Outcome, strategy, executor) -> None:
+        cand = self.storage.get_candidate(outcome.task_id)
+        if outcome.keys is not None:
+            self._keys_known(cand, outcome.keys, strategy, executor)
+        elif outcome.result is not None:
+            self._evaluated(cand, outcome.result, strategy)
+        elif outcome.retryable and cand.attempts <= self.config.max_retries:
+            log.warning("candidate %d: %s; retrying", cand.id, outcome.reason)
+            self.storage.mark_running(cand.id)
+            executor.submit(cand.id, self._payload(cand))
+        else:  # retries ran out, or a failure that would only repeat (a corpus that does not load)
+            self._failed(cand, outcome.reason, None, strategy)
+
+    def _keys_known(self, cand, keys: ResultKeys, strategy, executor) -> None:
+        """Reuse what is stored under the keys (this or another search evaluated it); evaluate the rest."""
+        training = self.storage.get_training_result(keys.training_key)
+        latency = self.storage.get_latency_result(keys.latency_key)
         training = training if training is not None and training.status == "completed" else None
         latency = latency if latency is not None and latency.status == "completed" else None
-        if training is not None and latency is not None:  # evaluated before (this or another search): reuse
+        if training is not None and latency is not None:
+            executor.release(cand.id)
             self._complete(
                 cand,
-                keys["training_key"],
-                keys["latency_key"],
+                keys,
                 training.val_bpb,
                 latency.decode_ms,
                 strategy,
@@ -288,74 +300,59 @@ class SearchEngine:
                 trained_params=(training.result or {}).get("n_params"),
             )
             return
-        payload.update(train=training is None, measure_latency=latency is None, keys=keys)
-        self.storage.mark_running(cand.id)
-        executor.submit(cand.id, payload)
-        self._payloads[cand.id] = payload
+        payload = {
+            **self._payload(cand),
+            "train": training is None,
+            "measure_latency": latency is None,
+            "keys": keys.to_dict(),
+        }
+        executor.evaluate(cand.id, payload)
 
-    def _handle(self, outcome, strategy, executor) -> None:
-        cand = self.storage.get_candidate(outcome.task_id)
-        payload = self._payloads.pop(outcome.task_id, None) or self._payload(json.dumps(cand.layout))
-        if outcome.result is None:  # the worker died or timed out: retry, then record the failure
-            if cand.attempts <= self.config.max_retries:
-                log.warning("candidate %d: %s (%s); retrying", cand.id, outcome.error_kind, outcome.error)
-                self.storage.mark_running(cand.id)
-                executor.submit(cand.id, payload)
-                self._payloads[cand.id] = payload
-            else:
-                self.storage.fail_candidate(cand.id, f"{outcome.error_kind}: {outcome.error}", None)
-                strategy.tell(cand.layout_hash, None)
-                self._after_tell(strategy)
-            return
-        result = outcome.result
-        training_key, latency_key = (
-            payload.get("keys", {}).get("training_key"),
-            payload.get("keys", {}).get("latency_key"),
-        )
-        if result.get("training") and result["training"].get("status") == "completed":
+    def _evaluated(self, cand, result: EvaluationResult, strategy) -> None:
+        """Store what the worker measured (a training that completed is kept even if the latency phase then
+        failed), then complete or fail the candidate."""
+        extra = {"log_tail": result.log_tail or [], "worker": result.worker}
+        if result.trained:
             self.storage.put_training_result(
-                result["training_key"],
+                result.training_key,
                 layout_hash=cand.layout_hash,
-                val_bpb=result["training"]["val_bpb"],
-                result={**result["training"], "log_tail": result.get("log_tail") or []},
-                artifact_path=result.get("artifact_path"),
+                val_bpb=result.val_bpb,
+                result={**result.training, **extra},
+                artifact_path=result.artifact_path,
             )
-            training_key = result["training_key"]
-        if result.get("latency"):
+        if result.latency:
             self.storage.put_latency_result(
-                result["latency_key"],
+                result.latency_key,
                 layout_hash=cand.layout_hash,
-                decode_ms=result["latency"]["decode_ms_per_token"]["median"],
-                device_fingerprint=result.get("device_fingerprint"),
-                result=result["latency"],
+                decode_ms=result.decode_ms,
+                device_fingerprint=result.device_fingerprint,
+                result={**result.latency, "worker": result.worker},
             )
-            latency_key = result["latency_key"]
-        if result["status"] != "completed":
-            tail = "\n".join(result.get("log_tail") or [])
-            details = (result.get("traceback") or "") + (
-                f"\n--- worker log, last lines ---\n{tail}" if tail else ""
-            )
-            self.storage.fail_candidate(cand.id, result.get("failure_reason"), details or None)
-            strategy.tell(cand.layout_hash, None)
-            self._after_tell(strategy)
+        if result.status != "completed":
+            self._failed(cand, result.failure_reason, result.details(), strategy)
             return
-        training = self.storage.get_training_result(training_key)
-        latency = self.storage.get_latency_result(latency_key)
+        keys = ResultKeys(result.training_key, result.latency_key)
+        training = self.storage.get_training_result(keys.training_key)
+        latency = self.storage.get_latency_result(keys.latency_key)
         self._complete(
             cand,
-            training_key,
-            latency_key,
+            keys,
             training.val_bpb,
             latency.decode_ms,
             strategy,
             trained_params=(training.result or {}).get("n_params"),
         )
 
+    def _failed(self, cand, reason: str | None, details: str | None, strategy) -> None:
+        """A failed candidate is data: its reason stored, the strategy told, the counts updated."""
+        self.storage.fail_candidate(cand.id, reason or "failed (no reason given)", details)
+        strategy.tell(cand.layout_hash, None)
+        self._after_tell(strategy)
+
     def _complete(
         self,
         cand,
-        training_key,
-        latency_key,
+        keys: ResultKeys,
         val_bpb,
         decode_ms,
         strategy,
@@ -371,8 +368,8 @@ class SearchEngine:
         objectives = {name: values[name] for name in self.config.objectives}
         self.storage.complete_candidate(
             cand.id,
-            training_key=training_key,
-            latency_key=latency_key,
+            training_key=keys.training_key,
+            latency_key=keys.latency_key,
             val_bpb=val_bpb,
             decode_ms=decode_ms,
             n_params=n_params,

@@ -196,7 +196,8 @@ def test_bad_strategy_options_are_refused_at_submission(ran):
     _, _, client = ran
     for options in ({"bogus": 1}, {"population_size": 10**6}):
         r = client.post("/api/searches", json={"budget": 2, "strategy_options": options}, headers=AUTH)
-        assert r.status_code == 422 and r.json()["detail"][0]["field"] == "strategy_options", r.text
+        (name,) = options
+        assert r.status_code == 422 and r.json()["detail"][0]["field"] == f"strategy_options.{name}", r.text
 
 
 @pytest.mark.parametrize(

@@ -95,8 +95,8 @@ class FlakyExecutor(InlineExecutor):
     def poll(self, timeout):
         if not FlakyExecutor.died and self.queue:
             FlakyExecutor.died = True
-            task_id, _ = self.queue.pop(0)
-            return [Outcome(task_id, error_kind="worker_died", error="actor died")]
+            task = self.queue.pop(0)
+            return [Outcome(task.task_id, error_kind="worker_died", error="actor died")]
         return super().poll(timeout)
 
 
@@ -114,8 +114,8 @@ def test_retries_run_out_into_a_failure(storage, tmp_path):
     class AlwaysDies(InlineExecutor):
         def poll(self, timeout):
             if self.queue:
-                task_id, _ = self.queue.pop(0)
-                return [Outcome(task_id, error_kind="timeout", error="evaluation exceeded 1 s")]
+                task = self.queue.pop(0)
+                return [Outcome(task.task_id, error_kind="timeout", error="evaluation exceeded 1 s")]
             return []
 
     config = SearchConfig.model_validate({**TINY, "budget": 2, "max_retries": 1})

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.auth import require_read_token, require_token
 from api.routes.deps import StorageDep, job_or_404
@@ -375,64 +376,50 @@ def evaluations(
 
 
 SSE_POLL_S = 1.0
-SSE_KEEPALIVE_S = 15.0
 SSE_MAX_S = 3600.0  # a stream ends after this long; EventSource clients reconnect with Last-Event-ID
+
+
+def _feed_start(
+    search_id: SearchId,
+    storage: StorageDep,
+    last_event_id: Annotated[str | None, Header(max_length=64, pattern=CURSOR_PATTERN)] = None,
+    since: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN)] = None,
+):
+    """A 404 or 422 before the stream starts: the search exists and the cursor is one this API handed out."""
+    job_or_404(storage, search_id)
+    return _cursor(last_event_id or since)
 
 
 @router.get(
     "/{search_id}/events",
     dependencies=[Depends(require_read_token)],
-    response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    response_class=EventSourceResponse,
     summary="Live progress as Server-Sent Events: one `evaluation` event per finished evaluation, "
     "`status` on changes, `end` when the search is over (resume with Last-Event-ID)",
 )
 async def events(
-    search_id: SearchId,
-    request: Request,
-    storage: StorageDep,
-    last_event_id: Annotated[str | None, Header(max_length=64, pattern=CURSOR_PATTERN)] = None,
-    since: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN)] = None,
-) -> StreamingResponse:
-    await run_in_threadpool(job_or_404, storage, search_id)
-    cursor = _cursor(last_event_id or since)
-
-    async def stream():
-        nonlocal cursor
-        status, quiet = None, 0.0
-        deadline = asyncio.get_running_loop().time() + SSE_MAX_S
-        while asyncio.get_running_loop().time() < deadline:
-            rows = await run_in_threadpool(storage.finished_since, search_id, cursor, 100)
-            for c in rows:
-                cursor = (c.finished_at, c.id)
-                data = CandidateSummary.of(c).model_dump_json()
-                yield f"id: {make_cursor(*cursor)}\nevent: evaluation\ndata: {data}\n\n"
-            current = await run_in_threadpool(storage.get_job, search_id)
-            if current is None:  # deleted while watched
-                yield 'event: end\ndata: {"status": "deleted"}\n\n'
-                return
-            if current.status != status:
-                status = current.status
-                yield (
-                    f'event: status\ndata: {{"status": "{status}", "n_evaluations": '
-                    f'{current.n_evaluations}, "budget": {current.budget or "null"}}}\n\n'
-                )
-            if not rows and status in JOB_TERMINAL_STATUSES:
-                yield f'event: end\ndata: {{"status": "{status}"}}\n\n'
-                return
-            if await request.is_disconnected():
-                return
-            if rows:
-                quiet = 0.0
-                continue
+    search_id: SearchId, request: Request, storage: StorageDep, cursor=Depends(_feed_start)
+) -> AsyncIterator[ServerSentEvent]:
+    """Polls the database each second (keep-alive comments in between come from FastAPI). The stream
+    closes without an `end` when this coordinator shuts down, so that EventSource reconnects elsewhere."""
+    shutting_down = request.app.state.shutting_down
+    loop = asyncio.get_running_loop()
+    deadline, status = loop.time() + SSE_MAX_S, None
+    while loop.time() < deadline and not shutting_down.is_set():
+        rows = await run_in_threadpool(storage.finished_since, search_id, cursor, 100)
+        for c in rows:
+            cursor = (c.finished_at, c.id)
+            yield ServerSentEvent(data=CandidateSummary.of(c), event="evaluation", id=make_cursor(*cursor))
+        current = await run_in_threadpool(storage.get_job, search_id)
+        if current is None:  # deleted while watched
+            yield ServerSentEvent(data={"status": "deleted"}, event="end")
+            return
+        if current.status != status:
+            status = current.status
+            body = {"status": status, "n_evaluations": current.n_evaluations, "budget": current.budget}
+            yield ServerSentEvent(data=body, event="status")
+        if not rows and status in JOB_TERMINAL_STATUSES:
+            yield ServerSentEvent(data={"status": status}, event="end")
+            return
+        if not rows:
             await asyncio.sleep(SSE_POLL_S)
-            quiet += SSE_POLL_S
-            if quiet >= SSE_KEEPALIVE_S:  # a comment keeps proxies from closing an idle stream
-                quiet = 0.0
-                yield ": keep-alive\n\n"
-
-    return StreamingResponse(
-        stream(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )

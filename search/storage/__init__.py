@@ -23,6 +23,7 @@ not for concurrency.
 """
 
 from search.storage.candidates import CandidateStore
+from search.storage.engines import normalize_database_url, sqlite_path
 from search.storage.jobs import JobStore
 from search.storage.records import (
     CandidateRecord,
@@ -57,4 +58,6 @@ __all__ = [
     "check_cron",
     "check_timezone",
     "json_dumps",
+    "normalize_database_url",
+    "sqlite_path",
 ]

@@ -24,9 +24,30 @@ from search.storage.records import json_dumps
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
+def normalize_database_url(url: str) -> str:
+    """postgres:// and postgresql:// (as hosting platforms write them) mean psycopg 3 here, not psycopg2."""
+    parsed = make_url(str(url))
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file a SQLite URL names (absolute); None for another backend or an in-memory database."""
+    parsed = make_url(str(url))
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or _in_memory(database):
+        return None
+    return Path(database).expanduser().resolve()
+
+
+def _in_memory(database: str) -> bool:
+    return database in ("", ":memory:") or database.startswith("file::memory:")
+
+
 def sqlite_engine(url: Any, echo: bool) -> Engine:
     database = url.database or ""
-    memory = database in ("", ":memory:") or database.startswith("file::memory:")
+    memory = _in_memory(database)
     kwargs: dict[str, Any] = {"echo": echo, "json_serializer": json_dumps}
     if memory:
         # One shared connection, or each checkout would see a different empty database.
@@ -82,14 +103,12 @@ class Connected:
     """One database's engine and the transaction helpers the storage parts share."""
 
     def __init__(self, url: str, *, echo: bool = False):
-        self.url = str(url)
+        self.url = normalize_database_url(url)
         parsed = make_url(self.url)
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
             self.engine = sqlite_engine(parsed, echo)
         elif self.dialect == "postgresql":
-            if parsed.drivername == "postgresql":  # plain postgresql:// means psycopg 3 here, not psycopg2
-                parsed = parsed.set(drivername="postgresql+psycopg")
             self.engine = postgres_engine(parsed, echo)
         else:
             raise ValueError(

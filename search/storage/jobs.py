@@ -32,6 +32,31 @@ class JobStore(Connected):
         schedule_id: int | None = None,
     ) -> int:
         """A new queued job; with an idempotency key already used, the existing job's id instead."""
+        job_id, _created = self.create_job_once(
+            kind,
+            config,
+            name=name,
+            priority=priority,
+            budget=budget,
+            idempotency_key=idempotency_key,
+            schedule_id=schedule_id,
+        )
+        return job_id
+
+    def create_job_once(
+        self,
+        kind: str,
+        config: dict,
+        *,
+        name: str | None = None,
+        priority: int = 0,
+        budget: int | None = None,
+        idempotency_key: str | None = None,
+        schedule_id: int | None = None,
+    ) -> tuple[int, bool]:
+        """(job id, created): a new queued job, or — with an idempotency key already used — the existing one.
+        `created` comes from the INSERT itself, so of any number of racing calls with one key exactly one
+        says it created the job."""
         check_value(kind, JOB_KINDS, "job kind")
         t = db.jobs
         values = {
@@ -48,7 +73,7 @@ class JobStore(Connected):
         }
         with self.transaction() as conn:
             if idempotency_key is None:
-                return int(conn.execute(t.insert().values(**values).returning(t.c.id)).scalar_one())
+                return int(conn.execute(t.insert().values(**values).returning(t.c.id)).scalar_one()), True
             stmt = (
                 self._insert(t)
                 .values(**values)
@@ -57,10 +82,9 @@ class JobStore(Connected):
             )
             new_id = conn.execute(stmt).scalar_one_or_none()
             if new_id is not None:
-                return int(new_id)
-            return int(
-                conn.execute(select(t.c.id).where(t.c.idempotency_key == idempotency_key)).scalar_one()
-            )
+                return int(new_id), True
+            existing = conn.execute(select(t.c.id).where(t.c.idempotency_key == idempotency_key)).scalar_one()
+            return int(existing), False
 
     def get_job(self, job_id: int) -> JobRecord | None:
         with self._read() as conn:

@@ -19,6 +19,7 @@ from search.layout import Layout
 from search.space import SearchSpace
 from search.strategies.aging import LatencyTargetStrategy, ParetoAgingStrategy
 from search.strategies.base import Constraints, Proposal, Strategy, estimate_memory_bytes
+from search.strategies.options import STRATEGY_OPTIONS, strategy_kwargs
 from search.strategies.random_search import RandomStrategy
 
 
@@ -55,22 +56,20 @@ def make_strategy(
     factory = STRATEGIES.get(name)
     if factory is None:
         raise ValueError(f"unknown search strategy {name!r} (known: {', '.join(STRATEGIES)})")
+    given = {"population_size": population_size, "sample_size": sample_size, **kw}
     try:
-        return factory(
-            space,
-            objectives=tuple(objectives),
-            seed=seed,
-            population_size=population_size,
-            sample_size=sample_size,
-            initial=list(initial or []),
-            constraints=constraints,
-            latency_table=latency_table,
-            **kw,
-        )
-    except TypeError as exc:
-        if "keyword argument" not in str(exc):
-            raise
+        options = strategy_kwargs(name, {k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
         raise ValueError(f"strategy {name!r}: bad settings: {exc}") from None
+    return factory(
+        space,
+        objectives=tuple(objectives),
+        seed=seed,
+        initial=list(initial or []),
+        constraints=constraints,
+        latency_table=latency_table,
+        **options,
+    )
 
 
 __all__ = [
@@ -81,6 +80,7 @@ __all__ = [
     "Proposal",
     "RandomStrategy",
     "STRATEGIES",
+    "STRATEGY_OPTIONS",
     "Strategy",
     "estimate_memory_bytes",
     "make_strategy",

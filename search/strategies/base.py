@@ -17,13 +17,15 @@ No torch here: layouts, the space, the analytic parameter count and the (pure Py
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from search.evaluation import Float, Int
 from search.layout import Layout
 from search.operators import OPERATORS
 from search.params import count_parameters
@@ -64,35 +66,32 @@ class Proposal:
         )
 
 
-@dataclass(frozen=True)
-class Constraints:
+class Constraints(BaseModel):
     """Budgets a candidate must meet. `max_decode_ms`: ms/token at batch 1 after a `context`-token prompt
     (measured when told, else the latency table's prediction); `max_params`: the analytic count at
     `vocab_size`; `max_memory`: bytes of weights + decode cache at `context` (`estimate_memory_bytes`, or a
     told `memory_bytes`). `context`: None = the latency table's largest measured context (1024 without
     one)."""
 
-    max_decode_ms: float | None = None
-    max_params: int | None = None
-    max_memory: int | None = None
-    vocab_size: int = 257
-    context: int | None = None
-    element_bytes: int = 2  # bytes per weight / cache element in the memory estimate
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
-        for name in ("max_decode_ms", "max_params", "max_memory"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"constraints.{name} must be a positive number or None, not {value!r}")
-        if self.vocab_size < 1:
-            raise ValueError("constraints.vocab_size must be positive")
+    max_decode_ms: Float | None = Field(None, gt=0, description="ms/token at batch 1")
+    max_params: Int | None = Field(None, gt=0, description="parameters (analytic count)")
+    max_memory: Int | None = Field(None, gt=0, description="bytes of weights + decode cache at `context`")
+    vocab_size: Int = Field(257, ge=1, le=1 << 20, description="vocabulary the counts assume")
+    context: Int | None = Field(
+        None, ge=1, le=1 << 20, description="tokens of context for latency and memory"
+    )
+    element_bytes: Int = Field(
+        2, ge=1, le=8, description="bytes per weight / cache element (memory estimate)"
+    )
 
     @property
     def active(self) -> bool:
         return any(v is not None for v in (self.max_decode_ms, self.max_params, self.max_memory))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Constraints:
@@ -106,13 +105,16 @@ def as_constraints(value: Any) -> Constraints:
     if isinstance(value, Constraints):
         return value
     if isinstance(value, dict):
-        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(Constraints)})
+        unknown = sorted(set(value) - set(Constraints.model_fields))
         if unknown:
             raise ValueError(
-                f"unknown constraint(s) {', '.join(unknown)} (known: "
-                f"{', '.join(f.name for f in dataclasses.fields(Constraints))})"
+                f"unknown constraint(s) {', '.join(unknown)} (known: {', '.join(Constraints.model_fields)})"
             )
-        return Constraints(**value)
+        try:
+            return Constraints(**value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ValueError(f"constraints.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     raise ValueError(f"constraints must be a Constraints or a dict, not {type(value).__name__}")
 
 

@@ -1,0 +1,240 @@
+"""The contract between the search and its workers (torch-free): what a worker is asked to do and what it
+answers.
+
+- `ProxyConfig`, `LatencyConfig`, `DataConfig`: the short-training, latency and data settings. The same
+  pydantic models validate a search at submission (REST, schedule templates, `search run`) and build the
+  worker's settings, so a value the worker would refuse is refused before anything runs: integers are
+  integers, floats are finite numbers (never strings), values are bounded, unknown keys are refused, and the
+  error names the field (`proxy.lr`).
+- `ResultKeys`: the training and latency keys a worker reports for an evaluation (stored results are reused
+  by these keys, across searches).
+- `EvaluationResult`: a worker's answer, decoded once from its plain-data payload; the engine reads its
+  typed properties (`val_bpb`, `decode_ms`, `trained_params`) and stores the nested metrics as they came.
+- `PHASES`: the phases of an evaluation, named in failures and timeouts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, model_validator
+
+# An evaluation's phases, in order: loading (and tokenizing) the data, building the model, training it,
+# measuring its latency. Keys are computed after the data phase.
+PHASES = ("data", "model", "training", "latency")
+Phase = Literal["data", "model", "training", "latency"]
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+HOUR = 3600
+WEEK = 7 * 24 * HOUR
+
+
+class WorkerSettings(BaseModel):
+    """Frozen, strict settings with a content hash (part of the result keys) and `replace()`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Self:
+        return cls.model_validate(data or {})
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with these settings changed, validated again."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+    @property
+    def content_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+class ProxyConfig(WorkerSettings):
+    """The short-training proxy: a budget in optimizer steps or in tokens, the optimizer and its schedule."""
+
+    steps: Int | None = Field(None, ge=1, le=10_000_000, description="optimizer steps (100 when no budget)")
+    tokens: Int | None = Field(
+        None,
+        ge=1,
+        le=10**13,
+        description="or training tokens (steps = ceil(tokens / (batch_size x seq_len)))",
+    )
+    batch_size: Int = Field(8, ge=1, le=4096)
+    seq_len: Int = Field(128, ge=1, le=1 << 17)
+    lr: Float = Field(3e-3, gt=0, le=10, description="peak learning rate")
+    min_lr_ratio: Float = Field(0.1, ge=0, le=1, description="the cosine ends at this share of lr")
+    warmup_fraction: Float = Field(0.1, ge=0, lt=1, description="share of the steps spent warming up")
+    weight_decay: Float = Field(0.1, ge=0, le=10)
+    beta1: Float = Field(0.9, ge=0, lt=1)
+    beta2: Float = Field(0.95, ge=0, lt=1)
+    grad_clip: Float = Field(1.0, ge=0, le=1e6, description="0: no clipping")
+    seed: Int = Field(0, ge=0, le=2**32 - 1)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
+    )
+    meta_tokens: Int | None = Field(None, ge=0, le=1024, description="None: the layout's own; 0: off")
+    weight_norm: bool = False
+    eval_tokens: Int = Field(65536, ge=1, le=10**10, description="validation tokens scored for val_bpb")
+    log_every: Int = Field(10, ge=1, le=10**7)
+    divergence_factor: Float = Field(
+        3.0, gt=1, le=1e6, description="failed if the loss climbs this far above its best after warmup"
+    )
+    timeout_s: Float | None = Field(None, gt=0, le=WEEK, description="training wall-clock limit")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_budget(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if data.get("steps") is not None and data.get("tokens") is not None:
+                raise ValueError("steps: give one budget, steps or tokens, not both")
+            if data.get("steps") is None and data.get("tokens") is None:
+                data = {**data, "steps": 100}
+        return data
+
+    @property
+    def total_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        return math.ceil(self.tokens / (self.batch_size * self.seq_len))
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.warmup_fraction * self.total_steps)
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup, then cosine to min_lr_ratio * lr at the last step of exactly this budget."""
+        warmup = self.warmup_steps
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        return self.lr * (
+            self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        )
+
+
+class LatencyConfig(WorkerSettings):
+    """The latency profiler: a prompt prefilled, then tokens decoded at batch 1, repeated."""
+
+    prompt_len: Int = Field(128, ge=1, le=1 << 17, description="tokens prefilled before decoding")
+    decode_tokens: Int = Field(64, ge=1, le=1 << 16, description="tokens decoded per repeat")
+    repeats: Int = Field(5, ge=1, le=1000)
+    warmup: Int = Field(1, ge=0, le=100, description="untimed repeats first (GPU: also Triton's autotuning)")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU"
+    )
+    method: Literal["auto", "eager", "cuda-graph"] = Field(
+        "auto", description="auto: cuda-graph on GPU, eager on CPU"
+    )
+    throughput: bool = True
+    throughput_max_batch: Int = Field(64, ge=1, le=4096)
+    memory_cap_bytes: Int = Field(
+        2 * 1024**3,
+        ge=1,
+        le=1 << 40,
+        description="weights + caches at the throughput batch must fit under this",
+    )
+    threads: Int | None = Field(None, ge=1, le=1024, description="CPU threads (None: torch's default)")
+    vocab_size: Int = Field(257, ge=1, le=1 << 20)
+
+
+class DataConfig(WorkerSettings):
+    """Where the training text comes from. A corpus or tokenizer path must resolve inside the configured data
+    roots: checked at submission, and by the worker again when it loads."""
+
+    corpus: str = Field(
+        "stdlib",
+        min_length=1,
+        max_length=4096,
+        pattern=r"^[^\x00]+$",
+        description='"stdlib" (the embedded default), a file/folder/JSONL path, or "hf:PATH"',
+    )
+    text_field: str = Field("text", min_length=1, max_length=200, description="JSONL / datasets text column")
+    tokenizer: str = Field(
+        "bytes",
+        max_length=4096,
+        pattern=r"^(bytes|bpe:[0-9]{3,7}|file:[^\x00]+)$",
+        description='"bytes", "bpe:VOCAB" or "file:PATH" (a tokenizer.json)',
+    )
+    val_fraction: Float = Field(0.05, gt=0, lt=1)
+    split_seed: Int = Field(0, ge=0, le=2**31 - 1)
+    min_val_tokens: Int = Field(4096, ge=1, le=10**9)
+
+
+@dataclass(frozen=True)
+class ResultKeys:
+    """The keys of an evaluation's results: training (layout, proxy config, corpus, tokenizer, device class,
+    operator code versions) and latency (layout, latency config, device fingerprint)."""
+
+    training_key: str
+    latency_key: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ResultKeys:
+        return cls(str(data["training_key"]), str(data["latency_key"]))
+
+
+@dataclass
+class EvaluationResult:
+    """What a worker answers for one candidate (plain data; failure is a result, never an exception)."""
+
+    status: Literal["completed", "failed"]
+    layout_hash: str
+    failure_reason: str | None = None
+    failed_phase: Phase | None = None
+    traceback: str | None = None
+    training_key: str | None = None
+    latency_key: str | None = None
+    training: dict | None = None  # proxies.train.TrainResult as a dict
+    latency: dict | None = None  # latency.profiler.LatencyResult as a dict
+    corpus_fingerprint: dict = field(default_factory=dict)
+    device_fingerprint: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    artifact_path: str | None = None
+    log_tail: list[str] = field(default_factory=list)
+    worker: dict = field(default_factory=dict)  # where it ran: pid, host, Ray node id
+
+    @property
+    def trained(self) -> bool:
+        """A completed training is in this result (it may be there even when the latency phase failed)."""
+        return bool(self.training) and self.training.get("status") == "completed"
+
+    @property
+    def val_bpb(self) -> float | None:
+        return (self.training or {}).get("val_bpb")
+
+    @property
+    def trained_params(self) -> int | None:
+        """The trained model's parameter count (its tokenizer's vocabulary)."""
+        return (self.training or {}).get("n_params")
+
+    @property
+    def decode_ms(self) -> float | None:
+        """The median decode ms/token the profiler measured."""
+        stat = (self.latency or {}).get("decode_ms_per_token")
+        return stat["median"] if stat else None
+
+    def details(self) -> str | None:
+        """The traceback and the worker's last log lines, for a failed candidate's record."""
+        tail = "\n".join(self.log_tail or [])
+        text = (self.traceback or "") + (f"\n--- worker log, last lines ---\n{tail}" if tail else "")
+        return text or None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, default=str)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvaluationResult:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
