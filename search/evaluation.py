@@ -29,6 +29,7 @@ PHASES = ("data", "model", "training", "latency")
 Phase = Literal["data", "model", "training", "latency"]
 
 Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
 Float = Annotated[float, Strict(), AllowInfNan(False)]
 HOUR = 3600
 WEEK = 7 * 24 * HOUR
@@ -79,7 +80,7 @@ class ProxyConfig(WorkerSettings):
         "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
     )
     meta_tokens: Int | None = Field(None, ge=0, le=1024, description="None: the layout's own; 0: off")
-    weight_norm: bool = False
+    weight_norm: Bool = False
     eval_tokens: Int = Field(65536, ge=1, le=10**10, description="validation tokens scored for val_bpb")
     log_every: Int = Field(10, ge=1, le=10**7)
     divergence_factor: Float = Field(
@@ -131,7 +132,7 @@ class LatencyConfig(WorkerSettings):
     method: Literal["auto", "eager", "cuda-graph"] = Field(
         "auto", description="auto: cuda-graph on GPU, eager on CPU"
     )
-    throughput: bool = True
+    throughput: Bool = True
     throughput_max_batch: Int = Field(64, ge=1, le=4096)
     memory_cap_bytes: Int = Field(
         2 * 1024**3,

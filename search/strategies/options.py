@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from search.evaluation import Float, Int
+from search.evaluation import Bool, Float, Int
 
 
 class StrategyOptions(BaseModel):
@@ -23,11 +23,11 @@ class StrategyOptions(BaseModel):
 
 
 class AgingOptions(StrategyOptions):
-    protect_front: bool = Field(True, description="front members do not age out of the population")
+    protect_front: Bool = Field(True, description="front members do not age out of the population")
     selection: Literal["hypervolume", "crowding"] = Field(
         "hypervolume", description="tie-break among equal Pareto ranks"
     )
-    adapt_mutations: bool = Field(
+    adapt_mutations: Bool = Field(
         True, description="favour the mutation kinds whose children enter the front"
     )
     mutation_window: Int = Field(100, ge=1, le=100_000, description="recent children the mix is learnt from")
