@@ -35,6 +35,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,91 @@ def build_lut(
         torch.set_num_threads(previous_threads)
 
 
+@dataclass
+class _Cell:
+    """One (width, context) cell's measurements over every round: the empty model's decode and prefill ms,
+    each operator's per-block (decode, prefill) estimates, and the size factors by reference-block count."""
+
+    base_decode: list[float] = field(default_factory=list)
+    base_prefill: list[float] = field(default_factory=list)
+    per_block: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+    factors: dict[int, list[float]] = field(default_factory=dict)
+    fingerprint: dict | None = None
+
+
+def _measure_cell(
+    empty, models: dict, ref_models: dict, operators, reference, cfg, device, rounds: int, copies: int
+) -> _Cell:
+    cell = _Cell(per_block={op: ([], []) for op in operators}, factors={n: [] for n in ref_models})
+    for rnd in range(rounds):
+        result = profile(empty, cfg, device)
+        cell.fingerprint = cell.fingerprint or result.fingerprint
+        t0, p0 = result.decode_ms_per_token.median, result.prefill_ms.median
+        cell.base_decode.append(t0)
+        cell.base_prefill.append(p0)
+        shift = rnd % len(operators)  # rotate the order: no operator always right after the baseline
+        for op in operators[shift:] + operators[:shift]:
+            result = profile(models[op], cfg, device)
+            cell.per_block[op][0].append((result.decode_ms_per_token.median - t0) / copies)
+            cell.per_block[op][1].append((result.prefill_ms.median - p0) / copies)
+        block_ms = sum(cell.per_block[op][0][-1] for op in reference)
+        for n, model in ref_models.items():
+            result = profile(model, cfg, device)
+            if block_ms > 0:
+                cell.factors[n].append((result.decode_ms_per_token.median - t0) / (n * block_ms))
+    return cell
+
+
+def _size_rows(cell: _Cell, width: int, context: int, levels: dict[int, int]) -> list[dict]:
+    measured = [(n, statistics.median(values)) for n, values in cell.factors.items() if values]
+    # A bigger working set is never faster: the stored curve is the non-decreasing fit (pool adjacent
+    # violators) of the measured factors, which also damps the noise of a busy machine.
+    return [
+        {
+            "d_model": width,
+            "context": context,
+            "n_blocks": n,
+            "weight_bytes": levels[n],
+            "factor": round(max(fit, 1e-3), 6),
+            "factor_measured": round(raw, 6),
+        }
+        for (n, raw), fit in zip(measured, _non_decreasing([f for _, f in measured]))
+    ]
+
+
+def _entry_rows(cell: _Cell, width: int, context: int, say) -> list[dict]:
+    rows = []
+    for op, (decode, prefill) in cell.per_block.items():
+        value = statistics.median(decode)
+        rows.append(
+            {
+                "operator": op,
+                "d_model": width,
+                "context": context,
+                "decode_ms": round(max(value, 0.0), 6),
+                "prefill_ms": round(max(statistics.median(prefill), 0.0), 6),
+                "spread_ms": round(max(decode) - min(decode), 6),
+            }
+        )
+        if value <= 0:
+            say(
+                f"warning: {op} at d_model={width}, context={context} measured {value:.4f} ms "
+                f"(noise above its cost); stored as 0"
+            )
+    return rows
+
+
+def _say_cell(cell: _Cell, width: int, context: int, levels: dict[int, int], say) -> None:
+    costs = ", ".join(f"{op} {statistics.median(d):.4f}" for op, (d, _) in cell.per_block.items())
+    sizes = ", ".join(
+        f"{levels[n] / 1e6:.1f} MB x{statistics.median(v):.2f}" for n, v in cell.factors.items() if v
+    )
+    say(
+        f"d_model={width} context={context}: overhead {statistics.median(cell.base_decode):.4f} ms, {costs}"
+        + (f"; size factor {sizes}" if levels else "")
+    )
+
+
 def _build(
     widths,
     contexts,
@@ -182,6 +268,7 @@ def _build(
     size_levels_mb,
     say,
 ) -> dict:
+    """Measure every (width, context) cell and assemble the table."""
     element_bytes = _ELEMENT_BYTES[resolve_dtype(config, device)]
     started = time.perf_counter()
     entries, overhead, size_curve, dims_rows, fingerprint = [], [], [], [], None
@@ -199,81 +286,30 @@ def _build(
         levels = _reference_levels(layout, reference, size_levels_mb, config.vocab_size, element_bytes)
         ref_models = {n: _model(layout, reference * n, config.vocab_size, backend) for n in levels}
         for context in contexts:
-            cfg = config.replace(prompt_len=context)
-            base_decode, base_prefill = [], []
-            est: dict[str, tuple[list[float], list[float]]] = {op: ([], []) for op in operators}
-            factors: dict[int, list[float]] = {n: [] for n in levels}
-            for rnd in range(rounds):
-                result = profile(empty, cfg, device)
-                fingerprint = fingerprint or result.fingerprint
-                t0, p0 = result.decode_ms_per_token.median, result.prefill_ms.median
-                base_decode.append(t0)
-                base_prefill.append(p0)
-                shift = rnd % len(operators)  # rotate the order: no operator always right after the baseline
-                for op in operators[shift:] + operators[:shift]:
-                    result = profile(models[op], cfg, device)
-                    est[op][0].append((result.decode_ms_per_token.median - t0) / copies)
-                    est[op][1].append((result.prefill_ms.median - p0) / copies)
-                block_ms = sum(est[op][0][-1] for op in reference)
-                for n, model in ref_models.items():
-                    result = profile(model, cfg, device)
-                    if block_ms > 0:
-                        factors[n].append((result.decode_ms_per_token.median - t0) / (n * block_ms))
-            measured = [(n, statistics.median(values)) for n, values in factors.items() if values]
-            # A bigger working set is never faster: the stored curve is the non-decreasing fit (pool adjacent
-            # violators) of the measured factors, which also damps the noise of a busy machine.
-            for (n, raw), fit in zip(measured, _non_decreasing([f for _, f in measured])):
-                size_curve.append(
-                    {
-                        "d_model": width,
-                        "context": context,
-                        "n_blocks": n,
-                        "weight_bytes": levels[n],
-                        "factor": round(max(fit, 1e-3), 6),
-                        "factor_measured": round(raw, 6),
-                    }
-                )
+            cell = _measure_cell(
+                empty,
+                models,
+                ref_models,
+                operators,
+                reference,
+                config.replace(prompt_len=context),
+                device,
+                rounds,
+                copies,
+            )
+            fingerprint = fingerprint or cell.fingerprint
+            size_curve += _size_rows(cell, width, context, levels)
             overhead.append(
                 {
                     "d_model": width,
                     "context": context,
                     "vocab_size": config.vocab_size,
-                    "decode_ms": round(statistics.median(base_decode), 6),
-                    "prefill_ms": round(statistics.median(base_prefill), 6),
+                    "decode_ms": round(statistics.median(cell.base_decode), 6),
+                    "prefill_ms": round(statistics.median(cell.base_prefill), 6),
                 }
             )
-            for op in operators:
-                decode, prefill = est[op]
-                value = statistics.median(decode)
-                entries.append(
-                    {
-                        "operator": op,
-                        "d_model": width,
-                        "context": context,
-                        "decode_ms": round(max(value, 0.0), 6),
-                        "prefill_ms": round(max(statistics.median(prefill), 0.0), 6),
-                        "spread_ms": round(max(decode) - min(decode), 6),
-                    }
-                )
-                if value <= 0:
-                    say(
-                        f"warning: {op} at d_model={width}, context={context} measured {value:.4f} ms "
-                        f"(noise above its cost); stored as 0"
-                    )
-            say(
-                f"d_model={width} context={context}: overhead {statistics.median(base_decode):.4f} ms, "
-                + ", ".join(f"{op} {statistics.median(est[op][0]):.4f}" for op in operators)
-                + (
-                    "; size factor "
-                    + ", ".join(
-                        f"{levels[n] / 1e6:.1f} MB x{statistics.median(v):.2f}"
-                        for n, v in factors.items()
-                        if v
-                    )
-                    if levels
-                    else ""
-                )
-            )
+            entries += _entry_rows(cell, width, context, say)
+            _say_cell(cell, width, context, levels, say)
         del models, empty, ref_models
     config_dict = config.to_dict()
     config_dict.pop("prompt_len")
@@ -293,8 +329,7 @@ def _build(
         "size_reference_block": reference,
         "size_levels_mb": size_levels_mb,
         "method_note": "cost = (decode ms of a model of `copies` blocks of the operator - decode ms of the "
-        "same "
-        "model with no blocks) / copies; overhead = the model with no blocks",
+        "same model with no blocks) / copies; overhead = the model with no blocks",
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "build_seconds": round(time.perf_counter() - started, 2),
         "entries": entries,

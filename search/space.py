@@ -397,49 +397,62 @@ class SearchSpace:
                 if child_layout != layout:
                     return child_layout, mutation
             raise SpaceError("mutation", "no one-factor mutation changes this layout")
+        kinds = {"swap": self._swap, "insert": self._insert, "remove": self._remove, "width": self._rewidth}
         for _ in range(200):
-            kind = rng.choice(("swap", "insert", "remove", "width"))
-            ops = list(layout.operators)
-            mixer_positions = [i for i, op in enumerate(ops) if OPERATORS[op].kind == "mixer"]
-            if kind == "swap":
-                i = rng.choice(mixer_positions)
-                options = [m for m in self.mixers if m != ops[i]]
-                if not options:
-                    continue
-                new = rng.choice(options)
-                detail = f"operator {i}: {ops[i]} -> {new}"
-                ops[i] = new
-            elif kind == "insert":
-                if len(ops) + 2 > self.max_operators:
-                    continue
-                i = rng.choice(mixer_positions + [len(ops)])
-                new = rng.choice(self.mixers)
-                ops[i:i] = [new, "ffn"]
-                detail = f"insert {new}+ffn at {i}"
-            elif kind == "remove":
-                if len(mixer_positions) < 2:
-                    continue
-                i = rng.choice(mixer_positions)
-                width = 2 if i + 1 < len(ops) and ops[i + 1] == "ffn" else 1
-                detail = f"remove {ops[i]}{'+ffn' if width == 2 else ''} at {i}"
-                del ops[i : i + width]
-            else:
-                widths = sorted(self.widths)
-                options = [w for w in widths if w != layout.d_model]
-                if layout.d_model in widths:
-                    i = widths.index(layout.d_model)
-                    options = [widths[j] for j in (i - 1, i + 1) if 0 <= j < len(widths)]
-                if not options:
-                    continue
-                width = rng.choice(options)
-                return (
-                    Layout.from_dict({**layout.to_dict(), **self._dims_for(width), "name": None}),
-                    Mutation("width", f"width {layout.d_model} -> {width}"),
-                )
-            child = layout.replace(operators=ops, name=None)
-            if child != layout:
+            kind = rng.choice(tuple(kinds))
+            changed = kinds[kind](layout, rng)  # None: not applicable to this layout
+            if changed is not None and changed[0] != layout:
+                child, detail = changed
                 return child, Mutation(kind, detail)
         raise SpaceError("mutation", "no applicable operator-level mutation")
+
+    @staticmethod
+    def _mixer_positions(ops: list[str]) -> list[int]:
+        return [i for i, op in enumerate(ops) if OPERATORS[op].kind == "mixer"]
+
+    def _swap(self, layout: Layout, rng: random.Random) -> tuple[Layout, str] | None:
+        ops = list(layout.operators)
+        i = rng.choice(self._mixer_positions(ops))
+        options = [m for m in self.mixers if m != ops[i]]
+        if not options:
+            return None
+        new = rng.choice(options)
+        detail = f"operator {i}: {ops[i]} -> {new}"
+        ops[i] = new
+        return layout.replace(operators=ops, name=None), detail
+
+    def _insert(self, layout: Layout, rng: random.Random) -> tuple[Layout, str] | None:
+        ops = list(layout.operators)
+        if len(ops) + 2 > self.max_operators:
+            return None
+        i = rng.choice(self._mixer_positions(ops) + [len(ops)])
+        new = rng.choice(self.mixers)
+        ops[i:i] = [new, "ffn"]
+        return layout.replace(operators=ops, name=None), f"insert {new}+ffn at {i}"
+
+    def _remove(self, layout: Layout, rng: random.Random) -> tuple[Layout, str] | None:
+        ops = list(layout.operators)
+        mixers = self._mixer_positions(ops)
+        if len(mixers) < 2:
+            return None
+        i = rng.choice(mixers)
+        width = 2 if i + 1 < len(ops) and ops[i + 1] == "ffn" else 1
+        detail = f"remove {ops[i]}{'+ffn' if width == 2 else ''} at {i}"
+        del ops[i : i + width]
+        return layout.replace(operators=ops, name=None), detail
+
+    def _rewidth(self, layout: Layout, rng: random.Random) -> tuple[Layout, str] | None:
+        """The next width up or down in the space (any other width for a layout off the space's widths)."""
+        widths = sorted(self.widths)
+        options = [w for w in widths if w != layout.d_model]
+        if layout.d_model in widths:
+            i = widths.index(layout.d_model)
+            options = [widths[j] for j in (i - 1, i + 1) if 0 <= j < len(widths)]
+        if not options:
+            return None
+        width = rng.choice(options)
+        child = Layout.from_dict({**layout.to_dict(), **self._dims_for(width), "name": None})
+        return child, f"width {layout.d_model} -> {width}"
 
 
 def cpu_space(**overrides: Any) -> SearchSpace:
