@@ -26,7 +26,7 @@ from pathlib import Path
 
 from search.engine import StopEvent
 from search.leases import held_lease, owner_id, owner_is_dead_here
-from search.storage import JobRecord, Storage
+from search.storage import JobRecord, Storage, is_unavailable
 
 log = logging.getLogger("hybridnas.runner")
 
@@ -217,9 +217,14 @@ class JobRunner:
         with held_lease(self.storage, job.id, self.owner, self.lease_s, stop):
             try:
                 JOB_HANDLERS[job.kind](ctx)
-            except (
-                Exception
-            ) as exc:  # the engine recorded the failure under the lease; make sure it is released
+            except Exception as exc:
+                if is_unavailable(exc):  # its lease lapses; then this runner (or another) takes it again
+                    log.warning("job %d: database unavailable; resumed once the lease lapses", job.id)
+                    return
+                # The engine recorded the failure under the lease; make sure it is released.
                 log.exception("job %d failed", job.id)
                 self.storage.release_job(job.id, self.owner, "failed", error=f"{type(exc).__name__}: {exc}")
-        log.info("job %d: %s", job.id, (self.storage.get_job(job.id) or job).status)
+        try:
+            log.info("job %d: %s", job.id, (self.storage.get_job(job.id) or job).status)
+        except Exception:  # noqa: BLE001 - only a log line
+            log.info("job %d: ended", job.id)

@@ -104,6 +104,7 @@ def run_engine(storage, job_id: int, data_dir: Path) -> None:
     from search.engine import SearchEngine, StopEvent
     from search.executors import executor_factory
     from search.leases import held_lease
+    from search.storage import DatabaseUnavailable
 
     owner = take_job(storage, job_id)
     stop = StopEvent()
@@ -153,6 +154,9 @@ def run_engine(storage, job_id: int, data_dir: Path) -> None:
                 lease_owner=owner,
             )
             engine.run()
+    except DatabaseUnavailable as exc:
+        err.print(f"[red]{exc}[/red]: the search stopped; `hybridnas search resume {job_id}` continues it")
+        raise typer.Exit(1) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -21,6 +21,7 @@ from search.layout import Layout
 from search.params import count_parameters
 from search.pareto import HypervolumeSpace, pareto_front
 from search.presets import get_preset
+from search.storage import DatabaseUnavailable, is_unavailable
 from search.strategies import make_strategy
 
 log = logging.getLogger("hybridnas.engine")
@@ -165,6 +166,22 @@ class SearchEngine:
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def run(self) -> Progress:
+        """Run to the end of the budget, a stop, or a failure. A database that cannot be reached raises
+        DatabaseUnavailable with nothing more written: the job stays under its lease, which lapses, and a
+        runner takes it again and resumes it."""
+        try:
+            return self._run()
+        except Exception as exc:
+            if is_unavailable(exc) and not isinstance(exc, DatabaseUnavailable):
+                log.error(
+                    "job %d: database unavailable (%s); stopping to resume later",
+                    self.job_id,
+                    type(exc).__name__,
+                )
+                raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+            raise
+
+    def _run(self) -> Progress:
         storage, config = self.storage, self.config
         strategy = self._strategy()
         self._rebuild_front()  # a crash between a result and its front update must not leave it off the front
@@ -184,6 +201,8 @@ class SearchEngine:
             log.error("job %d: %s", self.job_id, exc)
             status, error = "failed", str(exc)
         except BaseException as exc:
+            if is_unavailable(exc):
+                raise  # nothing can be written: resumed later (`run`)
             storage.reset_running(self.job_id)
             interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))  # resumable, not failed
             self._set_status("queued" if interrupted else "failed", error=None if interrupted else repr(exc))

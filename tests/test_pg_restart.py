@@ -321,3 +321,91 @@ def test_coordinator_survives_a_server_restart(coordinator, cluster, tmp_path):
         listing = ok(client.get("/api/searches", params={"limit": 10}))
         assert {s["id"] for s in listing["items"]} == {ids[0], ids[2], new} and listing["total"] == 3
         assert ok(client.get("/api/jobs"))["total"] == 2  # queued: ids[2] and new
+
+
+def test_a_running_search_survives_a_server_restart(tmp_path, cluster):
+    """A restart while the job runner is mid-search: the engine stops without writing (the database is
+    gone), the job's lease lapses, the runner takes it again and resumes it; the search completes its budget
+    with nothing evaluated twice."""
+    import httpx
+
+    search = {
+        "name": "through-a-restart",
+        "space": {"preset": "benchmark"},
+        "strategy": "pareto-aging",
+        "strategy_options": {"population_size": 4, "sample_size": 2},
+        "budget": 6,
+        "executor": "inline",
+        "workers": 1,
+        "seed": 2,
+        "proxy": {"steps": 25, "batch_size": 4, "seq_len": 32, "eval_tokens": 512},
+        "latency": {"prompt_len": 8, "decode_tokens": 4, "repeats": 2, "throughput": False},
+    }
+    with pg.migrated_url("postgresql", tmp_path) as url:
+        port = _free_port()
+        env = {
+            **os.environ,
+            "HYBRIDNAS_DATABASE_URL": url,
+            "HYBRIDNAS_TOKEN": TOKEN,
+            "HYBRIDNAS_LEASE_S": "3",
+            "HYBRIDNAS_POLL_S": "0.2",
+            "HYBRIDNAS_SCHEDULER": "false",
+            "PYTHONPATH": str(REPO),
+        }
+        env.pop("DATABASE_URL", None)
+        log = (tmp_path / "serve.log").open("w+")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "api.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(tmp_path / "data"),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        store = Storage(url)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while True:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                try:
+                    if httpx.get(f"{base}/api/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            job_id = httpx.post(f"{base}/api/searches", json=search, headers=AUTH, timeout=30).json()["id"]
+
+            def counts():
+                return store.candidate_counts(job_id)
+
+            deadline = time.monotonic() + 240
+            while not (counts()["completed"] + counts()["reused"] >= 2 and counts()["running"] >= 1):
+                assert time.monotonic() < deadline, counts()
+                time.sleep(0.1)
+            _restart(cluster)
+            deadline = time.monotonic() + 300
+            while store.get_job(job_id).status != "completed":
+                assert store.get_job(job_id).status in ("queued", "running"), store.get_job(job_id)
+                assert time.monotonic() < deadline, counts()
+                time.sleep(0.5)
+            job = store.get_job(job_id)
+            assert job.n_evaluations == 6 and job.lease_owner is None
+            cands = store.candidates(job_id)
+            done = [c for c in cands if c.status in ("completed", "reused")]
+            assert len(done) + counts()["failed"] == 6 and len({c.layout_hash for c in done}) == len(done)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+            log.close()
+            store.close()
+        _wait_ready()

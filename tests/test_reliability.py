@@ -249,8 +249,14 @@ def test_a_worker_killed_while_training_and_one_killed_between_evaluations_are_r
             budget=4,
             max_retries=2,
             # long enough to be caught training; a low rate so no layout diverges (a failure is not the point)
-            proxy={"steps": 150, "batch_size": 4, "seq_len": 32, "eval_tokens": 256, "lr": 1e-3,
-                   "divergence_factor": 100.0},
+            proxy={
+                "steps": 150,
+                "batch_size": 4,
+                "seq_len": 32,
+                "eval_tokens": 256,
+                "lr": 1e-3,
+                "divergence_factor": 100.0,
+            },
         )
         run = EngineThread(store, job_id, ray_executor(tmp_path / "data", (str(tmp_path),)))
         wait_for(lambda: phase_of(run.executor) == "training", 180, "a worker in its training phase")
@@ -765,3 +771,55 @@ def test_ctrl_c_of_the_demo_exits_130_and_stops_its_coordinator(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------- the database gone mid-search
+
+
+def test_a_database_outage_mid_search_stops_without_writing_and_the_runner_resumes(
+    storage, tmp_path, monkeypatch
+):
+    """A write fails at the connection level (the server restarting): the engine stops and writes nothing
+    more (the job stays under its lease); once the lease lapses the runner takes the job again and finishes
+    it, nothing evaluated twice."""
+    from sqlalchemy import exc as sa_exc
+
+    from api.runner import JobRunner
+
+    job_id, _ = create_search(storage, executor="inline", budget=4)
+    real = type(storage).complete_candidate
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise sa_exc.OperationalError(
+                "UPDATE candidates ...", {}, Exception("server closed the connection")
+            )
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(storage), "complete_candidate", flaky)
+    data_dir = tmp_path / "data"
+    runner = JobRunner(
+        storage,
+        data_dir,
+        lease_s=2.0,
+        poll_s=0.1,
+        data_roots=(str(tmp_path),),
+        executor_factory=lambda c: InlineExecutor(str(data_dir), threads=1),
+    )
+    runner.start()
+    try:
+        wait_for(lambda: calls["n"] >= 2, 120, "the failing write")
+        held = storage.get_job(job_id)
+        assert held.status == "running" and held.lease_owner == runner.owner  # nothing written: still leased
+        wait_for(
+            lambda: storage.get_job(job_id).status == "completed", 180, "the job to be resumed and finish"
+        )
+    finally:
+        runner.stop()
+    job = storage.get_job(job_id)
+    cands = storage.candidates(job_id)
+    assert job.n_evaluations == 4 and job.lease_owner is None
+    assert all(c.status in ("completed", "reused") for c in cands)
+    assert max(c.attempts for c in cands) == 2  # the one whose result could not be written ran again

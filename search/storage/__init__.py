@@ -27,6 +27,7 @@ from search.storage.engines import normalize_database_url, sqlite_path
 from search.storage.jobs import JobStore
 from search.storage.records import (
     CandidateRecord,
+    DatabaseUnavailable,
     HypervolumeRecord,
     JobRecord,
     LatencyResultRecord,
@@ -34,6 +35,7 @@ from search.storage.records import (
     ScheduleRecord,
     StorageError,
     TrainingResultRecord,
+    is_unavailable,
     json_dumps,
 )
 from search.storage.schedules import ScheduleStore, check_cron, check_timezone
@@ -47,6 +49,7 @@ class Storage(SchemaStore, JobStore, CandidateStore, ScheduleStore):
 __all__ = [
     "MIGRATIONS_DIR",
     "CandidateRecord",
+    "DatabaseUnavailable",
     "HypervolumeRecord",
     "JobRecord",
     "LatencyResultRecord",
@@ -57,6 +60,7 @@ __all__ = [
     "TrainingResultRecord",
     "check_cron",
     "check_timezone",
+    "is_unavailable",
     "json_dumps",
     "normalize_database_url",
     "sqlite_path",

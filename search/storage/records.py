@@ -18,6 +18,21 @@ class StorageError(RuntimeError):
     pass
 
 
+class DatabaseUnavailable(StorageError):
+    """The database could not be reached (a restart, a network cut, a lock held too long): work stops
+    without writing, and resumes once it can (a job's lease lapses and a runner takes it again)."""
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """A connection-level database error (the server gone, the connection dropped, SQLite's lock not
+    granted in time), as opposed to a statement the database refused."""
+    from sqlalchemy import exc as sa_exc
+
+    return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, DatabaseUnavailable)) or bool(
+        getattr(exc, "connection_invalidated", False)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class JobRecord:
     id: int
