@@ -61,11 +61,33 @@ class Settings(BaseSettings):
         1 << 20, ge=1024, description="request bodies larger than this are refused (413)"
     )
     max_concurrent_requests: int = Field(
-        256,
+        4,
         ge=1,
-        le=100_000,
-        description="beyond this many requests in flight, answer 503 at once "
-        "(overload sheds load instead of queueing into timeouts)",
+        le=10_000,
+        description="requests admitted at once (health, readiness and event streams aside); beyond, 503 with "
+        "Retry-After at once. Sized to what one process finishes within its latency target "
+        "(benchmarks/results/api_sweep.md): a large value lets overload queue into timeouts",
+    )
+    api_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="processes serving the API (the runner and scheduler run once, beside "
+        "them); 2 on a two-core host doubled the read capacity (benchmarks/results/api_sweep.md)",
+    )
+    request_threads: int = Field(
+        2,
+        ge=1,
+        le=256,
+        description="threads that run the (database-bound) route handlers; more only add "
+        "contention for the interpreter lock",
+    )
+    read_cache_s: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="GET responses are reused while no write of this process intervened, for "
+        "at most this long (the bound on how late another process's writes show); 0: off",
     )
 
     def resolved_data_dir(self) -> Path:

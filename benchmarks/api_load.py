@@ -613,13 +613,25 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int | None = None) -> float:
-    """utime + stime of a process (this one when pid is None), from /proc."""
+    """utime + stime of a process and its live descendants (a server's API worker processes), or of this
+    process when pid is None, from /proc."""
     if pid is None:
         usage = os.times()
         return usage.user + usage.system
-    with open(f"/proc/{pid}/stat") as f:
-        fields_ = f.read().rsplit(")", 1)[1].split()
-    return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = defaultdict(list)
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                children[int(stats[int(entry.name)][1])].append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        if current in stats:
+            total += int(stats[current][11]) + int(stats[current][12])
+        todo.extend(children.get(current, []))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def threads_cpu_seconds(pid: int) -> float:
@@ -1067,7 +1079,7 @@ def profile_storage(url: str, seeded: Seeded, repeats: int = 30) -> dict[str, An
     if hasattr(storage, "lineage"):
         calls["lineage (candidate detail)"] = lambda: storage.lineage(cid)
     if hasattr(storage, "children"):
-        calls["children (candidate detail)"] = lambda: storage.children(cid)
+        calls["children (candidate detail)"] = lambda: storage.child_ids(cid)
     if hasattr(storage, "finished_since"):
         calls["finished_since from start (feed)"] = lambda: storage.finished_since(sid, None, limit=50)
     timings: dict[str, float] = {}
@@ -1518,7 +1530,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--render", action="store_true", help="no run: re-render api_load.md from api_load.json"
     )
+    parser.add_argument(
+        "--sweep",
+        default=None,
+        metavar="RATES",
+        help="comma-separated offered rates: the sweep of benchmarks/api_sweep.py (goodput, "
+        "p99 "
+        "and refusals per rate; --duration per rate) instead of one run",
+    )
+    parser.add_argument(
+        "--baseline-tree",
+        default=None,
+        metavar="PATH",
+        help="with --sweep: also serve this checkout (another commit) and measure it alternately",
+    )
+    parser.add_argument("--settle", type=float, default=3.0, help="with --sweep: seconds idle between rates")
+    parser.add_argument(
+        "--api-workers",
+        default="1",
+        help="with --sweep: comma-separated HYBRIDNAS_API_WORKERS values, each served and measured",
+    )
     args = parser.parse_args(argv)
+    if args.sweep:
+        import api_sweep
+
+        args.sweep_rates = [float(r) for r in args.sweep.split(",") if r.strip()]
+        args.api_workers = [int(n) for n in args.api_workers.split(",") if n.strip()]
+        command = "python benchmarks/api_load.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        return api_sweep.main(args, command)
     if args.attach:
         label, _, path = args.attach.partition("=")
         if not label or not path:

@@ -823,3 +823,65 @@ def test_a_database_outage_mid_search_stops_without_writing_and_the_runner_resum
     assert job.n_evaluations == 4 and job.lease_owner is None
     assert all(c.status in ("completed", "reused") for c in cands)
     assert max(c.attempts for c in cands) == 2  # the one whose result could not be written ran again
+
+
+def test_serve_with_two_api_workers_runs_one_runner_and_stops_cleanly(tmp_path):
+    """HYBRIDNAS_API_WORKERS=2: two API processes under uvicorn's supervisor, the job runner once (in the
+    supervisor). A search submitted to either runs and finishes; SIGTERM mid-search exits 0 and hands the job
+    back."""
+    url = f"sqlite:///{tmp_path / 'workers.db'}"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "HYBRIDNAS_DATABASE_URL": url,
+        "HYBRIDNAS_TOKEN": TOKEN,
+        "HYBRIDNAS_API_WORKERS": "2",
+        "HYBRIDNAS_LEASE_S": "60",
+        "HYBRIDNAS_POLL_S": "0.2",
+        "HYBRIDNAS_SCHEDULER": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [HYBRIDNAS, "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    store = None
+    try:
+        wait_for(lambda: _ready(base), 90, "the coordinator")
+        workers = [p for p in descendants(proc.pid) if "spawn_main" in _cmdline(p)]
+        assert len(workers) == 2, [_cmdline(p) for p in descendants(proc.pid)]
+        small = {**SEARCH, "executor": "inline", "budget": 2}
+        first = httpx.post(f"{base}/api/searches", json=small, headers=AUTH, timeout=30).json()["id"]
+        store = Storage(url)
+        wait_for(
+            lambda: httpx.get(f"{base}/api/searches/{first}", timeout=10).json()["status"] == "completed",
+            240,
+            "the first search to finish",
+        )
+        big = {
+            **SEARCH,
+            "executor": "inline",
+            "budget": 40,
+            "proxy": {"steps": 200, "batch_size": 2, "seq_len": 16, "eval_tokens": 256},
+        }
+        second = httpx.post(f"{base}/api/searches", json=big, headers=AUTH, timeout=30).json()["id"]
+        wait_for(lambda: store.count_candidates(second, status="running") >= 1, 120, "the second search")
+        assert {j.lease_owner for j in store.list_jobs(status="running")} == {
+            store.get_job(second).lease_owner
+        }
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0, log_path.read_text()[-4000:]
+        job = store.get_job(second)
+        assert job.status == "queued" and job.lease_owner is None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if store is not None:
+            store.close()

@@ -44,7 +44,7 @@ def get_candidate(candidate_id: CandidateId, storage: StorageDep) -> CandidateDe
             )
             for a in storage.lineage(c.id)
         ],
-        children=[child.id for child in storage.children(c.id)],
+        children=storage.child_ids(c.id),
         training=training_result,
         latency=latency.result if latency is not None else None,
         device_fingerprint=latency.device_fingerprint if latency is not None else None,

@@ -212,7 +212,7 @@ def list_candidates(
     ] = "id",
 ) -> Page[CandidateSummary]:
     job_or_404(storage, search_id)
-    rows = storage.candidates(search_id, status=status, order_by=sort, limit=limit, offset=offset)
+    rows = storage.candidate_summaries(search_id, status=status, order_by=sort, limit=limit, offset=offset)
     return Page[CandidateSummary](
         items=[CandidateSummary.of(c) for c in rows],
         total=storage.count_candidates(search_id, status=status),
@@ -252,10 +252,10 @@ def _front(storage: Storage, job: JobRecord, x: str | None, y: str | None) -> tu
             [{"loc": ("query", "y"), "type": "value_error", "msg": "the two objectives must differ"}]
         )
     if sorted(chosen) == sorted(own):
-        return chosen, storage.candidates(job.id, on_front=True, order_by=chosen[0])
+        return chosen, storage.candidate_summaries(job.id, on_front=True, order_by=chosen[0])
     done = [
         c
-        for c in storage.candidates(job.id, status=CANDIDATE_DONE_STATUSES)
+        for c in storage.candidate_summaries(job.id, status=CANDIDATE_DONE_STATUSES)
         if getattr(c, chosen[0]) is not None and getattr(c, chosen[1]) is not None
     ]
     keep = pareto_front([[float(getattr(c, name)) for name in chosen] for c in done]) if done else []
@@ -307,7 +307,7 @@ def pareto_csv(search_id: SearchId, storage: StorageDep, x: AxisX = None, y: Axi
         ]
     )
     for c in front:
-        layout = Layout.from_dict(c.layout)
+        layout = Layout.from_dict(storage.get_candidate(c.id).layout)  # the front is small: one read each
         writer.writerow(
             [
                 c.id,

@@ -27,10 +27,12 @@ from search.storage.engines import normalize_database_url, sqlite_path
 from search.storage.jobs import JobStore
 from search.storage.records import (
     CandidateRecord,
+    CandidateSummaryRecord,
     DatabaseUnavailable,
     HypervolumeRecord,
     JobRecord,
     LatencyResultRecord,
+    LineageRecord,
     ScheduleFireRecord,
     ScheduleRecord,
     StorageError,
@@ -49,10 +51,12 @@ class Storage(SchemaStore, JobStore, CandidateStore, ScheduleStore):
 __all__ = [
     "MIGRATIONS_DIR",
     "CandidateRecord",
+    "CandidateSummaryRecord",
     "DatabaseUnavailable",
     "HypervolumeRecord",
     "JobRecord",
     "LatencyResultRecord",
+    "LineageRecord",
     "ScheduleFireRecord",
     "ScheduleRecord",
     "Storage",

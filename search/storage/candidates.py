@@ -22,8 +22,10 @@ from search.db import (
 from search.storage.engines import Connected
 from search.storage.records import (
     CandidateRecord,
+    CandidateSummaryRecord,
     HypervolumeRecord,
     LatencyResultRecord,
+    LineageRecord,
     TrainingResultRecord,
     check_statuses,
     check_value,
@@ -166,13 +168,13 @@ class CandidateStore(Connected):
         limit: int | None = None,
         offset: int = 0,
         on_front: bool | None = None,
-    ) -> list[CandidateRecord]:
-        """A job's candidates; `order_by` is a column name (`-name` for descending; NULLs last), ties by
-        id."""
+        *,
+        record: type = CandidateRecord,
+    ) -> list:
+        """A job's candidates (as `record`: every column, or `CandidateSummaryRecord`); `order_by` is a
+        column name (`-name` for descending; NULLs last), ties by id."""
         t = db.candidates
-        stmt = select(*columns_of(CandidateRecord, t)).where(
-            *self._candidate_filters(job_id, status, on_front)
-        )
+        stmt = select(*columns_of(record, t)).where(*self._candidate_filters(job_id, status, on_front))
         descending = order_by.startswith("-")
         name = order_by.lstrip("-")
         if name not in CANDIDATE_SORT_COLUMNS:
@@ -186,7 +188,7 @@ class CandidateStore(Connected):
         )
         if limit is None:
             with self._read() as conn:
-                return [record_of(CandidateRecord, row) for row in conn.execute(stmt.offset(offset))]
+                return [record_of(record, row) for row in conn.execute(stmt.offset(offset))]
         # A page: sort and skip over the ids alone (a narrow sort: the wide rows, layout JSON included, are
         # not carried through it), then read just the page's rows by primary key.
         ids_stmt = stmt.with_only_columns(t.c.id).offset(offset).limit(limit)
@@ -195,10 +197,23 @@ class CandidateStore(Connected):
             if not ids:
                 return []
             rows = {
-                row.id: row
-                for row in conn.execute(select(*columns_of(CandidateRecord, t)).where(t.c.id.in_(ids)))
+                row.id: row for row in conn.execute(select(*columns_of(record, t)).where(t.c.id.in_(ids)))
             }
-        return [record_of(CandidateRecord, rows[i]) for i in ids]
+        return [record_of(record, rows[i]) for i in ids]
+
+    def candidate_summaries(
+        self,
+        job_id: int,
+        status: str | Iterable[str] | None = None,
+        order_by: str = "id",
+        limit: int | None = None,
+        offset: int = 0,
+        on_front: bool | None = None,
+    ) -> list[CandidateSummaryRecord]:
+        """As `candidates`, without the JSON columns: what pages, fronts and CSV exports show."""
+        return self.candidates(
+            job_id, status, order_by, limit, offset, on_front, record=CandidateSummaryRecord
+        )
 
     def get_candidate(self, candidate_id: int) -> CandidateRecord | None:
         t = db.candidates
@@ -228,11 +243,11 @@ class CandidateStore(Connected):
 
     def finished_since(
         self, job_id: int, after: tuple[datetime, int] | None = None, limit: int = DEFAULT_PAGE
-    ) -> list[CandidateRecord]:
+    ) -> list[CandidateSummaryRecord]:
         """Candidates that finished (completed, reused or failed) after the cursor (finished_at, id), in that
         order: the live-progress feed. Pass the last item's (finished_at, id) to get the next ones."""
         t = db.candidates
-        stmt = select(*columns_of(CandidateRecord, t)).where(
+        stmt = select(*columns_of(CandidateSummaryRecord, t)).where(
             t.c.job_id == job_id, t.c.finished_at.is_not(None)
         )
         if after is not None:
@@ -240,9 +255,9 @@ class CandidateStore(Connected):
             stmt = stmt.where((t.c.finished_at > at) | ((t.c.finished_at == at) & (t.c.id > last_id)))
         stmt = stmt.order_by(t.c.finished_at.asc(), t.c.id.asc()).limit(limit)
         with self._read() as conn:
-            return [record_of(CandidateRecord, row) for row in conn.execute(stmt)]
+            return [record_of(CandidateSummaryRecord, row) for row in conn.execute(stmt)]
 
-    def lineage(self, candidate_id: int, max_depth: int = 100) -> list[CandidateRecord]:
+    def lineage(self, candidate_id: int, max_depth: int = 100) -> list[LineageRecord]:
         """The candidate's ancestors, parent first, up to `max_depth` (parents are always older: no
         cycles)."""
         t = db.candidates
@@ -258,23 +273,19 @@ class CandidateStore(Connected):
             )
         )
         stmt = (
-            select(*columns_of(CandidateRecord, t))
+            select(*columns_of(LineageRecord, t))
             .join(ancestors, t.c.id == ancestors.c.id)
             .order_by(ancestors.c.depth)
         )
         with self._read() as conn:
-            return [record_of(CandidateRecord, row) for row in conn.execute(stmt)]
+            return [record_of(LineageRecord, row) for row in conn.execute(stmt)]
 
-    def children(self, candidate_id: int, limit: int = DEFAULT_PAGE) -> list[CandidateRecord]:
+    def child_ids(self, candidate_id: int, limit: int = DEFAULT_PAGE) -> list[int]:
+        """The candidates mutated from this one, oldest first."""
         t = db.candidates
-        stmt = (
-            select(*columns_of(CandidateRecord, t))
-            .where(t.c.parent_id == candidate_id)
-            .order_by(t.c.id)
-            .limit(limit)
-        )
+        stmt = select(t.c.id).where(t.c.parent_id == candidate_id).order_by(t.c.id).limit(limit)
         with self._read() as conn:
-            return [record_of(CandidateRecord, row) for row in conn.execute(stmt)]
+            return [int(i) for i in conn.execute(stmt).scalars()]
 
     def _candidate_filters(
         self, job_id: int, status: str | Iterable[str] | None, on_front: bool | None

@@ -9,7 +9,8 @@ to. A pooled connection never crosses `os.fork()`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
@@ -22,6 +23,8 @@ from sqlalchemy.pool import StaticPool
 from search.storage.records import json_dumps
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+_GENERATIONS: dict[str, int] = {}  # database URL -> write generation of this process (see `generation`)
+_GENERATION_LOCK = threading.Lock()
 
 
 def normalize_database_url(url: str) -> str:
@@ -118,6 +121,8 @@ class Connected:
             guard_fork(self.engine)
         self._echo = echo
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        path = sqlite_path(self.url)
+        self._wal = None if path is None else f"{path}-wal"
 
     def __repr__(self) -> str:
         return f"Storage({make_url(self.url).render_as_string(hide_password=True)!r})"
@@ -154,6 +159,25 @@ class Connected:
                 conn = conn.execution_options(sqlite_begin="IMMEDIATE")
             with conn.begin():
                 yield conn
+        self.wrote()
+
+    @property
+    def generation(self) -> Hashable:
+        """Changes after every committed write: of this process on this database (any Storage of the same
+        URL) and, for a SQLite file, of any process (its write-ahead log's size and time move with every
+        commit). A read made at one generation is current until the next: the API's read cache."""
+        local = _GENERATIONS.get(self.url, 0)
+        if self._wal is None:
+            return local
+        try:
+            stat = os.stat(self._wal)
+        except FileNotFoundError:
+            return local, 0, 0
+        return local, stat.st_mtime_ns, stat.st_size
+
+    def wrote(self) -> None:
+        with _GENERATION_LOCK:
+            _GENERATIONS[self.url] = _GENERATIONS.get(self.url, 0) + 1
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -165,6 +189,7 @@ class Connected:
         """An ORM session (for code that prefers it), committed on success."""
         with self._sessions.begin() as session:
             yield session
+        self.wrote()
 
     def _insert(self, table: Any) -> Any:
         if self.is_sqlite:

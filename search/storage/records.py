@@ -80,6 +80,38 @@ class CandidateRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class CandidateSummaryRecord:
+    """A candidate without its JSON columns (layout, mutation, objectives) and traceback: what lists, fronts
+    and the live feed show, read without decoding JSON per row."""
+
+    id: int
+    job_id: int
+    layout_hash: str
+    parent_id: int | None
+    generation: int
+    status: str
+    failure_reason: str | None
+    attempts: int
+    val_bpb: float | None
+    decode_ms: float | None
+    n_params: int | None
+    on_front: bool
+    created_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class LineageRecord:
+    """An ancestor as a lineage shows it."""
+
+    id: int
+    generation: int
+    mutation: dict | None
+    val_bpb: float | None
+    decode_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class TrainingResultRecord:
     training_key: str
     layout_hash: str

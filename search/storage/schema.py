@@ -41,6 +41,7 @@ class SchemaStore(Connected):
             if self.is_sqlite:
                 conn = conn.execution_options(sqlite_begin="IMMEDIATE")
             getattr(command, action)(self.alembic_config(conn), revision)
+        self.wrote()
 
     def create_schema(self, revision: str = "head") -> None:
         """Upgrade the database to `revision` (head): creates every table on an empty database. Idempotent,
