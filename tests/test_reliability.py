@@ -567,9 +567,9 @@ def live(request, tmp_path):
 
     with pg.migrated_url(request.param, tmp_path) as url:
         store = Storage(url)
-        settings = Settings(
-            data_dir=tmp_path / "data", runners=0, scheduler=False, data_roots=[tmp_path], max_body_bytes=4096
-        )
+        # admission wide open: these tests race requests on purpose (tests/test_overload.py tests admission)
+        settings = Settings(data_dir=tmp_path / "data", runners=0, scheduler=False, data_roots=[tmp_path],
+                            max_body_bytes=4096, max_concurrent_requests=64, request_threads=16)
         port = free_port()
         server = uvicorn.Server(
             uvicorn.Config(
