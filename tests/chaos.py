@@ -246,7 +246,8 @@ def run_chaos(
             else:
                 restart_postgres()
                 report.postgres_restarts += 1
-            report.kills[target] += target != "postgres"
+            if target != "postgres":
+                report.kills[target] += 1
         deadline = time.monotonic() + timeout_s
         while not _finished(storage, job_id) and time.monotonic() < deadline:
             ledger.look()
