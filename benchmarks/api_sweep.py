@@ -157,8 +157,8 @@ def sweep_backend(backend: str, args, trees: dict[str, tuple[Path, dict]]) -> di
             print(f"[{backend}] seeded {seeded.counts} in {seeded.seconds:.1f} s", flush=True)
             with contextlib.ExitStack() as stack:
                 servers = {
-                    label: stack.enter_context(serve(url, tree, workdir, label))
-                    for label, tree in trees.items()
+                    label: stack.enter_context(serve(url, tree, workdir, label, env))
+                    for label, (tree, env) in trees.items()
                 }
                 curves: dict[str, list[dict]] = {label: [] for label in trees}
                 for rate in args.sweep_rates:
@@ -316,7 +316,7 @@ def main(args, command: str) -> int:
         "wall_s": round(time.perf_counter() - started, 1),
         "machine": load.machine(),
         "git": load.git_state(),
-        "trees": {k: _describe(v) for k, v in trees.items()},
+        "trees": {k: _describe(tree) for k, (tree, _env) in trees.items()},
         "arrivals": args.arrivals,
         "duration_s": args.duration,
         "warmup_s": args.warmup,

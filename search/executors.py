@@ -142,10 +142,11 @@ class EvaluationWorker:
     def _set_phase(self, name: str) -> None:
         self.phase = name
 
-    def keys(self, payload: dict) -> dict:
+    def _call(self, entry: Callable, payload: dict, **extra: Any) -> Any:
+        """One call of a worker entry point on a task's payload, the phase reported while it runs."""
         self.phase = "data"
         try:
-            keys = self.worker.result_keys(
+            return entry(
                 payload["layout"],
                 payload.get("proxy"),
                 payload.get("latency"),
@@ -154,30 +155,23 @@ class EvaluationWorker:
                 device=self.device,
                 data_roots=self.data_roots,
                 on_phase=self._set_phase,
+                **extra,
             )
-            return keys.to_dict()
         finally:
             self.phase = "idle"
 
+    def keys(self, payload: dict) -> dict:
+        return self._call(self.worker.result_keys, payload).to_dict()
+
     def evaluate(self, payload: dict) -> dict:
-        self.phase = "data"
-        try:
-            result = self.worker.evaluate(
-                payload["layout"],
-                payload.get("proxy"),
-                payload.get("latency"),
-                data_config=payload.get("data"),
-                data_dir=self.data_dir,
-                device=self.device,
-                data_roots=self.data_roots,
-                train=payload.get("train", True),
-                measure_latency=payload.get("measure_latency", True),
-                device_lock=self.lock,
-                on_phase=self._set_phase,
-            )
-            return {**result.to_dict(), "worker": self.identity()}
-        finally:
-            self.phase = "idle"
+        result = self._call(
+            self.worker.evaluate,
+            payload,
+            train=payload.get("train", True),
+            measure_latency=payload.get("measure_latency", True),
+            device_lock=self.lock,
+        )
+        return {**result.to_dict(), "worker": self.identity()}
 
 
 def _first_line(exc: BaseException) -> str:

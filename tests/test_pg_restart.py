@@ -40,6 +40,7 @@ from sqlalchemy.engine import make_url
 from search import db
 from search.storage import Storage
 from tests import pg
+from tests.test_service import SEARCH as SERVICE_SEARCH
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "pg-restart-test-token"
@@ -329,18 +330,7 @@ def test_a_running_search_survives_a_server_restart(tmp_path, cluster):
     with nothing evaluated twice."""
     import httpx
 
-    search = {
-        "name": "through-a-restart",
-        "space": {"preset": "benchmark"},
-        "strategy": "pareto-aging",
-        "strategy_options": {"population_size": 4, "sample_size": 2},
-        "budget": 6,
-        "executor": "inline",
-        "workers": 1,
-        "seed": 2,
-        "proxy": {"steps": 25, "batch_size": 4, "seq_len": 32, "eval_tokens": 512},
-        "latency": {"prompt_len": 8, "decode_tokens": 4, "repeats": 2, "throughput": False},
-    }
+    search = {**SERVICE_SEARCH, "name": "through-a-restart", "seed": 2}
     with pg.migrated_url("postgresql", tmp_path) as url:
         port = _free_port()
         env = {

@@ -568,8 +568,15 @@ def live(request, tmp_path):
     with pg.migrated_url(request.param, tmp_path) as url:
         store = Storage(url)
         # admission wide open: these tests race requests on purpose (tests/test_overload.py tests admission)
-        settings = Settings(data_dir=tmp_path / "data", runners=0, scheduler=False, data_roots=[tmp_path],
-                            max_body_bytes=4096, max_concurrent_requests=64, request_threads=16)
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            runners=0,
+            scheduler=False,
+            data_roots=[tmp_path],
+            max_body_bytes=4096,
+            max_concurrent_requests=64,
+            request_threads=16,
+        )
         port = free_port()
         server = uvicorn.Server(
             uvicorn.Config(
@@ -668,28 +675,7 @@ def alive(pid: int) -> bool:
 
 def test_sigterm_of_serve_with_ray_and_an_open_event_stream_exits_0_and_hands_the_job_back(tmp_path):
     url = f"sqlite:///{tmp_path / 'serve.db'}"
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "HYBRIDNAS_DATABASE_URL": url,
-        "HYBRIDNAS_TOKEN": TOKEN,
-        "HYBRIDNAS_LEASE_S": "60",
-        "HYBRIDNAS_POLL_S": "0.2",
-        "HYBRIDNAS_SCHEDULER": "false",
-        "PYTHONUNBUFFERED": "1",
-        "HYBRIDNAS_RAY_NUM_CPUS": "1",
-    }
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [HYBRIDNAS, "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
-            env=env,
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc, base, log_path = start_serve(tmp_path, url, HYBRIDNAS_RAY_NUM_CPUS="1")
     store = None
     try:
         wait_for(lambda: _ready(base), 90, "the coordinator")
@@ -728,6 +714,32 @@ def test_sigterm_of_serve_with_ray_and_an_open_event_stream_exits_0_and_hands_th
             os.killpg(proc.pid, signal.SIGKILL)
         if store is not None:
             store.close()
+
+
+def start_serve(tmp_path: Path, url: str, **settings: str) -> tuple[subprocess.Popen, str, Path]:
+    """`hybridnas serve` on a free loopback port in its own process group: (process, base URL, log path)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "HYBRIDNAS_DATABASE_URL": url,
+        "HYBRIDNAS_TOKEN": TOKEN,
+        "HYBRIDNAS_LEASE_S": "60",
+        "HYBRIDNAS_POLL_S": "0.2",
+        "HYBRIDNAS_SCHEDULER": "false",
+        "PYTHONUNBUFFERED": "1",
+        **settings,
+    }
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [HYBRIDNAS, "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc, f"http://127.0.0.1:{port}", log_path
 
 
 def _ready(base: str) -> bool:
@@ -830,28 +842,7 @@ def test_serve_with_two_api_workers_runs_one_runner_and_stops_cleanly(tmp_path):
     supervisor). A search submitted to either runs and finishes; SIGTERM mid-search exits 0 and hands the job
     back."""
     url = f"sqlite:///{tmp_path / 'workers.db'}"
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "HYBRIDNAS_DATABASE_URL": url,
-        "HYBRIDNAS_TOKEN": TOKEN,
-        "HYBRIDNAS_API_WORKERS": "2",
-        "HYBRIDNAS_LEASE_S": "60",
-        "HYBRIDNAS_POLL_S": "0.2",
-        "HYBRIDNAS_SCHEDULER": "false",
-        "PYTHONUNBUFFERED": "1",
-    }
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [HYBRIDNAS, "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
-            env=env,
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc, base, log_path = start_serve(tmp_path, url, HYBRIDNAS_API_WORKERS="2")
     store = None
     try:
         wait_for(lambda: _ready(base), 90, "the coordinator")

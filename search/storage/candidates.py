@@ -80,13 +80,7 @@ class CandidateStore(Connected):
 
     def find_candidate(self, job_id: int, layout_hash: str) -> CandidateRecord | None:
         t = db.candidates
-        with self._read() as conn:
-            row = conn.execute(
-                select(*columns_of(CandidateRecord, t)).where(
-                    t.c.job_id == job_id, t.c.layout_hash == layout_hash
-                )
-            ).first()
-        return None if row is None else record_of(CandidateRecord, row)
+        return self._one(CandidateRecord, t.c.job_id == job_id, t.c.layout_hash == layout_hash)
 
     def mark_running(self, candidate_id: int) -> int:
         """Mark a candidate running and count the attempt; returns the attempt number (1 for the first)."""
@@ -216,10 +210,7 @@ class CandidateStore(Connected):
         )
 
     def get_candidate(self, candidate_id: int) -> CandidateRecord | None:
-        t = db.candidates
-        with self._read() as conn:
-            row = conn.execute(select(*columns_of(CandidateRecord, t)).where(t.c.id == candidate_id)).first()
-        return None if row is None else record_of(CandidateRecord, row)
+        return self._one(CandidateRecord, db.candidates.c.id == candidate_id)
 
     def count_candidates(
         self, job_id: int, status: str | Iterable[str] | None = None, on_front: bool | None = None
@@ -325,12 +316,7 @@ class CandidateStore(Connected):
     # ---- results (shared across searches; one row per key)
 
     def get_training_result(self, training_key: str) -> TrainingResultRecord | None:
-        t = db.training_results
-        with self._read() as conn:
-            row = conn.execute(
-                select(*columns_of(TrainingResultRecord, t)).where(t.c.training_key == training_key)
-            ).first()
-        return None if row is None else record_of(TrainingResultRecord, row)
+        return self._one(TrainingResultRecord, db.training_results.c.training_key == training_key)
 
     def put_training_result(
         self,
@@ -360,12 +346,7 @@ class CandidateStore(Connected):
         return self._put_result(t, t.c.training_key, values)
 
     def get_latency_result(self, latency_key: str) -> LatencyResultRecord | None:
-        t = db.latency_results
-        with self._read() as conn:
-            row = conn.execute(
-                select(*columns_of(LatencyResultRecord, t)).where(t.c.latency_key == latency_key)
-            ).first()
-        return None if row is None else record_of(LatencyResultRecord, row)
+        return self._one(LatencyResultRecord, db.latency_results.c.latency_key == latency_key)
 
     def put_latency_result(
         self,

@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
-from sqlalchemy import Connection, Engine, create_engine, event, exc, update
+from sqlalchemy import Connection, Engine, create_engine, event, exc, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from search.storage.records import json_dumps
+from search.storage.records import columns_of, json_dumps, record_of, record_table
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _GENERATIONS: dict[str, int] = {}  # database URL -> write generation of this process (see `generation`)
@@ -190,6 +190,13 @@ class Connected:
         with self._sessions.begin() as session:
             yield session
         self.wrote()
+
+    def _one(self, record: type, *where: Any) -> Any:
+        """The one row of `record`'s table that matches, as a record; None when there is none."""
+        table = record_table(record)
+        with self._read() as conn:
+            row = conn.execute(select(*columns_of(record, table)).where(*where)).first()
+        return None if row is None else record_of(record, row)
 
     def _insert(self, table: Any) -> Any:
         if self.is_sqlite:

@@ -87,15 +87,10 @@ class JobStore(Connected):
             return int(existing), False
 
     def get_job(self, job_id: int) -> JobRecord | None:
-        with self._read() as conn:
-            row = conn.execute(select(*columns_of(JobRecord, db.jobs)).where(db.jobs.c.id == job_id)).first()
-        return None if row is None else record_of(JobRecord, row)
+        return self._one(JobRecord, db.jobs.c.id == job_id)
 
     def get_job_by_idempotency_key(self, key: str) -> JobRecord | None:
-        t = db.jobs
-        with self._read() as conn:
-            row = conn.execute(select(*columns_of(JobRecord, t)).where(t.c.idempotency_key == key)).first()
-        return None if row is None else record_of(JobRecord, row)
+        return self._one(JobRecord, db.jobs.c.idempotency_key == key)
 
     def list_jobs(
         self,

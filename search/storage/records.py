@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 
 class StorageError(RuntimeError):
@@ -35,6 +35,7 @@ def is_unavailable(exc: BaseException) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class JobRecord:
+    TABLE: ClassVar[str] = "jobs"
     id: int
     kind: str
     name: str | None
@@ -56,6 +57,7 @@ class JobRecord:
 
 @dataclass(frozen=True, slots=True)
 class CandidateRecord:
+    TABLE: ClassVar[str] = "candidates"
     id: int
     job_id: int
     layout_hash: str
@@ -84,6 +86,7 @@ class CandidateSummaryRecord:
     """A candidate without its JSON columns (layout, mutation, objectives) and traceback: what lists, fronts
     and the live feed show, read without decoding JSON per row."""
 
+    TABLE: ClassVar[str] = "candidates"
     id: int
     job_id: int
     layout_hash: str
@@ -104,6 +107,7 @@ class CandidateSummaryRecord:
 class LineageRecord:
     """An ancestor as a lineage shows it."""
 
+    TABLE: ClassVar[str] = "candidates"
     id: int
     generation: int
     mutation: dict | None
@@ -113,6 +117,7 @@ class LineageRecord:
 
 @dataclass(frozen=True, slots=True)
 class TrainingResultRecord:
+    TABLE: ClassVar[str] = "training_results"
     training_key: str
     layout_hash: str
     proxy_config_hash: str | None
@@ -125,6 +130,7 @@ class TrainingResultRecord:
 
 @dataclass(frozen=True, slots=True)
 class LatencyResultRecord:
+    TABLE: ClassVar[str] = "latency_results"
     latency_key: str
     layout_hash: str
     latency_config_hash: str | None
@@ -137,6 +143,7 @@ class LatencyResultRecord:
 
 @dataclass(frozen=True, slots=True)
 class HypervolumeRecord:
+    TABLE: ClassVar[str] = "hypervolume_history"
     n_evaluations: int
     hypervolume: float
     recorded_at: datetime
@@ -144,6 +151,7 @@ class HypervolumeRecord:
 
 @dataclass(frozen=True, slots=True)
 class ScheduleRecord:
+    TABLE: ClassVar[str] = "schedules"
     id: int
     name: str
     cron: str
@@ -166,6 +174,7 @@ class ScheduleRecord:
 
 @dataclass(frozen=True, slots=True)
 class ScheduleFireRecord:
+    TABLE: ClassVar[str] = "schedule_fires"
     id: int
     schedule_id: int
     due_at: datetime
@@ -179,6 +188,13 @@ def record_of(cls: type, row: Any) -> Any:
     """A record of `cls` from a row that has (at least) its fields as columns."""
     mapping = row._mapping
     return cls(**{f.name: mapping[f.name] for f in fields(cls)})
+
+
+def record_table(cls: type) -> Any:
+    """The table a record is read from (its `TABLE`)."""
+    from search import db
+
+    return db.Base.metadata.tables[cls.TABLE]
 
 
 def columns_of(cls: type, table: Any) -> list:

@@ -148,10 +148,7 @@ class ScheduleStore(Connected):
             return int(conn.execute(t.insert().values(**values).returning(t.c.id)).scalar_one())
 
     def get_schedule(self, schedule_id: int) -> ScheduleRecord | None:
-        t = db.schedules
-        with self._read() as conn:
-            row = conn.execute(select(*columns_of(ScheduleRecord, t)).where(t.c.id == schedule_id)).first()
-        return None if row is None else record_of(ScheduleRecord, row)
+        return self._one(ScheduleRecord, db.schedules.c.id == schedule_id)
 
     def list_schedules(
         self, enabled: bool | None = None, limit: int | None = DEFAULT_PAGE, offset: int = 0
