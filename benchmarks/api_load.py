@@ -1550,7 +1550,16 @@ def main(argv: list[str] | None = None) -> int:
         default="1",
         help="with --sweep: comma-separated HYBRIDNAS_API_WORKERS values, each served and measured",
     )
+    parser.add_argument(
+        "--render-sweep",
+        action="store_true",
+        help="no run: re-render api_sweep.md and its PNG from api_sweep.json",
+    )
     args = parser.parse_args(argv)
+    if args.render_sweep:
+        import api_sweep
+
+        return api_sweep.rerender()
     if args.sweep:
         import api_sweep
 

@@ -280,6 +280,30 @@ def test_a_worker_killed_while_training_and_one_killed_between_evaluations_are_r
         store.close()
 
 
+def test_a_worker_killed_while_it_measures_latency_is_replaced(tmp_path):
+    """The latency phase (the device held exclusive): the killed worker's lock is released with its process,
+    the evaluation runs again on a fresh actor, and the search completes."""
+    with pg.migrated_url("sqlite", tmp_path) as url:
+        store = Storage(url)
+        job_id, _ = create_search(
+            store,
+            executor="ray",
+            budget=2,
+            max_retries=2,
+            latency={"prompt_len": 64, "decode_tokens": 64, "repeats": 40, "warmup": 0, "throughput": False},
+        )
+        run = EngineThread(store, job_id, ray_executor(tmp_path / "data", (str(tmp_path),)))
+        wait_for(lambda: phase_of(run.executor) == "latency", 180, "a worker measuring latency")
+        kill_worker(run.executor)
+        run.join(600)
+        job = store.get_job(job_id)
+        cands = store.candidates(job_id)
+        assert job.status == "completed" and job.n_evaluations == 2, job
+        assert all(c.status in ("completed", "reused") for c in cands), [c.failure_reason for c in cands]
+        assert max(c.attempts for c in cands) == 2
+        store.close()
+
+
 def test_workers_that_cannot_be_recreated_fail_the_search_with_the_reason(tmp_path):
     """After a worker dies, new actors never start (the resource they need is gone): the search ends
     `failed` saying so, never `completed` with its budget unspent."""
