@@ -5,7 +5,6 @@ without that token. On a real uvicorn on loopback."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,56 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from api.app import create_app
-from api.auth import Auth
-from api.settings import Settings
 from search.storage import Storage
+from tests.live import Live
 
 TOKEN = "overload-token-not-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Live:
-    def __init__(self, tmp_path, require_token_for_reads=False, **settings):
-        import uvicorn
-
-        self.store = Storage(f"sqlite:///{tmp_path / 'api.db'}")
-        self.store.create_schema()
-        config = Settings(data_dir=tmp_path / "data", runners=0, scheduler=False, **settings)
-        self.app = create_app(config, self.store, auth=Auth(TOKEN, require_token_for_reads))
-        port = free_port()
-        self.base = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-
-    def middleware(self, cls):
-        app = self.app.middleware_stack
-        while app is not None and not isinstance(app, cls):
-            app = getattr(app, "app", None)
-        return app
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.store.close()
-
-
 @pytest.fixture
 def live(tmp_path):
-    server = Live(tmp_path, max_concurrent_requests=2)
+    server = Live(tmp_path, TOKEN, max_concurrent_requests=2)
     yield server
     server.close()
 
@@ -126,7 +85,7 @@ def test_repeated_reads_come_from_the_cache_with_etags_until_a_write(live):
 
 
 def test_a_token_guarded_read_is_never_served_from_the_cache_without_the_token(tmp_path):
-    server = Live(tmp_path, require_token_for_reads=True)
+    server = Live(tmp_path, TOKEN, require_token_for_reads=True)
     try:
         job = server.store.create_job("search", {"budget": 1}, name="guarded", budget=1)
         with httpx.Client(base_url=server.base, timeout=10) as client:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from search.engine import SearchEngine, StopEvent
 from search.executors import InlineExecutor, RayExecutor
 from search.storage import Storage
 from tests import pg
+from tests.live import free_port
 
 HYBRIDNAS = str(Path(sys.executable).with_name("hybridnas"))
 TOKEN = "reliability-token-not-secret"
@@ -576,12 +576,6 @@ def test_invalid_utf8_and_too_deep_bodies_are_422_naming_the_body(api):
     r = client.post("/api/searches", content=b'{"budget": 2,', headers=headers)
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "body"
     assert store.count_jobs() == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(params=pg.BACKENDS)
