@@ -31,6 +31,8 @@ from api.errors import summary as error_summary
 from api.routes import ROUTERS
 from api.settings import Settings, get_settings
 from search.storage import Storage, StorageError
+from web.assets import install_assets
+from web.pages import install_pages
 
 log = logging.getLogger("hybridnas.api")
 
@@ -215,7 +217,9 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
         description="Submit and inspect hybrid-architecture searches. Mutating routes need "
-        "`Authorization: Bearer <token>`.",
+        "`Authorization: Bearer <token>`. The dashboard is at `/`.",
+        docs_url=None,  # served from local files by web.assets (the machine may be offline)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.storage = storage
@@ -233,4 +237,6 @@ def create_app(
     app.add_middleware(Admission, limit=settings.max_concurrent_requests)  # outermost: refusals cost least
     for router in ROUTERS:
         app.include_router(router)
+    install_assets(app)
+    install_pages(app)
     return app

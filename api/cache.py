@@ -6,8 +6,9 @@ A response is served from the cache when it was made at the storage's current wr
 process too) and is at most `ttl_s` old; the TTL bounds how long a write by another process on PostgreSQL (a
 `hybridnas search run`, another coordinator, another API worker) can go unseen. Only complete 200
 responses of plain (non-streaming) routes are kept; `/api/health`, `/api/ready` and event streams are never
-cached. When reads need the token, the Authorization header is part of the key, so a cached response is only
-ever served to a request that presented the token it was made for.
+cached. When reads need the token, the Authorization and Cookie headers (the dashboard's session) are part of
+the key, so a cached response is only ever served to a request that presented the credentials it was made
+for.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class ReadCache:
         key = (
             scope["path"],
             scope.get("query_string", b""),
-            headers.get(b"authorization") if self.key_on_auth else None,
+            (headers.get(b"authorization"), headers.get(b"cookie")) if self.key_on_auth else None,
         )
         generation, now = self.generation(), time.monotonic()
         entry = self.entries.get(key)

@@ -126,7 +126,7 @@ def serve(
     scheduler: bool = typer.Option(None, "--scheduler/--no-scheduler", help="fire scheduled searches here"),
     log_level: str = typer.Option("info", help="debug, info, warning, error"),
 ) -> None:
-    """Start the coordinator: REST API (OpenAPI at /docs), job runner and scheduler."""
+    """Start the coordinator: REST API (OpenAPI at /docs), dashboard (/), job runner and scheduler."""
     from api.serve import serve as run_server
 
     run_server(host, port, data_dir, runners, scheduler, log_level)

@@ -87,7 +87,9 @@ def start_service(console: Console, port: int) -> tuple[subprocess.Popen, str]:
             )
         try:
             if httpx.get(f"{base}/api/ready", timeout=2).status_code == 200:
-                console.print(f"coordinator up at {base} (OpenAPI: {base}/docs; log: {log_path})")
+                console.print(
+                    f"coordinator up at {base}: dashboard {base}/ (OpenAPI: {base}/docs; log: {log_path})"
+                )
                 return proc, base
         except httpx.HTTPError:
             pass
@@ -115,6 +117,7 @@ def submit_and_follow(console: Console, base: str, body: dict) -> int:
             f"POST /api/searches -> search {job_id} ({body['strategy']}, budget {body['budget']}); "
             f"following GET /api/searches/{job_id}/evaluations"
         )
+        console.print(f"watch it live in the dashboard: {base}/searches/{job_id}")
         cursor, status = None, "queued"
         with Progress(
             TextColumn("search {task.fields[job]} ({task.fields[status]})"),
@@ -179,7 +182,7 @@ def run_service_demo(console: Console, port: int = 8000, exit_when_done: bool = 
         submit_and_follow(console, base, DEMO_SEARCH)
         if exit_when_done:
             return
-        console.print(f"serving at {base} (OpenAPI: {base}/docs); Ctrl-C stops")
+        console.print(f"serving at {base}: dashboard {base}/ (OpenAPI: {base}/docs); Ctrl-C stops")
         proc.wait()
     except KeyboardInterrupt:
         console.print("stopping the coordinator")

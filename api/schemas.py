@@ -182,3 +182,41 @@ class Ready(BaseModel):
 class ErrorOut(BaseModel):
     model_config = ConfigDict(extra="allow")
     detail: Any
+
+
+class ScatterOut(BaseModel):
+    """A scatter's points, column by column (what a plot takes): every front point, and a sample of the
+    rest."""
+
+    search_id: int
+    objectives: list[str] = Field(description="[x, y], both minimized")
+    total: int = Field(description="finished candidates with both objectives")
+    shown: int
+    front: int = Field(description="points on the front (every one is shown)")
+    ids: list[int]
+    generations: list[int]
+    on_front: list[bool]
+    x: list[float]
+    y: list[float]
+    x_iqr: list[float | None] = Field(description="the measured spread (IQR) of x, for latency; front only")
+    y_iqr: list[float | None]
+    presets: dict[str, str] = Field(description="{candidate id: name} of the named starting layouts shown")
+    layouts: dict[str, str] = Field(description="{candidate id: compact layout} of the front points")
+
+
+class HypervolumeOut(BaseModel):
+    search_id: int
+    n_evaluations: list[int]
+    hypervolume: list[float]
+    recorded_at: list[datetime]
+
+
+class FeatureEffect(BaseModel):
+    feature: str
+    spearman: dict[str, float | None] = Field(description="{objective: rank correlation}")
+
+
+class FeaturesOut(BaseModel):
+    search_id: int
+    n_candidates: int = Field(description="completed candidates the correlations are computed over")
+    features: list[FeatureEffect]

@@ -62,8 +62,8 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     log.info(
-        "coordinator on http://%s:%d (OpenAPI at /docs); data dir %s; database %s; runners %d; scheduler %s; "
-        "API processes %d",
+        "coordinator on http://%s:%d (dashboard at /, OpenAPI at /docs); data dir %s; database %s; "
+        "runners %d; scheduler %s; API processes %d",
         host,
         port,
         settings.resolved_data_dir(),

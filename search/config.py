@@ -11,12 +11,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
+from search.db import OBJECTIVE_COLUMNS
 from search.evaluation import DataConfig, LatencyConfig, ProxyConfig
 from search.space import SearchSpace, SpaceError, benchmark_space, cpu_space
 from search.strategies.base import Constraints
 from search.strategies.options import strategy_kwargs
 
-OBJECTIVES = ("val_bpb", "decode_ms", "n_params")
+OBJECTIVES = OBJECTIVE_COLUMNS  # every objective is a column of the candidates table
 MAX_DIM = 1 << 20  # any width, count or dimension of a space (a space built with 10**20 would hang)
 Count = Annotated[int, Strict()]
 NAMED_SPACES = {"cpu": cpu_space, "benchmark": benchmark_space, "paper": SearchSpace}

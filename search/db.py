@@ -55,6 +55,7 @@ SCHEDULE_FIRE_STATUSES = ("fired", "missed", "skipped", "failed")  # failed: the
 
 # The columns a candidate list may be sorted by ("-name": descending; NULLs last; ties by id), and those of
 # them with an index of their own (the rest sort few enough rows, or sort by the primary key).
+OBJECTIVE_COLUMNS = ("val_bpb", "decode_ms", "n_params")  # the objectives, as columns (search.config's)
 CANDIDATE_SORT_COLUMNS = (
     "id",
     "generation",

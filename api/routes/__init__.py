@@ -1,5 +1,5 @@
 """The API's routers (thin: validation in api/schemas.py, state through search.storage.Storage)."""
 
-from api.routes import candidates, jobs, meta, schedules, searches
+from api.routes import candidates, jobs, meta, schedules, searches, views
 
-ROUTERS = (meta.router, searches.router, candidates.router, jobs.router, schedules.router)
+ROUTERS = (meta.router, searches.router, views.router, candidates.router, jobs.router, schedules.router)

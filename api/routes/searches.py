@@ -243,14 +243,22 @@ def resume_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
 Objective = Literal[OBJECTIVES]  # type: ignore[valid-type]
 
 
-def _front(storage: Storage, job: JobRecord, x: str | None, y: str | None) -> tuple[list[str], list]:
-    """The materialized front for the search's own objectives (an indexed read), else computed on request."""
+def own_objectives(job: JobRecord, x: str | None, y: str | None) -> list[str]:
+    """[x, y]: the chosen objectives, each defaulting to the search's own; a 422 naming `y` if they are the
+    same."""
     own = list(job.config.get("objectives") or ("val_bpb", "decode_ms"))
     chosen = [x or own[0], y or own[1]]
     if chosen[0] == chosen[1]:
         raise RequestValidationError(
             [{"loc": ("query", "y"), "type": "value_error", "msg": "the two objectives must differ"}]
         )
+    return chosen
+
+
+def _front(storage: Storage, job: JobRecord, x: str | None, y: str | None) -> tuple[list[str], list]:
+    """The materialized front for the search's own objectives (an indexed read), else computed on request."""
+    own = own_objectives(job, None, None)
+    chosen = own_objectives(job, x, y)
     if sorted(chosen) == sorted(own):
         return chosen, storage.candidate_summaries(job.id, on_front=True, order_by=chosen[0])
     done = [
@@ -280,34 +288,28 @@ def pareto(search_id: SearchId, storage: StorageDep, x: AxisX = None, y: AxisY =
     )
 
 
-@router.get(
-    "/{search_id}/pareto.csv",
-    dependencies=[Depends(require_read_token)],
-    response_class=Response,
-    responses={200: {"content": {"text/csv": {}}}},
-    summary="The Pareto front as CSV",
+CSV_COLUMNS = (
+    "candidate_id",
+    "layout_hash",
+    "operators",
+    "d_model",
+    "val_bpb",
+    "decode_ms",
+    "n_params",
+    "generation",
+    "parent_id",
+    "status",
+    "failure_reason",
 )
-def pareto_csv(search_id: SearchId, storage: StorageDep, x: AxisX = None, y: AxisY = None) -> Response:
-    job = job_or_404(storage, search_id)
-    objectives, front = _front(storage, job, x, y)
+
+
+def _csv(rows, filename: str) -> Response:
+    """Candidates (full records: the layout is read) as a CSV download."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(
-        [
-            "candidate_id",
-            "layout_hash",
-            "operators",
-            "d_model",
-            "val_bpb",
-            "decode_ms",
-            "n_params",
-            "generation",
-            "parent_id",
-            "status",
-        ]
-    )
-    for c in front:
-        layout = Layout.from_dict(storage.get_candidate(c.id).layout)  # the front is small: one read each
+    writer.writerow(CSV_COLUMNS)
+    for c in rows:
+        layout = Layout.from_dict(c.layout)
         writer.writerow(
             [
                 c.id,
@@ -320,16 +322,40 @@ def pareto_csv(search_id: SearchId, storage: StorageDep, x: AxisX = None, y: Axi
                 c.generation,
                 c.parent_id if c.parent_id is not None else "",
                 c.status,
+                c.failure_reason or "",
             ]
         )
     return Response(
         buffer.getvalue(),
         media_type="text/csv",
-        headers={
-            "Content-Disposition": f'attachment; filename="search-{search_id}-pareto-'
-            f'{"-".join(objectives)}.csv"'
-        },
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
+
+
+@router.get(
+    "/{search_id}/pareto.csv",
+    dependencies=[Depends(require_read_token)],
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}}},
+    summary="The Pareto front as CSV",
+)
+def pareto_csv(search_id: SearchId, storage: StorageDep, x: AxisX = None, y: AxisY = None) -> Response:
+    job = job_or_404(storage, search_id)
+    objectives, front = _front(storage, job, x, y)
+    rows = [storage.get_candidate(c.id) for c in front]  # the front is small: one read each
+    return _csv(rows, f"search-{search_id}-pareto-{'-'.join(objectives)}.csv")
+
+
+@router.get(
+    "/{search_id}/candidates.csv",
+    dependencies=[Depends(require_read_token)],
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}}},
+    summary="Every candidate of the search as CSV, by id",
+)
+def candidates_csv(search_id: SearchId, storage: StorageDep) -> Response:
+    job_or_404(storage, search_id)
+    return _csv(storage.candidates(search_id), f"search-{search_id}-candidates.csv")
 
 
 def _cursor(since: str | None):

@@ -16,6 +16,7 @@ from search.db import (
     CANDIDATE_DONE_STATUSES,
     CANDIDATE_SORT_COLUMNS,
     CANDIDATE_STATUSES,
+    OBJECTIVE_COLUMNS,
     RESULT_STATUSES,
     utcnow,
 )
@@ -26,6 +27,7 @@ from search.storage.records import (
     HypervolumeRecord,
     LatencyResultRecord,
     LineageRecord,
+    PointRecord,
     TrainingResultRecord,
     check_statuses,
     check_value,
@@ -232,6 +234,39 @@ class CandidateStore(Connected):
             counts.update({status: int(n) for status, n in conn.execute(stmt)})
         return counts
 
+    def counts_by_job(self, job_ids: Iterable[int]) -> dict[int, dict[str, int]]:
+        """{job id: {status: count}} for several jobs in one grouped statement (a list page's rows)."""
+        ids = sorted({int(i) for i in job_ids})
+        out = {i: dict.fromkeys(CANDIDATE_STATUSES, 0) for i in ids}
+        if not ids:
+            return out
+        t = db.candidates
+        stmt = (
+            select(t.c.job_id, t.c.status, func.count())
+            .where(t.c.job_id.in_(ids))
+            .group_by(t.c.job_id, t.c.status)
+        )
+        with self._read() as conn:
+            for job_id, status, n in conn.execute(stmt):
+                out[int(job_id)][status] = int(n)
+        return out
+
+    def best_by_job(self, job_ids: Iterable[int], objective: str = "val_bpb") -> dict[int, float]:
+        """{job id: the lowest value of `objective` among its finished candidates}, one statement."""
+        if objective not in OBJECTIVE_COLUMNS:
+            raise ValueError(f"objective: {objective!r} is not one of {', '.join(OBJECTIVE_COLUMNS)}")
+        ids = sorted({int(i) for i in job_ids})
+        if not ids:
+            return {}
+        t = db.candidates
+        stmt = (
+            select(t.c.job_id, func.min(t.c[objective]))
+            .where(t.c.job_id.in_(ids), t.c.status.in_(CANDIDATE_DONE_STATUSES))
+            .group_by(t.c.job_id)
+        )
+        with self._read() as conn:
+            return {int(j): float(v) for j, v in conn.execute(stmt) if v is not None}
+
     def finished_since(
         self, job_id: int, after: tuple[datetime, int] | None = None, limit: int = DEFAULT_PAGE
     ) -> list[CandidateSummaryRecord]:
@@ -247,6 +282,133 @@ class CandidateStore(Connected):
         stmt = stmt.order_by(t.c.finished_at.asc(), t.c.id.asc()).limit(limit)
         with self._read() as conn:
             return [record_of(CandidateSummaryRecord, row) for row in conn.execute(stmt)]
+
+    def objective_points(self, job_id: int, x: str, y: str) -> list[PointRecord]:
+        """Every completed (or reused) candidate that has both objectives, by id: five narrow columns, no
+        JSON."""
+        t = db.candidates
+        stmt = select(*self._point_columns(x, y)).where(*self._point_filters(job_id, x, y)).order_by(t.c.id)
+        with self._read() as conn:
+            return [
+                PointRecord(int(i), int(g), bool(f), float(a), float(b))
+                for i, g, f, a, b in conn.execute(stmt)
+            ]
+
+    def objective_point_sample(
+        self, job_id: int, x: str, y: str, max_points: int, keep: Iterable[int] = ()
+    ) -> tuple[list[PointRecord], int, int]:
+        """(points, total, front): every point on the stored front and every id in `keep`, then, in the room
+        left, an even sample of the others stratified by generation (as `api.scatter.sample_points`), in id
+        order; `total` counts every point, `front` the front's. The sample is taken inside the database (a
+        window over the generation-and-id index), so a search of 100,000 candidates sends only what is
+        kept."""
+        t = db.candidates
+        keep = sorted({int(i) for i in keep})
+        kept_filter = (t.c.on_front == true()) | (t.c.id.in_(keep) if keep else false())
+        filters = self._point_filters(job_id, x, y)
+        counts = select(func.count(), func.count().filter(t.c.on_front == true())).where(*filters)
+        kept = select(*self._point_columns(x, y)).where(*filters, kept_filter)
+        with self._read() as conn:
+            total, front = (int(v or 0) for v in conn.execute(counts).one())
+            rows = list(conn.execute(kept))
+            budget, others = max(0, max_points - len(rows)), total - len(rows)
+            if budget and others:
+                rows += list(conn.execute(self._sample_statement(filters, kept_filter, x, y, budget, others)))
+        points = [PointRecord(int(i), int(g), bool(f), float(a), float(b)) for i, g, f, a, b in rows]
+        return sorted(points, key=lambda p: p.id), total, front
+
+    @staticmethod
+    def _sample_statement(filters: list, kept_filter: Any, x: str, y: str, budget: int, others: int) -> Any:
+        """The others' rows whose rank, by (generation, id), crosses a multiple of others/budget."""
+        t = db.candidates
+        rank = func.row_number().over(order_by=(t.c.generation, t.c.id))
+        ranked = select(*CandidateStore._point_columns(x, y), rank.label("rank")).where(
+            *filters, ~kept_filter
+        )
+        ranked = ranked.subquery()
+        picked = (ranked.c.rank * budget) // others > ((ranked.c.rank - 1) * budget) // others
+        columns = [ranked.c.id, ranked.c.generation, ranked.c.on_front, ranked.c[x], ranked.c[y]]
+        return select(*columns).where(picked)
+
+    @staticmethod
+    def _point_columns(x: str, y: str) -> list:
+        t = db.candidates
+        for field, name in (("x", x), ("y", y)):
+            if name not in OBJECTIVE_COLUMNS:
+                raise ValueError(
+                    f"{field}: {name!r} is not an objective (one of {', '.join(OBJECTIVE_COLUMNS)})"
+                )
+        return [t.c.id, t.c.generation, t.c.on_front, t.c[x], t.c[y]]
+
+    @staticmethod
+    def _point_filters(job_id: int, x: str, y: str) -> list:
+        t = db.candidates
+        return [
+            t.c.job_id == job_id,
+            t.c.status.in_(CANDIDATE_DONE_STATUSES),
+            t.c[x].is_not(None),
+            t.c[y].is_not(None),
+        ]
+
+    def latency_results_of(self, candidate_ids: Iterable[int]) -> dict[int, dict]:
+        """{candidate id: its latency result's metrics}, for a few candidates (a front) in one statement."""
+        ids = sorted({int(i) for i in candidate_ids})
+        if not ids:
+            return {}
+        c, lat = db.candidates, db.latency_results
+        stmt = (
+            select(c.c.id, lat.c.result)
+            .join(lat, lat.c.latency_key == c.c.latency_key)
+            .where(c.c.id.in_(ids))
+        )
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
+        out = {}
+        for candidate_id, result in rows:
+            result = json.loads(result) if isinstance(result, str) else result
+            if isinstance(result, dict):
+                out[int(candidate_id)] = result
+        return out
+
+    def layouts_of(self, candidate_ids: Iterable[int]) -> dict[int, dict]:
+        """{candidate id: its layout}, for a few candidates (a front) in one statement."""
+        ids = sorted({int(i) for i in candidate_ids})
+        if not ids:
+            return {}
+        t = db.candidates
+        with self._read() as conn:
+            rows = conn.execute(select(t.c.id, t.c.layout).where(t.c.id.in_(ids))).all()
+        return {int(i): (json.loads(layout) if isinstance(layout, str) else layout) for i, layout in rows}
+
+    def initial_layout_names(self, job_id: int) -> dict[int, str]:
+        """{candidate id: layout name} of the named layouts the search started from (the preset baselines):
+        the initial population only, so the JSON of a few rows is read."""
+        t = db.candidates
+        stmt = select(t.c.id, t.c.layout).where(
+            t.c.job_id == job_id, t.c.parent_id.is_(None), t.c.generation == 0
+        )
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
+        names = {}
+        for candidate_id, layout in rows:
+            layout = json.loads(layout) if isinstance(layout, str) else layout
+            if isinstance(layout, dict) and layout.get("name"):
+                names[int(candidate_id)] = str(layout["name"])
+        return names
+
+    def last_finished(self, job_id: int) -> tuple[datetime, int] | None:
+        """(finished_at, id) of the job's most recently finished candidate: where a live feed starts to get
+        only what finishes from now on."""
+        t = db.candidates
+        stmt = (
+            select(t.c.finished_at, t.c.id)
+            .where(t.c.job_id == job_id, t.c.finished_at.is_not(None))
+            .order_by(t.c.finished_at.desc(), t.c.id.desc())
+            .limit(1)
+        )
+        with self._read() as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else (row[0], int(row[1]))
 
     def lineage(self, candidate_id: int, max_depth: int = 100) -> list[LineageRecord]:
         """The candidate's ancestors, parent first, up to `max_depth` (parents are always older: no

@@ -104,6 +104,17 @@ class CandidateSummaryRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class PointRecord:
+    """A finished candidate as a scatter plots it: its two chosen objectives."""
+
+    id: int
+    generation: int
+    on_front: bool
+    x: float
+    y: float
+
+
+@dataclass(frozen=True, slots=True)
 class LineageRecord:
     """An ancestor as a lineage shows it."""
 

@@ -1,0 +1,115 @@
+"""/api/searches/{id}/scatter, /hypervolume and /features: what the dashboard's search page plots, computed
+on the server (the front is the materialized one; a large search sends a bounded sample)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+
+from api.auth import require_read_token
+from api.features import MAX_CANDIDATES, feature_correlations
+from api.routes.deps import StorageDep, job_or_404
+from api.routes.searches import AxisX, AxisY, SearchId, own_objectives
+from api.scatter import MAX_POINTS, front_flags, sample_points
+from api.schemas import FeatureEffect, FeaturesOut, HypervolumeOut, ScatterOut
+from search.db import CANDIDATE_DONE_STATUSES
+from search.layout import Layout
+
+router = APIRouter(prefix="/api/searches", tags=["views"], dependencies=[Depends(require_read_token)])
+
+# Which latency statistic holds the measured spread of an objective (the profiler's median and IQR).
+SPREAD_OF = {"decode_ms": "decode_ms_per_token"}
+
+
+def _spreads(storage, name: str, ids: list[int], on_front: list[bool]) -> list[float | None]:
+    stat = SPREAD_OF.get(name)
+    if stat is None:
+        return [None] * len(ids)
+    results = storage.latency_results_of(i for i, f in zip(ids, on_front) if f)
+    out: list[float | None] = []
+    for i, f in zip(ids, on_front):
+        value = ((results.get(i) or {}).get(stat) or {}).get("iqr") if f else None
+        out.append(float(value) if isinstance(value, (int, float)) else None)
+    return out
+
+
+@router.get(
+    "/{search_id}/scatter",
+    response_model=ScatterOut,
+    summary="Points for a scatter of two objectives: every front point and a sample of the rest",
+)
+def scatter(
+    search_id: SearchId,
+    storage: StorageDep,
+    x: AxisX = None,
+    y: AxisY = None,
+    max_points: Annotated[int, Query(ge=10, le=MAX_POINTS, description="points sent at most")] = MAX_POINTS,
+) -> ScatterOut:
+    job = job_or_404(storage, search_id)
+    objectives = own_objectives(job, x, y)
+    names = storage.initial_layout_names(search_id)
+    if sorted(objectives) == sorted(own_objectives(job, None, None)):  # the stored front: sampled in SQL
+        shown, total, front = storage.objective_point_sample(search_id, *objectives, max_points, names)
+    else:  # another pair: its front is computed here, over every point
+        points = front_flags(storage.objective_points(search_id, *objectives))
+        shown, total = sample_points(points, max_points, keep=names.keys()), len(points)
+        front = sum(p.on_front for p in points)
+    ids = [p.id for p in shown]
+    flags = [p.on_front for p in shown]
+    return ScatterOut(
+        search_id=search_id,
+        objectives=objectives,
+        total=total,
+        shown=len(shown),
+        front=front,
+        ids=ids,
+        generations=[p.generation for p in shown],
+        on_front=flags,
+        x=[p.x for p in shown],
+        y=[p.y for p in shown],
+        x_iqr=_spreads(storage, objectives[0], ids, flags),
+        y_iqr=_spreads(storage, objectives[1], ids, flags),
+        presets={str(i): names[i] for i in ids if i in names},
+        layouts=_compact_layouts(storage, [p.id for p in shown if p.on_front]),
+    )
+
+
+def _compact_layouts(storage, ids: list[int]) -> dict[str, str]:
+    """The front's layouts as short strings, for hover text."""
+    out = {}
+    for candidate_id, data in storage.layouts_of(ids[:1000]).items():
+        layout = Layout.from_dict(data)
+        out[str(candidate_id)] = f"{layout.compact()} (d_model {layout.d_model})"
+    return out
+
+
+@router.get("/{search_id}/hypervolume", response_model=HypervolumeOut, summary="The hypervolume over time")
+def hypervolume(search_id: SearchId, storage: StorageDep) -> HypervolumeOut:
+    job_or_404(storage, search_id)
+    history = storage.hypervolume_history(search_id)
+    return HypervolumeOut(
+        search_id=search_id,
+        n_evaluations=[h.n_evaluations for h in history],
+        hypervolume=[h.hypervolume for h in history],
+        recorded_at=[h.recorded_at for h in history],
+    )
+
+
+@router.get(
+    "/{search_id}/features",
+    response_model=FeaturesOut,
+    summary="Rank correlations of layout features (depth, width, operator mix) with the objectives",
+)
+def features(search_id: SearchId, storage: StorageDep) -> FeaturesOut:
+    job = job_or_404(storage, search_id)
+    objectives = own_objectives(job, None, None)
+    done = storage.candidates(search_id, status=CANDIDATE_DONE_STATUSES, order_by="-id", limit=MAX_CANDIDATES)
+    layouts = [Layout.from_dict(c.layout) for c in done]
+    values = {name: [getattr(c, name) for c in done] for name in objectives}
+    effects = feature_correlations(layouts, values)
+    return FeaturesOut(
+        search_id=search_id,
+        n_candidates=len(done),
+        features=[FeatureEffect(feature=f, spearman=rho) for f, rho in effects],
+    )
