@@ -39,15 +39,20 @@ def sample_points(
     return sorted(chosen, key=lambda p: p.id)
 
 
-def front_flags(points: Sequence[PointRecord]) -> list[PointRecord]:
-    """The points with `on_front` recomputed for their (x, y), both minimized: a sweep in x order keeping the
-    lowest y so far (equal points are all on the front). For an objective pair the search did not store."""
-    order = sorted(range(len(points)), key=lambda i: (points[i].x, points[i].y, points[i].id))
+def front_flags(
+    points: Sequence[PointRecord], maximize: tuple[bool, bool] = (False, False)
+) -> list[PointRecord]:
+    """The points with `on_front` recomputed for their (x, y), each minimized unless `maximize` says so: a
+    sweep in x order keeping the best y so far (equal points are all on the front). For a pair the search did
+    not store a front for."""
+    sx, sy = (-1.0 if m else 1.0 for m in maximize)
+    keys = [(sx * p.x, sy * p.y) for p in points]
+    order = sorted(range(len(points)), key=lambda i: (*keys[i], points[i].id))
     on_front = [False] * len(points)
     best_y, last = float("inf"), None
     for i in order:
-        p = points[i]
-        if p.y < best_y or (p.x, p.y) == last:
+        x, y = keys[i]
+        if y < best_y or (x, y) == last:
             on_front[i] = True
-            best_y, last = min(best_y, p.y), (p.x, p.y)
+            best_y, last = min(best_y, y), (x, y)
     return [replace(p, on_front=flag) for p, flag in zip(points, on_front)]

@@ -56,6 +56,11 @@ SCHEDULE_FIRE_STATUSES = ("fired", "missed", "skipped", "failed")  # failed: the
 # The columns a candidate list may be sorted by ("-name": descending; NULLs last; ties by id), and those of
 # them with an index of their own (the rest sort few enough rows, or sort by the primary key).
 OBJECTIVE_COLUMNS = ("val_bpb", "decode_ms", "n_params")  # the objectives, as columns (search.config's)
+# Latency metrics kept as columns of latency_results beside decode_ms: a scatter can plot any of these and the
+# objectives. Throughput is the one that is better higher.
+LATENCY_METRICS = ("prefill_ms", "throughput_tokens_per_s", "cache_bytes_per_sequence")
+PLOT_AXES = (*OBJECTIVE_COLUMNS, *LATENCY_METRICS)
+MAXIMIZED = frozenset({"throughput_tokens_per_s"})
 CANDIDATE_SORT_COLUMNS = (
     "id",
     "generation",
@@ -237,6 +242,10 @@ class LatencyResult(Base):
     device_fingerprint: Mapped[dict | None] = mapped_column(JSONType, nullable=True)
     result: Mapped[dict | None] = mapped_column(JSONType, nullable=True)
     decode_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The result's other headline numbers as columns (LATENCY_METRICS), so a scatter can plot them.
+    prefill_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    throughput_tokens_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cache_bytes_per_sequence: Mapped[float | None] = mapped_column(Float, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="completed")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

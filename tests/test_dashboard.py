@@ -15,6 +15,7 @@ from api.app import create_app
 from api.auth import CSRF_HEADER, SESSION_COOKIE, SESSION_MAX_AGE_S, Auth
 from api.scatter import front_flags, sample_points
 from api.settings import Settings
+from search.db import LATENCY_METRICS
 from search.pareto import pareto_front
 from search.storage import PointRecord, Storage
 from tests import pg
@@ -304,6 +305,34 @@ def test_the_scatter_sends_the_stored_front_and_a_bounded_sample(client, store):
     rows = [store.get_candidate(i) for i in seeded.ids if i not in seeded.failed]
     expected = {rows[k].id for k in pareto_front([[c.n_params, c.val_bpb] for c in rows])}
     assert {i for i, flag in zip(other["ids"], other["on_front"]) if flag} == expected
+
+
+@pytest.mark.parametrize(
+    "x, y, maximize",
+    [
+        ("throughput_tokens_per_s", "val_bpb", (True, False)),
+        ("cache_bytes_per_sequence", "prefill_ms", (False, False)),
+    ],
+)
+def test_latency_metrics_can_be_plotted_with_their_own_front(client, store, x, y, maximize):
+    seeded = seed_search(store, 60)
+    s = client.get(f"/api/searches/{seeded.job_id}/scatter", params={"x": x, "y": y}).json()
+    rows = []
+    for c in (store.get_candidate(i) for i in seeded.ids):
+        latency = store.get_latency_result(c.latency_key) if c.latency_key else None
+        if c.status == "completed" and latency is not None:
+            rows.append(
+                (
+                    c.id,
+                    getattr(latency, x) if x in LATENCY_METRICS else getattr(c, x),
+                    getattr(latency, y) if y in LATENCY_METRICS else getattr(c, y),
+                )
+            )
+    assert s["total"] == len(rows) == 40  # the seeded results with a latency measurement
+    signs = [-1 if m else 1 for m in maximize]
+    expected = {rows[k][0] for k in pareto_front([[signs[0] * a, signs[1] * b] for _, a, b in rows])}
+    assert {i for i, flag in zip(s["ids"], s["on_front"]) if flag} == expected
+    assert dict(zip(s["ids"], s["x"])) == {i: float(a) for i, a, _ in rows}
 
 
 def test_the_feature_panel_finds_a_planted_correlation(client, store):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 
 import pytest
 from alembic import command
@@ -262,3 +263,43 @@ def test_alembic_command_line_path(db_url):
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(pytest.main([__file__, "-q"]))
+
+
+def test_the_latency_metric_columns_are_filled_from_stored_results(db_url):
+    """0003 adds prefill, throughput and cache bytes as columns and fills them from each stored result (a
+    statistic's median, a plain number; anything else stays null)."""
+    from datetime import UTC, datetime
+
+    results = {
+        "full": {
+            "prefill_ms": {"median": 12.5, "iqr": 0.4},
+            "throughput_tokens_per_s": {"median": 880.0},
+            "cache_bytes_per_sequence": 4096,
+        },
+        "partial": {"prefill_ms": {"median": 3.0}, "throughput_tokens_per_s": None},
+        "odd": {"prefill_ms": "fast", "cache_bytes_per_sequence": True},
+    }
+    with Storage(db_url) as store:
+        store.create_schema("0002")
+        with store.engine.begin() as conn:
+            for key, result in results.items():
+                conn.execute(
+                    text(
+                        "INSERT INTO latency_results (latency_key, layout_hash, result, status, created_at) "
+                        "VALUES (:key, 'h', :result, 'completed', :at)"
+                    ),
+                    {"key": key, "result": json.dumps(result), "at": datetime.now(UTC)},
+                )
+        store.create_schema()
+        t = db.latency_results
+        columns = (t.c.prefill_ms, t.c.throughput_tokens_per_s, t.c.cache_bytes_per_sequence)
+        with store.engine.connect() as conn:
+            rows = {k: tuple(r) for k, *r in conn.execute(select(t.c.latency_key, *columns))}
+        assert rows == {
+            "full": (12.5, 880.0, 4096.0),
+            "partial": (3.0, None, None),
+            "odd": (None, None, None),
+        }
+        # new results fill the columns as they are stored
+        store.put_latency_result("new", layout_hash="h", result=results["full"], decode_ms=1.0)
+        assert store.get_latency_result("new").prefill_ms == 12.5

@@ -27,8 +27,8 @@ from api.routes import schedules as schedule_routes
 from api.routes import searches as search_routes
 from api.schemas import MAX_ID, SearchCreate, make_cursor
 from api.submit import SubmitError, submit_search
-from search.config import OBJECTIVES, SearchConfig
-from search.db import CANDIDATE_STATUSES, JOB_STATUSES, JOB_TERMINAL_STATUSES
+from search.config import SearchConfig
+from search.db import CANDIDATE_STATUSES, JOB_STATUSES, JOB_TERMINAL_STATUSES, PLOT_AXES
 from search.layout import Layout
 from search.storage import Storage
 from web import views
@@ -64,7 +64,7 @@ data:
 
 environment = Environment(loader=FileSystemLoader(TEMPLATES_DIR), autoescape=select_autoescape(default=True))
 environment.filters.update(number=views.number, utc=views.utc)
-environment.globals.update(objective_titles=views.OBJECTIVE_TITLES, colour=views.operator_colour)
+environment.globals.update(axis_titles=views.AXIS_TITLES, colour=views.operator_colour)
 templates = Jinja2Templates(env=environment)
 router = APIRouter(include_in_schema=False)
 
@@ -312,8 +312,8 @@ def search_page(
         "cursor": make_cursor(*last) if last else None,  # the live feed starts after what the page shows
         "search_id": search_id,
         "objectives": objectives,
-        "choices": list(OBJECTIVES),
-        "titles": views.OBJECTIVE_TITLES,
+        "choices": list(PLOT_AXES),
+        "titles": views.AXIS_TITLES,
         "status": job.status,
         "terminal": list(JOB_TERMINAL_STATUSES),
         "statuses": list(CANDIDATE_STATUSES),
@@ -333,7 +333,7 @@ def search_page(
             "job": job,
             "detail": detail,
             "objectives": objectives,
-            "choices": OBJECTIVES,
+            "choices": PLOT_AXES,
             "statuses": CANDIDATE_STATUSES,
             "page_data": views.page_data(data),
             "scripts": plot_scripts("search.js"),

@@ -22,10 +22,13 @@ OPERATOR_COLOURS = {
 }
 FALLBACK_COLOUR = "#CC79A7"
 
-OBJECTIVE_TITLES = {
+AXIS_TITLES = {
     "val_bpb": "validation bits per byte (val_bpb)",
     "decode_ms": "decode latency (ms per token)",
     "n_params": "parameters (count)",
+    "prefill_ms": "prefill latency (ms)",
+    "throughput_tokens_per_s": "throughput (tokens per s, higher is better)",
+    "cache_bytes_per_sequence": "cache per sequence (bytes)",
 }
 
 

@@ -3,23 +3,34 @@ on the server (the front is the materialized one; a large search sends a bounded
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
 
 from api.auth import require_read_token
 from api.features import MAX_CANDIDATES, feature_correlations
 from api.routes.deps import StorageDep, job_or_404
-from api.routes.searches import AxisX, AxisY, SearchId, own_objectives
+from api.routes.searches import SearchId, own_objectives
 from api.scatter import MAX_POINTS, front_flags, sample_points
 from api.schemas import FeatureEffect, FeaturesOut, HypervolumeOut, ScatterOut
-from search.db import CANDIDATE_DONE_STATUSES
+from search.db import CANDIDATE_DONE_STATUSES, MAXIMIZED, PLOT_AXES
 from search.layout import Layout
 
 router = APIRouter(prefix="/api/searches", tags=["views"], dependencies=[Depends(require_read_token)])
 
-# Which latency statistic holds the measured spread of an objective (the profiler's median and IQR).
-SPREAD_OF = {"decode_ms": "decode_ms_per_token"}
+# Which latency statistic holds the measured spread of a plotted value (the profiler's median and IQR).
+SPREAD_OF = {
+    "decode_ms": "decode_ms_per_token",
+    "prefill_ms": "prefill_ms",
+    "throughput_tokens_per_s": "throughput_tokens_per_s",
+}
+Axis = Literal[PLOT_AXES]  # type: ignore[valid-type]
+AxisX = Annotated[
+    Axis | None, Query(description="across: an objective or a latency metric (default: the search's own)")
+]
+AxisY = Annotated[
+    Axis | None, Query(description="up: an objective or a latency metric (default: the search's own)")
+]
 
 
 def _spreads(storage, name: str, ids: list[int], on_front: list[bool]) -> list[float | None]:
@@ -37,7 +48,7 @@ def _spreads(storage, name: str, ids: list[int], on_front: list[bool]) -> list[f
 @router.get(
     "/{search_id}/scatter",
     response_model=ScatterOut,
-    summary="Points for a scatter of two objectives: every front point and a sample of the rest",
+    summary="Points for a scatter of two objectives or latency metrics: the front and a sample of the rest",
 )
 def scatter(
     search_id: SearchId,
@@ -51,8 +62,9 @@ def scatter(
     names = storage.initial_layout_names(search_id)
     if sorted(objectives) == sorted(own_objectives(job, None, None)):  # the stored front: sampled in SQL
         shown, total, front = storage.objective_point_sample(search_id, *objectives, max_points, names)
-    else:  # another pair: its front is computed here, over every point
-        points = front_flags(storage.objective_points(search_id, *objectives))
+    else:  # another pair: its front is computed here, over every point (throughput: higher is better)
+        maximize = (objectives[0] in MAXIMIZED, objectives[1] in MAXIMIZED)
+        points = front_flags(storage.objective_points(search_id, *objectives), maximize)
         shown, total = sample_points(points, max_points, keep=names.keys()), len(points)
         front = sum(p.on_front for p in points)
     ids = [p.id for p in shown]

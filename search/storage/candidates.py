@@ -16,7 +16,9 @@ from search.db import (
     CANDIDATE_DONE_STATUSES,
     CANDIDATE_SORT_COLUMNS,
     CANDIDATE_STATUSES,
+    LATENCY_METRICS,
     OBJECTIVE_COLUMNS,
+    PLOT_AXES,
     RESULT_STATUSES,
     utcnow,
 )
@@ -33,6 +35,7 @@ from search.storage.records import (
     check_value,
     columns_of,
     finite_float,
+    latency_metric_values,
     record_of,
 )
 
@@ -284,15 +287,31 @@ class CandidateStore(Connected):
             return [record_of(CandidateSummaryRecord, row) for row in conn.execute(stmt)]
 
     def objective_points(self, job_id: int, x: str, y: str) -> list[PointRecord]:
-        """Every completed (or reused) candidate that has both objectives, by id: five narrow columns, no
-        JSON."""
-        t = db.candidates
-        stmt = select(*self._point_columns(x, y)).where(*self._point_filters(job_id, x, y)).order_by(t.c.id)
+        """Every completed (or reused) candidate that has both values, by id: five narrow columns, no JSON.
+        `x` and `y` are objectives (columns of the candidate) or latency metrics (of its latency result)."""
+        t, lat = db.candidates, db.latency_results
+        columns = [t.c.id, t.c.generation, t.c.on_front, self._axis(x, "x"), self._axis(y, "y")]
+        stmt = select(*columns).where(
+            t.c.job_id == job_id,
+            t.c.status.in_(CANDIDATE_DONE_STATUSES),
+            columns[3].is_not(None),
+            columns[4].is_not(None),
+        )
+        if x in LATENCY_METRICS or y in LATENCY_METRICS:
+            stmt = stmt.select_from(t.join(lat, lat.c.latency_key == t.c.latency_key))
         with self._read() as conn:
             return [
                 PointRecord(int(i), int(g), bool(f), float(a), float(b))
-                for i, g, f, a, b in conn.execute(stmt)
+                for i, g, f, a, b in conn.execute(stmt.order_by(t.c.id))
             ]
+
+    @staticmethod
+    def _axis(name: str, field: str) -> Any:
+        if name in OBJECTIVE_COLUMNS:
+            return db.candidates.c[name]
+        if name in LATENCY_METRICS:
+            return db.latency_results.c[name]
+        raise ValueError(f"{field}: {name!r} is not a plotted value (one of {', '.join(PLOT_AXES)})")
 
     def objective_point_sample(
         self, job_id: int, x: str, y: str, max_points: int, keep: Iterable[int] = ()
@@ -531,6 +550,7 @@ class CandidateStore(Connected):
             "device_fingerprint": device_fingerprint,
             "result": result,
             "decode_ms": finite_float(decode_ms),
+            **latency_metric_values(result),
             "status": status,
             "created_at": utcnow(),
         }

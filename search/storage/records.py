@@ -148,6 +148,9 @@ class LatencyResultRecord:
     device_fingerprint: dict | None
     result: dict | None
     decode_ms: float | None
+    prefill_ms: float | None
+    throughput_tokens_per_s: float | None
+    cache_bytes_per_sequence: float | None
     status: str
     created_at: datetime
 
@@ -226,6 +229,21 @@ def _finite(value: Any) -> Any:
 
 def json_dumps(value: Any) -> str:
     return json.dumps(_finite(value), allow_nan=False, separators=(",", ":"))
+
+
+def latency_metric_values(result: dict | None) -> dict[str, float | None]:
+    """The latency result's headline numbers that are kept as columns (`db.LATENCY_METRICS`): a statistic's
+    median, or a plain number."""
+    from search.db import LATENCY_METRICS
+
+    out: dict[str, float | None] = {}
+    for name in LATENCY_METRICS:
+        value = (result or {}).get(name)
+        if isinstance(value, dict):
+            value = value.get("median")
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        out[name] = finite_float(value) if numeric else None
+    return out
 
 
 def finite_float(value: float | None) -> float | None:
