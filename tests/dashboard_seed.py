@@ -98,9 +98,14 @@ def _results(store: Storage, candidate_id, layout, val_bpb, decode_ms, rng) -> t
     store.put_training_result(training_key, layout_hash=layout.content_hash, result=result, val_bpb=val_bpb)
     iqr = round(abs(rng.gauss(0.03, 0.01)), 5)
     latency = {
-        "decode_ms_per_token": {"median": decode_ms, "iqr": iqr, "n": 5, "values": []},
-        "prefill_ms": {"median": round(8 * decode_ms, 4), "iqr": iqr, "n": 5, "values": []},
-        "throughput_tokens_per_s": {"median": round(900 / decode_ms, 2), "iqr": 3.0, "n": 5, "values": []},
+        "decode_ms_per_token": {"median": decode_ms, "iqr": iqr, "repeats": 5, "values": []},
+        "prefill_ms": {"median": round(8 * decode_ms, 4), "iqr": iqr, "repeats": 5, "values": []},
+        "throughput_tokens_per_s": {
+            "median": round(900 / decode_ms, 2),
+            "iqr": 3.0,
+            "repeats": 5,
+            "values": [],
+        },
         "cache_bytes_per_sequence": 1024 * layout.mixers.count("attention") + 64 * layout.depth,
     }
     store.put_latency_result(

@@ -107,14 +107,15 @@ def page_data(data: Any) -> str:
 
 
 def latency_metrics(latency: dict[str, Any] | None) -> list[tuple[str, str, str]]:
-    """(metric, median, spread) rows of a latency result."""
+    """(metric, median, spread) rows of a latency result (the profiler's statistics: median, IQR, repeats)."""
     if not latency:
         return []
     rows = []
     for key, value in latency.items():
         if isinstance(value, dict) and "median" in value:
+            repeats = value.get("repeats", len(value.get("values") or []))
             rows.append(
-                (key, number(value.get("median")), f"IQR {number(value.get('iqr'))}, n={value.get('n')}")
+                (key, number(value.get("median")), f"IQR {number(value.get('iqr'))}, {repeats} repeats")
             )
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             rows.append((key, number(value), ""))
