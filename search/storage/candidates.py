@@ -230,12 +230,7 @@ class CandidateStore(Connected):
 
     def candidate_counts(self, job_id: int) -> dict[str, int]:
         """{status: count} over every candidate status (zeros included)."""
-        t = db.candidates
-        stmt = select(t.c.status, func.count()).where(t.c.job_id == job_id).group_by(t.c.status)
-        counts = dict.fromkeys(CANDIDATE_STATUSES, 0)
-        with self._read() as conn:
-            counts.update({status: int(n) for status, n in conn.execute(stmt)})
-        return counts
+        return self.counts_by_job([job_id])[job_id]
 
     def counts_by_job(self, job_ids: Iterable[int]) -> dict[int, dict[str, int]]:
         """{job id: {status: count}} for several jobs in one grouped statement (a list page's rows)."""
@@ -289,29 +284,10 @@ class CandidateStore(Connected):
     def objective_points(self, job_id: int, x: str, y: str) -> list[PointRecord]:
         """Every completed (or reused) candidate that has both values, by id: five narrow columns, no JSON.
         `x` and `y` are objectives (columns of the candidate) or latency metrics (of its latency result)."""
-        t, lat = db.candidates, db.latency_results
-        columns = [t.c.id, t.c.generation, t.c.on_front, self._axis(x, "x"), self._axis(y, "y")]
-        stmt = select(*columns).where(
-            t.c.job_id == job_id,
-            t.c.status.in_(CANDIDATE_DONE_STATUSES),
-            columns[3].is_not(None),
-            columns[4].is_not(None),
-        )
-        if x in LATENCY_METRICS or y in LATENCY_METRICS:
-            stmt = stmt.select_from(t.join(lat, lat.c.latency_key == t.c.latency_key))
+        columns = self._point_columns(x, y)
+        stmt = self._points(x, y, columns).where(*self._point_filters(job_id, columns))
         with self._read() as conn:
-            return [
-                PointRecord(int(i), int(g), bool(f), float(a), float(b))
-                for i, g, f, a, b in conn.execute(stmt.order_by(t.c.id))
-            ]
-
-    @staticmethod
-    def _axis(name: str, field: str) -> Any:
-        if name in OBJECTIVE_COLUMNS:
-            return db.candidates.c[name]
-        if name in LATENCY_METRICS:
-            return db.latency_results.c[name]
-        raise ValueError(f"{field}: {name!r} is not a plotted value (one of {', '.join(PLOT_AXES)})")
+            return self._point_records(conn.execute(stmt.order_by(db.candidates.c.id)))
 
     def objective_point_sample(
         self, job_id: int, x: str, y: str, max_points: int, keep: Iterable[int] = ()
@@ -324,50 +300,59 @@ class CandidateStore(Connected):
         t = db.candidates
         keep = sorted({int(i) for i in keep})
         kept_filter = (t.c.on_front == true()) | (t.c.id.in_(keep) if keep else false())
-        filters = self._point_filters(job_id, x, y)
-        counts = select(func.count(), func.count().filter(t.c.on_front == true())).where(*filters)
-        kept = select(*self._point_columns(x, y)).where(*filters, kept_filter)
+        columns = self._point_columns(x, y)
+        filters = self._point_filters(job_id, columns)
+        counts = self._points(x, y, [func.count(), func.count().filter(t.c.on_front == true())]).where(
+            *filters
+        )
+        kept = self._points(x, y, columns).where(*filters, kept_filter)
         with self._read() as conn:
             total, front = (int(v or 0) for v in conn.execute(counts).one())
             rows = list(conn.execute(kept))
             budget, others = max(0, max_points - len(rows)), total - len(rows)
             if budget and others:
-                rows += list(conn.execute(self._sample_statement(filters, kept_filter, x, y, budget, others)))
-        points = [PointRecord(int(i), int(g), bool(f), float(a), float(b)) for i, g, f, a, b in rows]
-        return sorted(points, key=lambda p: p.id), total, front
+                rank = func.row_number().over(order_by=(t.c.generation, t.c.id))
+                ranked = self._points(x, y, [*columns, rank.label("rank")]).where(*filters, ~kept_filter)
+                ranked = ranked.subquery()
+                # kept: the others whose rank, by (generation, id), crosses a multiple of others / budget
+                picked = (ranked.c.rank * budget) // others > ((ranked.c.rank - 1) * budget) // others
+                rows += list(conn.execute(select(*list(ranked.c)[:5]).where(picked)))
+        return sorted(self._point_records(rows), key=lambda p: p.id), total, front
 
     @staticmethod
-    def _sample_statement(filters: list, kept_filter: Any, x: str, y: str, budget: int, others: int) -> Any:
-        """The others' rows whose rank, by (generation, id), crosses a multiple of others/budget."""
-        t = db.candidates
-        rank = func.row_number().over(order_by=(t.c.generation, t.c.id))
-        ranked = select(*CandidateStore._point_columns(x, y), rank.label("rank")).where(
-            *filters, ~kept_filter
-        )
-        ranked = ranked.subquery()
-        picked = (ranked.c.rank * budget) // others > ((ranked.c.rank - 1) * budget) // others
-        columns = [ranked.c.id, ranked.c.generation, ranked.c.on_front, ranked.c[x], ranked.c[y]]
-        return select(*columns).where(picked)
+    def _point_records(rows: Iterable) -> list[PointRecord]:
+        return [PointRecord(int(i), int(g), bool(f), float(a), float(b)) for i, g, f, a, b in rows]
 
     @staticmethod
     def _point_columns(x: str, y: str) -> list:
+        """id, generation, on_front and the two plotted values: candidate columns or latency-result ones."""
         t = db.candidates
+        values = []
         for field, name in (("x", x), ("y", y)):
-            if name not in OBJECTIVE_COLUMNS:
-                raise ValueError(
-                    f"{field}: {name!r} is not an objective (one of {', '.join(OBJECTIVE_COLUMNS)})"
-                )
-        return [t.c.id, t.c.generation, t.c.on_front, t.c[x], t.c[y]]
+            if name in OBJECTIVE_COLUMNS:
+                values.append(t.c[name])
+            elif name in LATENCY_METRICS:
+                values.append(db.latency_results.c[name])
+            else:
+                known = ", ".join(PLOT_AXES)
+                raise ValueError(f"{field}: {name!r} is not a plotted value (one of {known})")
+        return [t.c.id, t.c.generation, t.c.on_front, *values]
 
     @staticmethod
-    def _point_filters(job_id: int, x: str, y: str) -> list:
+    def _points(x: str, y: str, columns: list) -> Any:
+        """A select of `columns` over the candidates, joined to their latency results when a value is
+        there."""
+        t, lat = db.candidates, db.latency_results
+        joined = x in LATENCY_METRICS or y in LATENCY_METRICS
+        return select(*columns).select_from(
+            t.join(lat, lat.c.latency_key == t.c.latency_key) if joined else t
+        )
+
+    @staticmethod
+    def _point_filters(job_id: int, columns: list) -> list:
         t = db.candidates
-        return [
-            t.c.job_id == job_id,
-            t.c.status.in_(CANDIDATE_DONE_STATUSES),
-            t.c[x].is_not(None),
-            t.c[y].is_not(None),
-        ]
+        filters = [t.c.job_id == job_id, t.c.status.in_(CANDIDATE_DONE_STATUSES)]
+        return [*filters, columns[3].is_not(None), columns[4].is_not(None)]
 
     def latency_results_of(self, candidate_ids: Iterable[int]) -> dict[int, dict]:
         """{candidate id: its latency result's metrics}, for a few candidates (a front) in one statement."""
