@@ -174,6 +174,20 @@ def test_the_session_and_its_csrf_token_change_state_through_forms_and_the_api(c
     assert r.status_code == 200 and store.get_job(second.job_id).status == "cancelled"
 
 
+def test_schedules_are_disabled_and_enabled_from_their_page_with_the_csrf_token(client, store):
+    schedule = store.create_schedule("nightly", "0 3 * * *", {"budget": 2}, timezone="Europe/Berlin")
+    page = client.get("/schedules").text
+    assert 'id="schedule-' in page and "Europe/Berlin" in page
+    csrf = log_in(client)
+    assert client.post(f"/schedules/{schedule}/disable", data={}, follow_redirects=False).status_code == 403
+    assert store.get_schedule(schedule).enabled
+    r = client.post(f"/schedules/{schedule}/disable", data={"csrf_token": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and not store.get_schedule(schedule).enabled
+    r = client.post(f"/schedules/{schedule}/enable", data={"csrf_token": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and store.get_schedule(schedule).enabled
+    assert client.post("/schedules/999/enable", data={"csrf_token": csrf}).status_code == 404
+
+
 def test_the_session_cookie_is_httponly_and_strict_and_a_wrong_token_is_refused(client):
     page = client.get("/login")
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)

@@ -8,14 +8,12 @@ Every page carries a Content-Security-Policy that allows scripts from this origi
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
 import yaml
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -23,8 +21,13 @@ from pydantic import ValidationError
 
 from api.auth import CSRF_FIELD, SESSION_COOKIE, SESSION_MAX_AGE_S, session_of
 from api.errors import validation_errors
+from api.routes import candidates as candidate_routes
 from api.routes import schedules as schedule_routes
 from api.routes import searches as search_routes
+from api.routes.candidates import CandidateId
+from api.routes.schedules import ScheduleId
+from api.routes.searches import SearchId
+from api.schedule_schemas import SchedulePatch
 from api.schemas import MAX_ID, SearchCreate, make_cursor
 from api.submit import SubmitError, submit_search
 from search.config import SearchConfig
@@ -67,10 +70,6 @@ environment.filters.update(number=views.number, utc=views.utc)
 environment.globals.update(axis_titles=views.AXIS_TITLES, colour=views.operator_colour)
 templates = Jinja2Templates(env=environment)
 router = APIRouter(include_in_schema=False)
-
-SearchId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
-CandidateId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
-ScheduleId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -378,22 +377,19 @@ def _stage_sizes(storage: Storage, candidate) -> list[int] | None:
 
 
 def _candidate_view(storage: Storage, candidate_id: int) -> dict[str, Any] | None:
-    c = storage.get_candidate(candidate_id)
-    if c is None:
+    """What the candidate and compare pages show, from the REST API's own candidate detail."""
+    try:
+        c = candidate_routes.get_candidate(candidate_id, storage)
+    except HTTPException:
         return None
-    training = storage.get_training_result(c.training_key) if c.training_key else None
-    latency = storage.get_latency_result(c.latency_key) if c.latency_key else None
-    training_result = dict(training.result or {}) if training is not None else {}
     blocks, layout = views.layout_strip(c.layout, _stage_sizes(storage, c))
     return {
         "c": c,
         "blocks": blocks,
         "layout": layout,
-        "training": training_result,
-        "loss_curve": [list(p) for p in training_result.get("loss_curve") or []],
-        "log_tail": list(training_result.get("log_tail") or []),
-        "latency": views.latency_metrics(latency.result if latency is not None else None),
-        "fingerprint": (latency.device_fingerprint or {}) if latency is not None else {},
+        "loss_curve": [list(p) for p in (c.training or {}).get("loss_curve") or []],
+        "latency": views.latency_metrics(c.latency),
+        "fingerprint": c.device_fingerprint or {},
     }
 
 
@@ -405,14 +401,14 @@ def candidate_page(request: Request, candidate_id: CandidateId) -> HTMLResponse:
     if view is None:
         return error_page(request, 404, f"no candidate {candidate_id}")
     c = view["c"]
-    children = [storage.get_candidate(i) for i in storage.child_ids(c.id, limit=50)]
+    children = [storage.get_candidate(i) for i in c.children[:50]]
     base_url = str(request.base_url).rstrip("/")
     return render(
         request,
         "candidate.html",
         {
             **view,
-            "lineage": storage.lineage(c.id),
+            "lineage": c.lineage,
             "children": [child for child in children if child is not None],
             "legend": views.legend(),
             "commands": views.cli_commands(c.id, base_url),
@@ -490,10 +486,11 @@ async def schedule_action(request: Request, schedule_id: ScheduleId, action: str
     await _form_with_csrf(request)
     if action not in ("enable", "disable"):
         return error_page(request, 404, f"no action {action!r}")
+    patch = SchedulePatch(enabled=action == "enable")
     try:
-        _storage(request).update_schedule(schedule_id, {"enabled": action == "enable"}, now=datetime.now(UTC))
-    except KeyError:
-        return error_page(request, 404, f"no schedule {schedule_id}")
+        schedule_routes.patch_schedule(schedule_id, patch, request, _storage(request))
+    except HTTPException as exc:
+        return error_page(request, exc.status_code, str(exc.detail))
     return _see_other("/schedules")
 
 
