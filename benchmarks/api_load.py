@@ -686,17 +686,27 @@ def api_server(url: str, workdir: Path, log_path: Path) -> Iterator[tuple[str, s
         "--log-level",
         "warning",
     ]
+    with served(cmd, ROOT, env, port, log_path, signal.SIGINT, 15) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def served(
+    cmd: list[str], cwd: Path, env: dict, port: int, log_path: Path, stop: int, stop_wait_s: float
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A server process started with `cmd`, its output in `log_path`: (base URL, process) once healthy;
+    stopped with the signal `stop` (killed after `stop_wait_s`)."""
     log = log_path.open("wb")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, proc, log_path)
         yield base, proc
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(stop)
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=stop_wait_s)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

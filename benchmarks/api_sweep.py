@@ -66,27 +66,9 @@ def serve(
         "PYTHONUNBUFFERED": "1",
     }
     log_path = workdir / f"serve-{label.replace(' ', '-').replace(',', '')}.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--log-level", "warning"],
-        cwd=tree,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        load.wait_healthy(base, proc, log_path)
-        yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+    cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    with load.served(cmd, tree, env, port, log_path, signal.SIGTERM, 30) as running:
+        yield running
 
 
 def wait_idle(pid: int, at_least_s: float, most_s: float = 120.0, idle_share: float = 0.05) -> float:
