@@ -33,14 +33,12 @@ AxisY = Annotated[
 ]
 
 
-def _spreads(storage, name: str, ids: list[int], on_front: list[bool]) -> list[float | None]:
+def _spreads(results: dict[int, dict], name: str, ids: list[int]) -> list[float | None]:
+    """The measured IQR of `name` per point, from the front's latency `results` (None elsewhere)."""
     stat = SPREAD_OF.get(name)
-    if stat is None:
-        return [None] * len(ids)
-    results = storage.latency_results_of(i for i, f in zip(ids, on_front) if f)
     out: list[float | None] = []
-    for i, f in zip(ids, on_front):
-        value = ((results.get(i) or {}).get(stat) or {}).get("iqr") if f else None
+    for i in ids:
+        value = ((results.get(i) or {}).get(stat) or {}).get("iqr") if stat else None
         out.append(float(value) if isinstance(value, (int, float)) else None)
     return out
 
@@ -69,6 +67,9 @@ def scatter(
         front = sum(p.on_front for p in points)
     ids = [p.id for p in shown]
     flags = [p.on_front for p in shown]
+    front_ids = [p.id for p in shown if p.on_front]
+    spread = any(name in SPREAD_OF for name in objectives)
+    results = storage.latency_results_of(front_ids) if spread else {}  # error bars: the front's only
     return ScatterOut(
         search_id=search_id,
         objectives=objectives,
@@ -80,10 +81,10 @@ def scatter(
         on_front=flags,
         x=[p.x for p in shown],
         y=[p.y for p in shown],
-        x_iqr=_spreads(storage, objectives[0], ids, flags),
-        y_iqr=_spreads(storage, objectives[1], ids, flags),
+        x_iqr=_spreads(results, objectives[0], ids),
+        y_iqr=_spreads(results, objectives[1], ids),
         presets={str(i): names[i] for i in ids if i in names},
-        layouts=_compact_layouts(storage, [p.id for p in shown if p.on_front]),
+        layouts=_compact_layouts(storage, front_ids),
     )
 
 
