@@ -32,6 +32,42 @@ console = Console(width=max(140, Console().width))
 err_console = Console(stderr=True)
 
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        sys.stdout.write(f"hybridnas {version('hybridnas')}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def global_options(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="more log output (-v: debug)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="warnings and errors only"),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
+    """Logging for every command: HYBRIDNAS_LOG_LEVEL / HYBRIDNAS_LOG_FORMAT, with -v / -q over the level."""
+    from pydantic import ValidationError
+
+    from api.settings import get_settings
+    from search.logs import configure_logging
+
+    try:
+        settings = get_settings()
+    except ValidationError as exc:  # a bad HYBRIDNAS_* value: name it, before any command runs
+        from api.errors import validation_errors
+
+        for error in validation_errors(list(exc.errors())):
+            err_console.print(
+                f"[red]invalid setting[/red] HYBRIDNAS_{error['field'].upper()}: {error['msg']}"
+            )
+        raise typer.Exit(2) from None
+    level = "debug" if verbose else "warning" if quiet else settings.log_level
+    configure_logging(level, settings.log_format)
+
+
 @layouts_app.command("list")
 def layouts_list() -> None:
     """List the presets."""
@@ -119,6 +155,69 @@ def demo(
     )
 
 
+db_app = typer.Typer(help="The database: upgrade its schema, show its revision.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+DB_OPTION = typer.Option(
+    None,
+    "--db",
+    help="database URL (default: the service's: HYBRIDNAS_DATABASE_URL, else SQLite under the data dir)",
+)
+
+
+def _database(db: str | None, create: bool):
+    """The database `--db` or the settings name; `create`: the data dir is made for the default SQLite file,
+    else a missing SQLite file is an error (nothing is created)."""
+    from api.settings import get_settings
+    from search.storage import Storage, sqlite_path
+
+    settings = get_settings()
+    url = db or settings.resolved_database_url()
+    path = sqlite_path(url)
+    if create and db is None and settings.database_url is None:
+        settings.ensure_data_dir()
+    elif not create and path is not None and not path.is_file():
+        err_console.print(f"[red]no database at {path}[/red] (`hybridnas db upgrade` makes one)")
+        raise typer.Exit(1)
+    return Storage(url)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: str = typer.Argument("head", help="the revision to upgrade to"),
+    db: str = DB_OPTION,
+) -> None:
+    """Migrate the database to the newest schema (what `serve` does at start; same as `alembic upgrade
+    head`)."""
+    with _database(db, create=True) as storage:
+        before = storage.schema_revision()
+        storage.upgrade_schema(revision)
+        after = storage.schema_revision()
+        err_console.print(f"{storage!r}: {before or 'empty'} -> {after}")
+
+
+@db_app.command("current")
+def db_current(
+    db: str = DB_OPTION, as_json: bool = typer.Option(False, "--json", help="print JSON instead")
+) -> None:
+    """The database's schema revision and the newest one this version knows."""
+    import json
+
+    with _database(db, create=False) as storage:
+        state = {
+            "database": repr(storage),
+            "revision": storage.schema_revision(),
+            "head": storage.head_revision(),
+        }
+    state["current"] = state["revision"] == state["head"]
+    if as_json:
+        sys.stdout.write(json.dumps(state) + "\n")
+    else:
+        console.print(
+            f"{state['database']}: revision {state['revision'] or 'none (empty)'}, newest {state['head']}"
+            + ("" if state["current"] else "  (run `hybridnas db upgrade`)")
+        )
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="interface to listen on"),
@@ -126,7 +225,9 @@ def serve(
     data_dir: Path = typer.Option(None, help="data dir (default: HYBRIDNAS_DATA_DIR or ./.hybridnas)"),
     runners: int = typer.Option(None, help="jobs this process runs at once (0: API only; default: settings)"),
     scheduler: bool = typer.Option(None, "--scheduler/--no-scheduler", help="fire scheduled searches here"),
-    log_level: str = typer.Option("info", help="debug, info, warning, error"),
+    log_level: str = typer.Option(
+        None, help="debug, info, warning, error (default: -v/-q, HYBRIDNAS_LOG_LEVEL)"
+    ),
 ) -> None:
     """Start the coordinator: REST API (OpenAPI at /docs), dashboard (/), job runner and scheduler."""
     from api.serve import serve as run_server

@@ -47,20 +47,19 @@ def serve(
     data_dir: Path | None = None,
     runners: int | None = None,
     scheduler: bool | None = None,
-    log_level: str = "info",
+    log_level: str | None = None,
 ) -> None:
     from api.settings import Settings
     from search.executors import quiet_ray_signals
+    from search.logs import configure_logging
 
     quiet_ray_signals()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     overrides = {"runners": runners, "scheduler": scheduler, "data_dir": data_dir}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     settings.ensure_data_dir()
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    log_level = log_level or settings.log_level
+    configure_logging(log_level, settings.log_format)
     log.info(
         "coordinator on http://%s:%d (dashboard at /, OpenAPI at /docs); data dir %s; database %s; "
         "runners %d; scheduler %s; API processes %d",
@@ -90,6 +89,7 @@ def _config(app, settings, host: str, port: int, log_level: str, **extra):
         host=host,
         port=port,
         log_level=log_level,
+        log_config=None,  # uvicorn's records go to the process's one handler (search/logs.py)
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         limit_concurrency=CONNECTION_BACKSTOP,  # admission (api/admission.py) is the real limit
         **extra,
@@ -116,9 +116,11 @@ def worker_app():
     """The app of one API worker process (`HYBRIDNAS_API_WORKERS` > 1), from the supervisor's settings."""
     from api.app import create_app, quiet_collector
     from api.settings import Settings
+    from search.logs import configure_logging
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     quiet_collector()
     return app

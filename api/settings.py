@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from search.logs import check_format, check_level
 from search.storage import normalize_database_url
 
 
@@ -89,6 +90,28 @@ class Settings(BaseSettings):
         description="GET responses are reused while no write of this process intervened, for "
         "at most this long (the bound on how late another process's writes show); 0: off",
     )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="log every evaluation to MLflow (the [mlflow] extra): one experiment per search, one run "
+        "per candidate; e.g. sqlite:///mlflow.db or http://host:5000",
+    )
+
+    log_level: str = Field(
+        "info", description="debug, info, warning or error (the CLI's -v / -q change it per command)"
+    )
+    log_format: str = Field(
+        "text", description="text, or json: one JSON object per line (time, level, logger, message)"
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        return check_level(value)
+
+    @field_validator("log_format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        return check_format(value)
 
     def resolved_data_dir(self) -> Path:
         """The data dir as an absolute path (nothing is created: see `ensure_data_dir`)."""

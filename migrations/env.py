@@ -1,8 +1,9 @@
 """Alembic environment for hybridnas (models: `search.db.Base.metadata`).
 
 The database URL, first found wins: a connection handed in by `Storage.create_schema()`
-(`config.attributes["connection"]`), `alembic -x url=...`, the `DATABASE_URL` environment variable, then
-`sqlalchemy.url` in alembic.ini. Connections are made through `search.storage.Storage`, so SQLite gets the
+(`config.attributes["connection"]`), `alembic -x url=...`, then the service's own settings
+(`HYBRIDNAS_DATABASE_URL` or `DATABASE_URL`, else SQLite under `HYBRIDNAS_DATA_DIR`), so `alembic upgrade
+head`, `hybridnas db upgrade` and `hybridnas serve` always agree on the database. Connections are made through `search.storage.Storage`, so SQLite gets the
 same pragmas as the application (WAL, busy timeout).
 
 SQLite: migrations run in batch mode (`render_as_batch`: ALTERs become copy-and-move, which is why the
@@ -13,13 +14,13 @@ transaction under an advisory lock, so coordinators starting together upgrade on
 
 from __future__ import annotations
 
-import os
 from logging.config import fileConfig
 
 from alembic import context
 from sqlalchemy import JSON, Connection
 
 from search.db import Base, UTCDateTime
+from search.storage.engines import normalize_database_url
 
 config = context.config
 target_metadata = Base.metadata
@@ -39,14 +40,15 @@ def render_item(type_: str, obj: object, autogen_context: object) -> str | bool:
 
 
 def database_url() -> str:
-    url = (
-        context.get_x_argument(as_dictionary=True).get("url")
-        or os.environ.get("DATABASE_URL")
-        or config.get_main_option("sqlalchemy.url")
-    )
-    if not url:
-        raise RuntimeError("no database URL: pass -x url=..., set DATABASE_URL, or set sqlalchemy.url")
-    return url
+    url = context.get_x_argument(as_dictionary=True).get("url")
+    if url:
+        return normalize_database_url(url)
+    from api.settings import Settings
+
+    settings = Settings()
+    if settings.database_url is None:  # the embedded default: SQLite in the data dir, made on first use
+        settings.ensure_data_dir()
+    return settings.resolved_database_url()
 
 
 def run_migrations_offline() -> None:

@@ -114,6 +114,11 @@ class UTCDateTime(TypeDecorator):
 JSONType = JSON(none_as_null=True)
 
 
+# Ids are never reused after a delete (a deleted search's id must not name a new one in links, logs or
+# scripts): SQLite's AUTOINCREMENT; PostgreSQL's sequences never hand a value out twice anyway.
+NEVER_REUSE_IDS = {"sqlite_autoincrement": True}
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -122,6 +127,7 @@ class Schedule(Base):
     """A cron schedule of searches (the service issue fills in the behaviour)."""
 
     __tablename__ = "schedules"
+    __table_args__ = (NEVER_REUSE_IDS,)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -140,7 +146,7 @@ class Job(Base):
     """A unit of queued work; a search is one kind. The lease columns belong to the service's job runner."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index(None, "status", "priority", "created_at"),)
+    __table_args__ = (Index(None, "status", "priority", "created_at"), NEVER_REUSE_IDS)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(32), index=True)
@@ -167,7 +173,7 @@ class ScheduleFire(Base):
     """One due time of a schedule: the unique (schedule_id, due_at) row makes a fire happen exactly once."""
 
     __tablename__ = "schedule_fires"
-    __table_args__ = (UniqueConstraint("schedule_id", "due_at"),)
+    __table_args__ = (UniqueConstraint("schedule_id", "due_at"), NEVER_REUSE_IDS)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     schedule_id: Mapped[int] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"))
@@ -189,6 +195,7 @@ class Candidate(Base):
         # Pages sorted by a metric, and the live feed (by finished_at), read the index instead of sorting
         # rows.
         *(Index(None, "job_id", column, "id") for column in INDEXED_SORT_COLUMNS),
+        NEVER_REUSE_IDS,
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -254,7 +261,7 @@ class HypervolumePoint(Base):
     """The anytime hypervolume curve of a search: one value per evaluation count."""
 
     __tablename__ = "hypervolume_history"
-    __table_args__ = (UniqueConstraint("job_id", "n_evaluations"),)
+    __table_args__ = (UniqueConstraint("job_id", "n_evaluations"), NEVER_REUSE_IDS)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from search.evaluation import EvaluationResult, ResultKeys
+from search.logs import adopt_library_loggers
 
 log = logging.getLogger("hybridnas.executors")
 
@@ -573,6 +574,10 @@ def quiet_ray_signals() -> None:
     graceful shutdown (exit 134). Read by Ray when it is first imported, so call this before that (the
     user's own setting wins)."""
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    if not os.environ.get("RAY_ADDRESS"):
+        # A local Ray has token authentication on by default and warns about it at every start; saying so
+        # explicitly keeps it on without the warning. (A cluster's own setting is left alone.)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def import_ray():
@@ -580,6 +585,7 @@ def import_ray():
     quiet_ray_signals()
     import ray
 
+    adopt_library_loggers()
     return ray
 
 

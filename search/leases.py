@@ -69,6 +69,8 @@ def keep_lease(
             continue
         if not held:
             job = storage.get_job(job_id)
+            if done.is_set() or (job is not None and job.status in ("completed", "failed", "archived")):
+                return  # the engine finished the job (and released the lease) between two beats
             if job is not None and job.status == "cancelled":
                 stop.cancel = True
                 log.info("job %d: cancelled; stopping", job_id)

@@ -58,14 +58,19 @@ def _version_rows(store: Storage) -> list[str]:
         return [r[0] for r in conn.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}")]
 
 
-def _model_names(metadata: MetaData = METADATA) -> dict[str, dict[str, set]]:
-    """Per table: the names of its primary key, indexes, unique constraints and foreign keys in the models."""
+def _model_names(metadata: MetaData = METADATA, dialect: str = "postgresql") -> dict[str, dict[str, set]]:
+    """Per table: the names of its primary key, indexes, unique constraints and foreign keys in the models.
+    (SQLite's AUTOINCREMENT key is declared inline on its column, where the syntax has no constraint name.)"""
     from sqlalchemy import ForeignKeyConstraint, PrimaryKeyConstraint, UniqueConstraint
+
+    def pk_name(table, constraint) -> str | None:
+        inline = dialect == "sqlite" and table.dialect_options["sqlite"]["autoincrement"]
+        return None if inline else constraint.name
 
     out: dict[str, dict[str, set]] = {}
     for name, table in metadata.tables.items():
         out[name] = {
-            "pk": {c.name for c in table.constraints if isinstance(c, PrimaryKeyConstraint)},
+            "pk": {pk_name(table, c) for c in table.constraints if isinstance(c, PrimaryKeyConstraint)},
             "ix": {i.name for i in table.indexes},
             "uq": {c.name for c in table.constraints if isinstance(c, UniqueConstraint)},
             "fk": {
@@ -100,7 +105,7 @@ def _assert_at_head(store: Storage) -> None:
     assert _tables(store) == TABLES | {VERSION_TABLE}
     diffs = _diffs(store)
     assert diffs == [], f"the migrated schema differs from search/db.py: {diffs}"
-    assert _live_names(store) == _model_names()
+    assert _live_names(store) == _model_names(dialect=store.engine.dialect.name)
 
 
 def _assert_at_base(store: Storage) -> None:
@@ -303,3 +308,25 @@ def test_the_latency_metric_columns_are_filled_from_stored_results(db_url):
         # new results fill the columns as they are stored
         store.put_latency_result("new", layout_hash="h", result=results["full"], decode_ms=1.0)
         assert store.get_latency_result("new").prefill_ms == 12.5
+
+
+def _job_ids(store: Storage) -> list[int]:
+    with store.engine.connect() as conn:
+        return [r[0] for r in conn.exec_driver_sql("SELECT id FROM jobs ORDER BY id")]
+
+
+def test_deleted_ids_are_never_reused(db_url):
+    """A deleted search's id never names a new one: delete the newest job (the case SQLite's plain rowid
+    reuses), make another; its id is larger. And 0004 keeps the rows and ids it copies on SQLite."""
+    with Storage(db_url) as store:
+        store.create_schema("0003")
+        first = store.create_job("search", {"budget": 1}, name="a")
+        second = store.create_job("search", {"budget": 1}, name="b")
+        store.create_schema()
+        assert _job_ids(store) == [first, second]
+        assert store.delete_job(second)
+        third = store.create_job("search", {"budget": 1}, name="c")
+        assert third > second, (first, second, third)
+        assert store.get_job(first).name == "a"
+        store.downgrade_schema("0003")  # and back: the rows stay
+        assert _job_ids(store) == [first, third]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,9 @@ from sqlalchemy import Connection
 from search.storage.engines import Connected
 from search.storage.records import StorageError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
+# The installed `migrations` package (a source checkout's folder, or the wheel's copy): a real folder
+# either way, which Alembic's script directory needs.
+MIGRATIONS_DIR = Path(str(files("migrations")))
 # Alembic's `context` and `op` are module-level proxies: one migration at a time per process. Across processes
 # the database serializes them (see migrations/env.py).
 _ALEMBIC_LOCK = threading.Lock()
@@ -24,8 +27,8 @@ class SchemaStore(Connected):
 
         if not (MIGRATIONS_DIR / "env.py").exists():
             raise StorageError(
-                f"migrations not found at {MIGRATIONS_DIR}: install the project from its "
-                "source tree (pip install -e .)"
+                f"migrations not found at {MIGRATIONS_DIR}: the installed hybridnas package is incomplete "
+                "(reinstall it)"
             )
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS_DIR))
