@@ -39,12 +39,21 @@ class JobContext:
     stop: StopEvent
     data_dir: Path
     executor_factory: Callable
+    tracking_uri: str | None = None  # MLflow (HYBRIDNAS_MLFLOW_TRACKING_URI): each evaluation logged there
 
 
 def run_search(ctx: JobContext) -> None:
     from search.engine import SearchEngine
+    from search.tracking import tracker_for
 
-    SearchEngine(ctx.storage, ctx.job.id, ctx.executor_factory, stop=ctx.stop, lease_owner=ctx.owner).run()
+    SearchEngine(
+        ctx.storage,
+        ctx.job.id,
+        ctx.executor_factory,
+        stop=ctx.stop,
+        lease_owner=ctx.owner,
+        tracker=tracker_for(ctx.tracking_uri),  # one per job: a failure ends only this job's tracking
+    ).run()
 
 
 JOB_HANDLERS: dict[str, Callable[[JobContext], None]] = {"search": run_search}
@@ -96,6 +105,7 @@ class JobRunner:
         executor_factory: Callable | None = None,
         owner: str | None = None,
         data_roots: tuple[str, ...] = (),
+        tracking_uri: str | None = None,
     ):
         self.storage, self.data_dir = storage, Path(data_dir)
         self.data_roots = tuple(data_roots) or (str(Path(".").resolve()),)
@@ -104,6 +114,16 @@ class JobRunner:
         self.owner = owner or owner_id()
         self.ray = _Ray(ray_num_cpus)
         self._executor_factory = executor_factory
+        # MLflow experiment tracking: the given URI, else the settings' (HYBRIDNAS_MLFLOW_TRACKING_URI); ""
+        # is off. Checked here: a URI without mlflow installed stops the service at start-up, not each job.
+        if tracking_uri is None:
+            from api.settings import get_settings
+
+            tracking_uri = get_settings().mlflow_tracking_uri
+        self.tracking_uri = tracking_uri or None
+        from search.tracking import tracker_for
+
+        tracker_for(self.tracking_uri)
         self._stopping = threading.Event()
         self._jobs_stopped = threading.Event()
         self.stop_timeout_s = 120.0
@@ -213,7 +233,9 @@ class JobRunner:
 
     def _run(self, job: JobRecord, stop: StopEvent) -> None:
         log.info("job %d (%s): taken by %s", job.id, job.kind, self.owner)
-        ctx = JobContext(self.storage, job, self.owner, stop, self.data_dir, self.executor_factory)
+        ctx = JobContext(
+            self.storage, job, self.owner, stop, self.data_dir, self.executor_factory, self.tracking_uri
+        )
         with held_lease(self.storage, job.id, self.owner, self.lease_s, stop):
             try:
                 JOB_HANDLERS[job.kind](ctx)

@@ -78,6 +78,7 @@ class SearchEngine:
         stop: threading.Event | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         lease_owner: str | None = None,
+        tracker=None,
     ):
         self.storage, self.job_id = storage, job_id
         # Under a service runner's lease, status changes go through the lease: a runner that lost the job
@@ -86,7 +87,10 @@ class SearchEngine:
         self.executor_factory = executor_factory
         self.stop = stop or StopEvent()
         self.on_progress = on_progress
-        job = storage.get_job(job_id)
+        # An experiment tracker (search.tracking), told of every recorded result; its errors never stop the
+        # search: the first is logged and tracking ends for this run.
+        self.tracker = tracker
+        job = self.job = storage.get_job(job_id)
         self.config = SearchConfig.model_validate(job.config)
         self.space = self.config.build_space()
         self.default_vocab_size = 257  # the byte tokenizer, when a stored result does not say
@@ -348,7 +352,7 @@ class SearchEngine:
                 result={**result.latency, "worker": result.worker},
             )
         if result.status != "completed":
-            self._failed(cand, result.failure_reason, result.details(), strategy)
+            self._failed(cand, result.failure_reason, result.details(), strategy, result)
             return
         keys = ResultKeys(result.training_key, result.latency_key)
         training = self.storage.get_training_result(keys.training_key)
@@ -362,11 +366,12 @@ class SearchEngine:
             trained_params=(training.result or {}).get("n_params"),
         )
 
-    def _failed(self, cand, reason: str | None, details: str | None, strategy) -> None:
+    def _failed(self, cand, reason: str | None, details: str | None, strategy, result=None) -> None:
         """A failed candidate is data: its reason stored, the strategy told, the counts updated."""
         self.storage.fail_candidate(cand.id, reason or "failed (no reason given)", details)
         strategy.tell(cand.layout_hash, None)
         self._after_tell(strategy)
+        self._track(cand.id, result)
 
     def _complete(
         self,
@@ -397,6 +402,35 @@ class SearchEngine:
         )
         strategy.tell(cand.layout_hash, objectives)
         self._after_tell(strategy, completed_id=cand.id)
+        self._track(cand.id)
+
+    def _track(self, candidate_id: int, result: EvaluationResult | None = None) -> None:
+        """Hand a recorded result to the tracker: the candidate as stored, with the worker's result (a
+        failure) or the stored training and latency results it completed with (evaluated or reused)."""
+        if self.tracker is None:
+            return
+        cand = self.storage.get_candidate(candidate_id)
+        if result is None and cand.training_key is not None:
+            training = self.storage.get_training_result(cand.training_key)
+            latency = self.storage.get_latency_result(cand.latency_key)
+            result = EvaluationResult(
+                status="completed",
+                layout_hash=cand.layout_hash,
+                training_key=cand.training_key,
+                latency_key=cand.latency_key,
+                training=training.result if training else None,
+                latency=latency.result if latency else None,
+            )
+        try:
+            self.tracker.log_evaluation(self.job, cand, result)
+        except Exception as exc:  # tracking is a side channel: the search goes on without it
+            log.warning(
+                "job %d: experiment tracking failed (%s: %s); no more tracking for this run",
+                self.job_id,
+                type(exc).__name__,
+                exc,
+            )
+            self.tracker = None
 
     def _front_of(self, candidates: list) -> list:
         """The non-dominated ones among these candidates, on the search's objectives."""
