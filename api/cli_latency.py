@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -39,6 +40,21 @@ def _ints(text: str, what: str) -> list[int]:
     if not values or min(values) <= 0:
         raise typer.BadParameter(f"{what}: give at least one positive integer")
     return values
+
+
+# A LatencyConfig field -> the build-lut option that sets it (errors name the option).
+_OPTION_OF = {
+    "decode_tokens": "--decode-tokens",
+    "repeats": "--repeats",
+    "threads": "--threads",
+    "dtype": "--dtype",
+    "vocab_size": "--vocab-size",
+}
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _fail(message: str) -> None:
@@ -80,9 +96,18 @@ def build_lut_cmd(
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"),
     device: str = typer.Option(None, help="cpu or cuda[:N] (default: cuda if available)"),
 ) -> None:
-    """Measure per-operator decode ms/token at each width and context on this device; write the table."""
+    """Measure per-operator decode ms/token at each width and context on this device; write the table.
+
+    Each measured (width, context) cell is saved at once to OUT.cells.jsonl: after Ctrl-C (exit 130) or a
+    crash, the same command measures only the missing cells (cells measured under other settings, device or
+    dtype are never reused). Once the table is written its cells leave the file (removed when empty)."""
+    from pydantic import ValidationError
+
+    from api.progress import progress_bar
     from latency.lut import (  # torch is imported here, not for `predict`
+        CellStore,
         build_lut,
+        cells_path,
         save_lut,
     )
     from latency.profiler import LatencyConfig
@@ -115,21 +140,61 @@ def build_lut_cmd(
             vocab_size=vocab_size,
             throughput=False,
         )
-        lut = build_lut(
-            _ints(widths, "widths"),
-            _ints(contexts, "contexts"),
-            ops,
-            base_dims,
-            config,
-            device,
-            copies=copies,
-            rounds=rounds,
-            size_levels_mb=levels,
-            progress=lambda m: err_console.print(f"[dim]{m}[/dim]"),
-        )
+    except ValidationError as exc:
+        from api.errors import validation_errors
+
+        for error in validation_errors(list(exc.errors())):
+            err_console.print(
+                f"[red]error[/red] {_OPTION_OF.get(error['field'], error['field'])}: {error['msg']}"
+            )
+        raise typer.Exit(2) from None
+    width_list, context_list = _ints(widths, "widths"), _ints(contexts, "contexts")
+    cells = cells_path(out)
+    counts = {"done": 0, "total": 0}
+    started = time.monotonic()
+    fields = {"cell": "-"} if err_console.is_terminal else {"cell": "-", "eta": "-"}
+    try:
+        with progress_bar("measuring cells", total=None, fields=fields, console=err_console) as update:
+            first = {"done": None}
+
+            def on_cell(done: int, total: int, record: dict) -> None:
+                counts.update(done=done, total=total)
+                if first["done"] is None:
+                    first["done"] = done
+                    update(completed=done, total=total)
+                    return
+                measured = done - first["done"]
+                left = (time.monotonic() - started) / measured * (total - done)
+                changed = {"cell": f"d_model {record['d_model']} context {record['context']}"}
+                if "eta" in fields:
+                    changed["eta"] = _duration(left)
+                update(completed=done, total=total, **changed)
+
+            lut = build_lut(
+                width_list,
+                context_list,
+                ops,
+                base_dims,
+                config,
+                device,
+                copies=copies,
+                rounds=rounds,
+                size_levels_mb=levels,
+                progress=lambda m: err_console.print(f"[dim]{m}[/dim]", highlight=False),
+                cells_file=cells,
+                on_cell=on_cell,
+            )
         save_lut(lut, out)
+        CellStore(cells).discard(lut["cell_keys"])  # the table holds them now (other settings' cells stay)
     except (ValueError, LayoutError) as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        err_console.print(
+            f"[yellow]interrupted[/yellow]: {counts['done']} of {counts['total'] or '?'} cells are kept in "
+            f"{cells}; rerun the same command to measure only the rest",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
     fp = lut["device_fingerprint"]
     table = Table(
         title=f"decode ms/token per block — {fp.get('device')} ({fp.get('dtype')}, {fp.get('method')}, "

@@ -29,6 +29,7 @@ Imports only the standard library, torch and project modules (a GPU machine may 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import statistics
@@ -42,7 +43,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from latency.profiler import LatencyConfig, fingerprint_hash, profile, resolve_dtype
+from latency.profiler import (
+    LatencyConfig,
+    device_fingerprint,
+    fingerprint_hash,
+    profile,
+    resolve_dtype,
+    resolve_method,
+)
 from models.hybrid import Block, HybridLM
 from models.registry import BUILDERS
 from search.latency_model import LUT_VERSION, LatencyTable, model_weight_bytes
@@ -113,6 +121,8 @@ def build_lut(
     backend: str = "auto",
     size_levels_mb: Iterable[float] | None = None,
     progress: Callable[[str], None] | None = None,
+    cells_file: str | Path | None = None,
+    on_cell: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
     """Measure the LUT on `device` (default: cuda if available, else cpu). Returns the JSON-able table.
 
@@ -121,6 +131,9 @@ def build_lut(
     is given); config: a LatencyConfig (or dict) — its prompt_len is replaced by each context, throughput off.
     size_levels_mb: weight sizes of the size curve (None: DEFAULT_CPU_SIZE_LEVELS_MB on CPU, none on GPU;
     () for none: the predictor is then a plain sum).
+    cells_file: resume from (and save each measured cell to) this JSON-lines file (`CellStore`): only the
+    cells it lacks under these same settings are measured. on_cell(done, total, record): after each cell
+    (and once at the start, with the resumed count and an empty record).
     """
     widths = sorted({int(w) for w in widths})
     contexts = sorted({int(c) for c in contexts})
@@ -164,6 +177,8 @@ def build_lut(
             backend,
             size_levels_mb,
             say,
+            CellStore(cells_file) if cells_file is not None else None,
+            on_cell,
         )
     finally:
         torch.set_num_threads(previous_threads)
@@ -254,6 +269,93 @@ def _say_cell(cell: _Cell, width: int, context: int, levels: dict[int, int], say
     )
 
 
+# The format of a cells file's records: bump when what a stored cell means changes (older cells are then
+# never reused).
+CELL_FORMAT = 1
+
+
+class CellStore:
+    """Measured (width, context) cells, one JSON line each, appended (flushed and synced) as soon as a cell
+    is measured: an interrupted build keeps every finished cell and a rerun measures only the missing ones.
+    A cell is reused only under the same key (`cell_key`: every setting and the device fingerprint), so cells
+    measured under other settings are never reused (they stay in the file, ignored). A torn last line (a
+    kill in the middle of a write) is skipped."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def load(self) -> dict[str, dict]:
+        """Key -> record, of every complete line."""
+        cells: dict[str, dict] = {}
+        if not self.path.exists():
+            return cells
+        with self.path.open() as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("format") == CELL_FORMAT and "key" in record:
+                    cells[record["key"]] = record
+        return cells
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("ab") as fh:
+            if fh.tell() > 0:  # end a torn last line first, so this record is a line of its own
+                with self.path.open("rb") as check:
+                    check.seek(-1, os.SEEK_END)
+                    if check.read(1) != b"\n":
+                        fh.write(b"\n")
+            fh.write((json.dumps({"format": CELL_FORMAT, **record}, sort_keys=True) + "\n").encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def discard(self, keys: Iterable[str]) -> None:
+        """Drop these cells (a finished table holds them), keeping the cells of other settings; the file is
+        removed when none are left. Rewritten atomically."""
+        drop = set(keys)
+        if not self.path.exists():
+            return
+        with self.path.open() as fh:
+            kept = [line for line in fh if _line_key(line) not in (None, *drop)]
+        if not kept:
+            self.path.unlink(missing_ok=True)
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _line_key(line: str) -> str | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None  # a torn line: dropped with the cells of the finished table
+    return record.get("key") if isinstance(record, dict) else None
+
+
+def cells_path(out: str | Path) -> Path:
+    """The cells file beside a table being built (`lut.json` -> `lut.json.cells.jsonl`)."""
+    out = Path(out)
+    return out.with_name(out.name + ".cells.jsonl")
+
+
+def cell_key(settings: dict, width: int, context: int, dims: dict) -> str:
+    """The content hash of what one cell's numbers depend on: the build's settings (config, operators,
+    copies, rounds, size levels, backend, device and its fingerprint, dtype), the width's layout dims and
+    the context (not the other widths and contexts: a cell measured in a smaller grid is the same cell)."""
+    payload = {"format": CELL_FORMAT, **settings, "d_model": width, "context": context, "dims": dims}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _build(
     widths,
     contexts,
@@ -267,25 +369,59 @@ def _build(
     backend,
     size_levels_mb,
     say,
+    store: CellStore | None = None,
+    on_cell: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
-    """Measure every (width, context) cell and assemble the table."""
-    element_bytes = _ELEMENT_BYTES[resolve_dtype(config, device)]
+    """Measure every (width, context) cell not in `store` under the same key, saving each as it is measured,
+    and assemble the table (in width, then context order: the same table whichever cells were resumed)."""
+    dtype = resolve_dtype(config, device)
+    element_bytes = _ELEMENT_BYTES[dtype]
     started = time.perf_counter()
-    entries, overhead, size_curve, dims_rows, fingerprint = [], [], [], [], None
+    config_dict = config.to_dict()
+    config_dict.pop("prompt_len")
+    # taken while the configured threads are held (build_lut), as each measurement's own fingerprint is
+    planned_fingerprint = device_fingerprint(device, dtype, resolve_method(config, device))
+    settings = {
+        "version": LUT_VERSION,
+        "config": config_dict,
+        "operators": operators,
+        "copies": copies,
+        "rounds": rounds,
+        "backend": backend,
+        "size_levels_mb": size_levels_mb,
+        "device": str(device),
+        "element_bytes": element_bytes,
+        "fingerprint_hash": fingerprint_hash(planned_fingerprint),
+    }
+    stored = store.load() if store is not None else {}
     shell_ops = list(
         dict.fromkeys(["deltanet", *operators])
     )  # a mixer, so the dims carrier is a valid layout
     reference = _reference_block(operators)
+    grid = []  # (width, layout, dims row, [(context, key)])
     for width in widths:
         layout = Layout.from_dict({"operators": shell_ops, **dims_fn(width), "d_model": width})
-        dims_rows.append(
-            {"d_model": width, **{k: v for k, v in _layout_dims(layout).items() if k != "d_model"}}
+        dims_row = {"d_model": width, **{k: v for k, v in _layout_dims(layout).items() if k != "d_model"}}
+        grid.append(
+            (width, layout, dims_row, [(c, cell_key(settings, width, c, dims_row)) for c in contexts])
         )
+    records = {key: stored[key] for *_, cells in grid for _, key in cells if key in stored}
+    total, reused_seconds = len(widths) * len(contexts), sum(r["seconds"] for r in records.values())
+    resumed = len(records)
+    if resumed:
+        say(f"resuming: {resumed} of {total} cells already measured")
+    if on_cell is not None:
+        on_cell(len(records), total, {})
+    for width, layout, _, cells in grid:
+        pending = [(c, key) for c, key in cells if key not in records]
+        if not pending:
+            continue  # every context of this width resumed: its models are not even built
         empty = _model(layout, [], config.vocab_size, backend)
         models = {op: _model(layout, [op] * copies, config.vocab_size, backend) for op in operators}
         levels = _reference_levels(layout, reference, size_levels_mb, config.vocab_size, element_bytes)
         ref_models = {n: _model(layout, reference * n, config.vocab_size, backend) for n in levels}
-        for context in contexts:
+        for context, key in pending:
+            cell_started = time.perf_counter()
             cell = _measure_cell(
                 empty,
                 models,
@@ -297,22 +433,31 @@ def _build(
                 rounds,
                 copies,
             )
-            fingerprint = fingerprint or cell.fingerprint
-            size_curve += _size_rows(cell, width, context, levels)
-            overhead.append(
-                {
+            record = {
+                "key": key,
+                "d_model": width,
+                "context": context,
+                "fingerprint": cell.fingerprint,
+                "seconds": round(time.perf_counter() - cell_started, 3),
+                "overhead": {
                     "d_model": width,
                     "context": context,
                     "vocab_size": config.vocab_size,
                     "decode_ms": round(statistics.median(cell.base_decode), 6),
                     "prefill_ms": round(statistics.median(cell.base_prefill), 6),
-                }
-            )
-            entries += _entry_rows(cell, width, context, say)
+                },
+                "entries": _entry_rows(cell, width, context, say),
+                "size_curve": _size_rows(cell, width, context, levels),
+            }
+            if store is not None:
+                store.append(record)
+            records[key] = record
             _say_cell(cell, width, context, levels, say)
+            if on_cell is not None:
+                on_cell(len(records), total, record)
         del models, empty, ref_models
-    config_dict = config.to_dict()
-    config_dict.pop("prompt_len")
+    ordered = [records[key] for *_, cells in grid for _, key in cells]
+    fingerprint = next((r["fingerprint"] for r in ordered if r.get("fingerprint")), None)
     return {
         "version": LUT_VERSION,
         "device_fingerprint": fingerprint,
@@ -324,17 +469,19 @@ def _build(
         "copies": copies,
         "rounds": rounds,
         "base_dims": base_dims,
-        "dims": dims_rows,
+        "dims": [dims_row for _, _, dims_row, _ in grid],
         "element_bytes": element_bytes,
         "size_reference_block": reference,
         "size_levels_mb": size_levels_mb,
         "method_note": "cost = (decode ms of a model of `copies` blocks of the operator - decode ms of the "
         "same model with no blocks) / copies; overhead = the model with no blocks",
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "build_seconds": round(time.perf_counter() - started, 2),
-        "entries": entries,
-        "overhead": overhead,
-        "size_curve": size_curve,
+        "build_seconds": round(time.perf_counter() - started + reused_seconds, 2),
+        "resumed_cells": resumed,
+        "cell_keys": [r["key"] for r in ordered],
+        "entries": [e for r in ordered for e in r["entries"]],
+        "overhead": [r["overhead"] for r in ordered],
+        "size_curve": [row for r in ordered for row in r["size_curve"]],
     }
 
 
