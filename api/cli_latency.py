@@ -29,7 +29,7 @@ latency_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(width=max(120, Console().width))
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # messages stay one line each (greppable)
 
 
 def _ints(text: str, what: str) -> list[int]:

@@ -21,7 +21,7 @@ from search.layout import LayoutError
 from search.presets import resolve_layout
 
 console = Console(width=max(140, Console().width))
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # messages stay one line each (greppable)
 
 proxy_app = typer.Typer(
     help="The short-training proxy: train one layout, or measure the proxy's fidelity.", no_args_is_help=True

@@ -322,3 +322,75 @@ def test_local_tokenizer_file_and_bpe_corpus(tmp_path):
     assert int(np.asarray(bpe.val_bytes, dtype=np.int64).sum()) == sum(
         len(p.read_bytes()) for p in val_docs
     ) + len(val_docs)
+
+
+# ---- fidelity: keyed resume --------------------------------------------------------------------------------
+
+
+def test_fidelity_key_follows_every_setting_that_changes_a_row():
+    from dataclasses import fields, replace
+
+    from proxies.fidelity import NOT_IN_KEY, FidelityConfig, run_key
+
+    base, data = FidelityConfig(), {"corpus": "stdlib", "corpus_hash": "a", "tokenizer_hash": "t"}
+    key = run_key(base, data)
+    assert key == run_key(FidelityConfig(), dict(data))
+    changes = {
+        "short_steps": 7,
+        "long_factor": 3,
+        "seed": 5,
+        "noise_seed": 9,
+        "lr": 1e-3,
+        "warmup_fraction": 0.2,
+        "batch_size": 4,
+        "seq_len": 64,
+        "eval_tokens": 1024,
+        "max_operators": 8,
+        "d_model": 96,
+        "corpus": "docs",
+        "tokenizer": "bpe:512",
+    }
+    assert set(changes) | set(NOT_IN_KEY) == {f.name for f in fields(FidelityConfig)}
+    for name, value in changes.items():
+        assert run_key(replace(base, **{name: value}), data) != key, name
+    for name, value in {"n_layouts": 3, "workers": 0, "bootstrap": 10}.items():
+        assert run_key(replace(base, **{name: value}), data) == key, name  # change no row
+    assert run_key(base, {**data, "corpus_hash": "b"}) != key  # the same path with other content
+    assert run_key(base, {**data, "tokenizer_hash": "u"}) != key
+
+
+def test_fidelity_rows_of_another_config_are_never_done(tmp_path):
+    from proxies.fidelity import (
+        COLUMNS,
+        FidelityConfig,
+        append_rows,
+        fidelity_layouts,
+        pending_runs,
+        planned_runs,
+        read_rows,
+        rows_of,
+    )
+
+    config = FidelityConfig(n_layouts=2, max_operators=4, d_model=32)
+    layouts = fidelity_layouts(config)
+    planned = planned_runs(config, layouts)
+    assert len(planned) == 6
+
+    def row(key, layout, run):
+        return {"config_hash": key, "layout_hash": layout.content_hash, "run": run, "status": "completed"}
+
+    table = tmp_path / "runs.csv"
+    append_rows(table, COLUMNS, [row("old", lo, run) for lo, run, _, _ in planned])
+    append_rows(table, COLUMNS, [row("new", layouts[0], "short")])
+    with table.open("a") as fh:
+        fh.write(f"new,{layouts[1].content_hash},x,A,1,long")  # a row torn by a kill: no newline, short
+    rows = read_rows(table)
+    assert len(rows) == 7  # the torn row is skipped
+    pending = pending_runs(planned, rows, "new")
+    assert [(lo.content_hash, run) for lo, run, _, _ in pending] == [
+        (lo.content_hash, run) for lo, run, _, _ in planned if (lo, run) != (layouts[0], "short")
+    ]
+    assert pending_runs(planned, rows, "old") == [] and len(pending_runs(planned, rows, "other")) == 6
+    assert len(rows_of(rows, "old", layouts[:1])) == 3
+    append_rows(table, COLUMNS, [row("new", layouts[1], "long")])  # starts on a line of its own
+    assert len(rows_of(read_rows(table), "new")) == 2
