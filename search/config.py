@@ -24,14 +24,30 @@ NAMED_SPACES = {"cpu": cpu_space, "benchmark": benchmark_space, "paper": SearchS
 
 
 class SpaceSettings(BaseModel):
+    """The search space: a named preset, with any of its settings overridden."""
+
     model_config = ConfigDict(extra="forbid")
-    preset: Literal["cpu", "benchmark", "paper"] | None = "cpu"
-    mixers: list[str] | None = Field(None, max_length=8)
-    ratios: list[tuple[Count, Count]] | None = Field(None, max_length=8)
-    ffn_counts: list[Count] | None = Field(None, max_length=4)
-    n_stages: int | None = Field(None, ge=1, le=8)
-    max_operators: int | None = Field(None, ge=1, le=128)
-    widths: list[Count] | None = Field(None, min_length=1, max_length=32)
+    preset: Literal["cpu", "benchmark", "paper"] | None = Field(
+        "cpu", description="the named space the other settings override (cpu: small, for CPUs)"
+    )
+    mixers: list[str] | None = Field(
+        None, max_length=8, description="token-mixer operators a layout may use (`GET /api/operators`)"
+    )
+    ratios: list[tuple[Count, Count]] | None = Field(
+        None,
+        max_length=8,
+        description="mixer ratios a block type may mix its two mixers at: [a, b]; [0, 1] for one mixer type",
+    )
+    ffn_counts: list[Count] | None = Field(None, max_length=4, description="FFNs that may follow each mixer")
+    n_stages: int | None = Field(
+        None, ge=1, le=8, description="stages of a layout (each repeats one block type)"
+    )
+    max_operators: int | None = Field(
+        None, ge=1, le=128, description="operators in a layout at most (the last stage is trimmed first)"
+    )
+    widths: list[Count] | None = Field(
+        None, min_length=1, max_length=32, description="the model widths (d_model) a layout may have"
+    )
     dims: dict[str, Any] | None = Field(
         None, max_length=32, description="layout dimensions for every width (head_dim, kv_group, ...)"
     )
@@ -71,26 +87,41 @@ class SpaceSettings(BaseModel):
 
 
 class SearchConfig(BaseModel):
+    """What a search runs: the space, the strategy, the objectives and budget, and how candidates are
+    evaluated (every field optional; unknown fields refused)."""
+
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(None, max_length=200)
-    space: SpaceSettings = Field(default_factory=SpaceSettings)
-    strategy: str = "pareto-aging"
+    name: str | None = Field(None, max_length=200, description="a name for people")
+    space: SpaceSettings = Field(default_factory=SpaceSettings, description="the layouts searched over")
+    strategy: str = Field(
+        "pareto-aging",
+        description="how candidates are proposed: pareto-aging, nsga2, random or latency-target",
+    )
     strategy_options: dict[str, Any] = Field(
         default_factory=dict,
         max_length=32,
         description="the strategy's own settings (`search.strategies.options`: population_size, ...)",
     )
-    objectives: tuple[str, str] = ("val_bpb", "decode_ms")
+    objectives: tuple[str, str] = Field(
+        ("val_bpb", "decode_ms"),
+        description="the two objectives, both minimized: val_bpb, decode_ms, n_params",
+    )
     budget: int = Field(16, ge=1, le=100_000, description="evaluations (a reused result counts as one)")
-    reused_counts: bool = True
+    reused_counts: bool = Field(
+        True, description="a stored result reused for an equal layout counts toward the budget"
+    )
     cycle: int | None = Field(
         None, ge=1, le=1024, description="children proposed per cycle (default: workers)"
     )
-    initial: Literal["presets", "random"] = "presets"
+    initial: Literal["presets", "random"] = Field(
+        "presets", description="the initial population: the named preset layouts, or random ones"
+    )
     warm_start_job: int | None = Field(
         None, ge=1, le=2**31 - 1, description="start from this search's Pareto front"
     )
-    constraints: Constraints = Field(default_factory=Constraints)
+    constraints: Constraints = Field(
+        default_factory=Constraints, description="budgets a candidate must meet (latency, parameters, memory)"
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds every random choice (numpy takes < 2**32)")
     proxy: ProxyConfig = Field(default_factory=ProxyConfig, description="the short training")
     latency: LatencyConfig = Field(
@@ -98,12 +129,18 @@ class SearchConfig(BaseModel):
         description="the latency measurement",
     )
     data: DataConfig = Field(default_factory=DataConfig, description="the training text and tokenizer")
-    executor: Literal["ray", "inline"] = "ray"
-    workers: int = Field(2, ge=1, le=1024)
-    cpus_per_worker: float = Field(1, gt=0, le=256)
-    gpus_per_worker: float = Field(0, ge=0, le=8)
+    executor: Literal["ray", "inline"] = Field(
+        "ray",
+        description="ray: Ray actors, one per worker (a local Ray, or the cluster at RAY_ADDRESS); inline: "
+        "threads of the runner's process",
+    )
+    workers: int = Field(2, ge=1, le=1024, description="evaluations in parallel")
+    cpus_per_worker: float = Field(1, gt=0, le=256, description="CPUs each worker reserves (Ray)")
+    gpus_per_worker: float = Field(
+        0, ge=0, le=8, description="GPUs each worker reserves (Ray; fractions share one)"
+    )
     timeout_s: float = Field(1800, gt=0, le=7 * 24 * 3600, description="per evaluation")
-    max_retries: int = Field(1, ge=0, le=10)
+    max_retries: int = Field(1, ge=0, le=10, description="times a failed evaluation is tried again")
     latency_lut: str | None = Field(
         None,
         min_length=1,

@@ -66,23 +66,27 @@ class ProxyConfig(WorkerSettings):
         le=10**13,
         description="or training tokens (steps = ceil(tokens / (batch_size x seq_len)))",
     )
-    batch_size: Int = Field(8, ge=1, le=4096)
-    seq_len: Int = Field(128, ge=1, le=1 << 17)
+    batch_size: Int = Field(8, ge=1, le=4096, description="sequences per optimizer step")
+    seq_len: Int = Field(128, ge=1, le=1 << 17, description="tokens per training sequence")
     lr: Float = Field(3e-3, gt=0, le=10, description="peak learning rate")
     min_lr_ratio: Float = Field(0.1, ge=0, le=1, description="the cosine ends at this share of lr")
     warmup_fraction: Float = Field(0.1, ge=0, lt=1, description="share of the steps spent warming up")
-    weight_decay: Float = Field(0.1, ge=0, le=10)
-    beta1: Float = Field(0.9, ge=0, lt=1)
-    beta2: Float = Field(0.95, ge=0, lt=1)
+    weight_decay: Float = Field(
+        0.1, ge=0, le=10, description="AdamW's, on matrices only (not with weight_norm)"
+    )
+    beta1: Float = Field(0.9, ge=0, lt=1, description="Adam's first-moment decay")
+    beta2: Float = Field(0.95, ge=0, lt=1, description="Adam's second-moment decay")
     grad_clip: Float = Field(1.0, ge=0, le=1e6, description="0: no clipping")
-    seed: Int = Field(0, ge=0, le=2**32 - 1)
+    seed: Int = Field(0, ge=0, le=2**32 - 1, description="seeds the model's initialization")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
     )
     meta_tokens: Int | None = Field(None, ge=0, le=1024, description="None: the layout's own; 0: off")
-    weight_norm: Bool = False
+    weight_norm: Bool = Field(
+        False, description="normalized weights, trained with Adam without weight decay (method.md section 5)"
+    )
     eval_tokens: Int = Field(65536, ge=1, le=10**10, description="validation tokens scored for val_bpb")
-    log_every: Int = Field(10, ge=1, le=10**7)
+    log_every: Int = Field(10, ge=1, le=10**7, description="steps between points of the loss curve")
     divergence_factor: Float = Field(
         3.0, gt=1, le=1e6, description="failed if the loss climbs this far above its best after warmup"
     )
@@ -124,7 +128,7 @@ class LatencyConfig(WorkerSettings):
 
     prompt_len: Int = Field(128, ge=1, le=1 << 17, description="tokens prefilled before decoding")
     decode_tokens: Int = Field(64, ge=1, le=1 << 16, description="tokens decoded per repeat")
-    repeats: Int = Field(5, ge=1, le=1000)
+    repeats: Int = Field(5, ge=1, le=1000, description="timed repeats (their median and IQR are reported)")
     warmup: Int = Field(1, ge=0, le=100, description="untimed repeats first (GPU: also Triton's autotuning)")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPU, fp32 on CPU"
@@ -132,8 +136,12 @@ class LatencyConfig(WorkerSettings):
     method: Literal["auto", "eager", "cuda-graph"] = Field(
         "auto", description="auto: cuda-graph on GPU, eager on CPU"
     )
-    throughput: Bool = True
-    throughput_max_batch: Int = Field(64, ge=1, le=4096)
+    throughput: Bool = Field(
+        True, description="also measure decode throughput at the largest batch that fits"
+    )
+    throughput_max_batch: Int = Field(
+        64, ge=1, le=4096, description="the largest batch tried for throughput (powers of two up to it)"
+    )
     memory_cap_bytes: Int = Field(
         2 * 1024**3,
         ge=1,
@@ -141,7 +149,13 @@ class LatencyConfig(WorkerSettings):
         description="weights + caches at the throughput batch must fit under this",
     )
     threads: Int | None = Field(None, ge=1, le=1024, description="CPU threads (None: torch's default)")
-    vocab_size: Int = Field(257, ge=1, le=1 << 20)
+    vocab_size: Int = Field(
+        257,
+        ge=1,
+        le=1 << 20,
+        description="the LM head's vocabulary where no tokenizer gives one (latency tables); a search's "
+        "workers use the tokenizer's",
+    )
 
 
 class DataConfig(WorkerSettings):
@@ -162,9 +176,18 @@ class DataConfig(WorkerSettings):
         pattern=r"^(bytes|bpe:[0-9]{3,7}|file:[^\x00]+)$",
         description='"bytes", "bpe:VOCAB" or "file:PATH" (a tokenizer.json)',
     )
-    val_fraction: Float = Field(0.05, gt=0, lt=1)
-    split_seed: Int = Field(0, ge=0, le=2**31 - 1)
-    min_val_tokens: Int = Field(4096, ge=1, le=10**9)
+    val_fraction: Float = Field(
+        0.05, gt=0, lt=1, description="share of the documents held out for validation"
+    )
+    split_seed: Int = Field(
+        0, ge=0, le=2**31 - 1, description="seeds the per-document train/validation split"
+    )
+    min_val_tokens: Int = Field(
+        4096,
+        ge=1,
+        le=10**9,
+        description="fewer validation tokens than this: the corpus is refused as too small",
+    )
 
 
 @dataclass(frozen=True)
