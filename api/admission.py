@@ -1,5 +1,5 @@
 """Admission control: at most `limit` requests inside the app at once; the excess is refused at once with
-503 and `Retry-After`, never queued into timeouts.
+503 and `Retry-After` (problem details of type `overloaded`), never queued into timeouts.
 
 Why a small limit, not a large in-flight count: on one process the work is CPU-bound (the GIL), so the
 latency of an admitted request grows with how many are admitted (about in-flight / capacity). A limit sized
@@ -15,7 +15,10 @@ static documentation assets.
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from api.errors import PROBLEM_MEDIA_TYPE, problem_body
 
 EXEMPT_PATHS = frozenset({"/api/health", "/api/ready"})
 EXEMPT_SUFFIXES = ("/events",)
@@ -28,13 +31,17 @@ class Admission:
         self.app, self.limit, self.retry_after = app, int(limit), str(int(retry_after_s))
         self.in_flight = 0
         self.refused = 0
-        body = (
-            b'{"detail":"overloaded: too many requests in progress; retry after the Retry-After delay",'
-            b'"message":"overloaded"}'
-        )
-        self._refusal = body
+        body = json.dumps(
+            problem_body(
+                503,
+                detail="too many requests in progress; retry after the Retry-After delay",
+                type="overloaded",
+            ),
+            separators=(",", ":"),
+        ).encode()
+        self._refusal = body  # made once: a refusal must cost next to nothing
         self._headers = [
-            (b"content-type", b"application/json"),
+            (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
             (b"content-length", str(len(body)).encode()),
             (b"retry-after", self.retry_after.encode()),
             (b"cache-control", b"no-store"),

@@ -4,10 +4,13 @@ Thin routes (`api/routes/`), request/response schemas (`api/schemas.py`) kept ap
 settings in one place (`api/settings.py`; auth's own in `api/auth.py`). OpenAPI at `/docs`.
 
 Beside the API, one process runs the job runner (`api/runner.py`) and the scheduler (`api/scheduler.py`)
-unless the settings turn them off (`HYBRIDNAS_RUNNERS=0`, `HYBRIDNAS_SCHEDULER=false`). Bad input is
-never a 500: validation errors are 422 with the field path and a message; unknown ids 404; a storage
-`ValueError` (an unknown status, say) 422; a `KeyError` from storage 404; `StorageError` and a database that
-cannot be reached 503.
+unless the settings turn them off (`HYBRIDNAS_RUNNERS=0`, `HYBRIDNAS_SCHEDULER=false`).
+
+Every 4xx and 5xx is RFC 9457 problem details (`application/problem+json`, `api/errors.py`), documented per
+route in the OpenAPI document. Bad input is never a 500: validation errors are 422 with `errors[]` naming each
+field; unknown ids and routes 404; a storage `ValueError` (an unknown status, say) 422; a `KeyError` from
+storage 404; `StorageError` and a database that cannot be reached 503; anything unexpected a 500 with a
+generic detail (the traceback goes to the server's log only).
 """
 
 from __future__ import annotations
@@ -15,18 +18,19 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.admission import Admission
 from api.auth import Auth, AuthSettings, build_auth
 from api.bodies import BodyGuard
 from api.cache import ReadCache
-from api.errors import NAMED_FIELD, validation_errors
+from api.errors import NAMED_FIELD, problem, problem_media_types, validation_errors
 from api.errors import summary as error_summary
 from api.routes import ROUTERS
 from api.settings import Settings, get_settings
@@ -37,60 +41,100 @@ from web.pages import install_pages
 log = logging.getLogger("hybridnas.api")
 
 
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}
+
+
+def _path(request: Request) -> str:
+    return request.url.path
+
+
 def _install_handlers(app: FastAPI) -> None:
+    """Every error as RFC 9457 problem details (`api.errors.problem`, `application/problem+json`)."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        status = exc.status_code
+        if status < 400:  # (not raised by this app; Starlette's own handling)
+            return Response(status_code=status, headers=exc.headers)
+        detail = str(exc.detail)
+        generic = status in _PHRASES and detail == _PHRASES[status]  # raised by the router, not a route
+        if generic and status == 404:
+            detail = f"no such route: {request.url.path}"
+        elif generic and status == 405:
+            allowed = (exc.headers or {}).get("Allow")
+            detail = f"{request.method} is not allowed on {request.url.path}" + (
+                f" (allowed: {allowed})" if allowed else ""
+            )
+        return problem(status, detail=detail, instance=_path(request), headers=exc.headers)
+
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
         errors = validation_errors(list(exc.errors()))
-        summary = error_summary(errors)
-        return JSONResponse({"detail": errors, "message": summary}, status_code=422)
+        return problem(422, detail=error_summary(errors), errors=errors, instance=_path(request))
 
     @app.exception_handler(ValueError)
-    async def _value_error(_request: Request, exc: ValueError) -> JSONResponse:
+    async def _value_error(request: Request, exc: ValueError) -> Response:
         # The same shape as a validation error, so clients parse one 422 format.
         named = NAMED_FIELD.match(str(exc))
         field, msg = (named.group(1), named.group(2)) if named else ("", str(exc))
         errors = [
             {"loc": field.split(".") if field else [], "field": field, "msg": msg, "type": "value_error"}
         ]
-        return JSONResponse({"detail": errors, "message": f"{field or 'request'}: {msg}"}, status_code=422)
+        return problem(422, detail=f"{field or 'request'}: {msg}", errors=errors, instance=_path(request))
 
     @app.exception_handler(KeyError)
-    async def _key_error(_request: Request, exc: KeyError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc.args[0]) if exc.args else "not found"}, status_code=404)
+    async def _key_error(request: Request, exc: KeyError) -> Response:
+        detail = str(exc.args[0]) if exc.args else "not found"
+        return problem(404, detail=detail, instance=_path(request))
 
     @app.exception_handler(sa_exc.DataError)
-    async def _out_of_range(_request: Request, exc: sa_exc.DataError) -> JSONResponse:
+    async def _out_of_range(request: Request, exc: sa_exc.DataError) -> Response:
         # A value the database refuses (a number out of a column's range): bad input that slipped past the
         # schemas, never a 500.
         log.warning(
             "database refused a value: %s", type(exc.orig).__name__ if exc.orig else type(exc).__name__
         )
-        return JSONResponse(
-            {
-                "detail": [
-                    {
-                        "loc": [],
-                        "field": "",
-                        "msg": "a value is out of the range the database accepts",
-                        "type": "value_error",
-                    }
-                ],
-                "message": "a value is out of range",
-            },
-            status_code=422,
-        )
+        message = "a value is out of the range the database accepts"
+        errors = [{"loc": [], "field": "", "msg": message, "type": "value_error"}]
+        return problem(422, detail=message, errors=errors, instance=_path(request))
 
     @app.exception_handler(StorageError)
-    async def _storage_error(_request: Request, exc: StorageError) -> JSONResponse:
+    async def _storage_error(request: Request, exc: StorageError) -> Response:
         log.error("storage error: %s", exc)
-        return JSONResponse({"detail": "storage unavailable"}, status_code=503)
+        return problem(503, detail="storage unavailable", type="unavailable", instance=_path(request))
 
     @app.exception_handler(sa_exc.OperationalError)
-    async def _db_down(_request: Request, exc: sa_exc.OperationalError) -> JSONResponse:
+    async def _db_down(request: Request, exc: sa_exc.OperationalError) -> Response:
         log.error("database error: %s", type(exc).__name__)
-        return JSONResponse(
-            {"detail": "database unavailable, retry later"}, status_code=503, headers={"Retry-After": "5"}
+        return problem(
+            503,
+            detail="database unavailable, retry later",
+            type="unavailable",
+            instance=_path(request),
+            headers={"Retry-After": "5"},
         )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, _exc: Exception) -> Response:
+        # Starlette's outermost middleware sends this, then re-raises: the server logs the traceback. The
+        # client sees nothing of it (no trace, no message: it may hold paths or secrets).
+        return problem(
+            500,
+            detail="an unexpected error occurred on the server; its log has the details",
+            instance=_path(request),
+        )
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """The OpenAPI document with every error response as `application/problem+json` (api.errors)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problem_media_types(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class Background:
@@ -227,6 +271,7 @@ def create_app(
     app.state.shutting_down = threading.Event()  # set at the first shutdown signal: streams end
     app.state.background = None
     _install_handlers(app)
+    _install_openapi(app)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
     app.add_middleware(
         ReadCache,

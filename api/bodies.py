@@ -1,13 +1,14 @@
 """Request bodies, guarded before a route parses them: at most `max_bytes` (declared or streamed in chunks:
 413), and for JSON bodies valid UTF-8 nested at most `MAX_DEPTH` deep (422 in the standard error shape, naming
-`body`). The body is read once, checked, and handed to the app as it came."""
+`body`); both as problem details (`api/errors.py`). The body is read once, checked, and handed to the app as
+it came."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from fastapi.responses import JSONResponse
+from api.errors import problem
 
 MAX_DEPTH = 32  # objects and arrays within each other; a search config needs about 5
 _STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
@@ -40,10 +41,10 @@ def body_problem(body: bytes, content_type: str) -> tuple[str, str] | None:
     return None
 
 
-def _invalid(kind: str, message: str) -> JSONResponse:
+def _invalid(kind: str, message: str, path: str):
     """A 422 in the validation errors' shape, naming the body."""
-    detail = [{"loc": ["body"], "field": "body", "msg": message, "type": kind}]
-    return JSONResponse({"detail": detail, "message": f"body: {message}"}, status_code=422)
+    errors = [{"loc": ["body"], "field": "body", "msg": message, "type": kind}]
+    return problem(422, detail=f"body: {message}", errors=errors, instance=path)
 
 
 class BodyGuard:
@@ -59,7 +60,7 @@ class BodyGuard:
         headers = dict(scope.get("headers") or ())
         declared = headers.get(b"content-length")
         message = f"request body larger than {self.max_bytes} bytes"
-        too_large = JSONResponse({"detail": message, "message": message}, status_code=413)
+        too_large = problem(413, detail=message, instance=scope.get("path"))
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await too_large(scope, receive, send)
             return
@@ -76,11 +77,11 @@ class BodyGuard:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        problem = (
+        refused = (
             body_problem(body, headers.get(b"content-type", b"").decode("latin-1").lower()) if body else None
         )
-        if problem is not None:
-            await _invalid(*problem)(scope, receive, send)
+        if refused is not None:
+            await _invalid(*refused, scope.get("path"))(scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)
 

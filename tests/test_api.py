@@ -47,7 +47,7 @@ def _create(client, body=None, headers=None):
 
 
 def _fields(response):
-    return {e["field"] for e in response.json()["detail"]}
+    return {e["field"] for e in response.json()["errors"]}
 
 
 # ---------------------------------------------------------------------------------------------- auth
@@ -56,6 +56,7 @@ def _fields(response):
 def test_mutations_need_the_token(client):
     r = client.post("/api/searches", json={"budget": 4})
     assert r.status_code == 401 and "bearer token" in r.json()["detail"]
+    assert r.headers["content-type"] == "application/problem+json"
     assert r.headers["WWW-Authenticate"] == "Bearer"
     r = client.post("/api/searches", json={"budget": 4}, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["detail"] == "invalid bearer token"
@@ -225,14 +226,14 @@ def test_422_names_the_field(client, body, field):
     r = _create(client, body)
     assert r.status_code == 422, r.text
     assert field in _fields(r)
-    assert field in r.json()["message"] and r.json()["detail"][0]["msg"]
+    assert field in r.json()["detail"] and r.json()["errors"][0]["message"]
 
 
 def test_malformed_json_and_non_object_body(client):
     r = client.post(
         "/api/searches", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}
     )
-    assert r.status_code == 422 and "malformed JSON" in r.json()["message"]
+    assert r.status_code == 422 and "malformed JSON" in r.json()["detail"]
     assert _create(client, [1, 2]).status_code == 422
 
 
@@ -287,5 +288,5 @@ def test_ready_503_without_schema(tmp_path):
 def test_huge_space_numbers_rejected_fast(client):
     for space in ({"widths": [10**20]}, {"dims": {"d_model": 10**20}}):
         r = _create(client, {"space": space})
-        assert r.status_code == 422 and "exceeds" in r.json()["message"]
+        assert r.status_code == 422 and "exceeds" in r.json()["detail"]
         assert _fields(r) & {"space.widths", "space.dims.d_model"}

@@ -84,9 +84,9 @@ def test_pareto_csv_matches_the_json_front(ran):
 def test_pareto_refuses_a_bad_pair(ran):
     _, job_id, client = ran
     r = client.get(f"/api/searches/{job_id}/pareto", params={"x": "val_bpb", "y": "val_bpb"})
-    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "y"
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "y"
     r = client.get(f"/api/searches/{job_id}/pareto", params={"x": "loss"})
-    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "x"
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "x"
 
 
 def test_evaluation_feed_pages_through_every_finished_candidate_once(ran):
@@ -161,7 +161,7 @@ def test_data_paths_resolve_only_under_the_roots(ran, data, field):
     before = store.count_jobs()
     r = client.post("/api/searches", json={"budget": 2, "data": data}, headers=AUTH)
     assert r.status_code == 422, r.text
-    assert r.json()["detail"][0]["field"] == field
+    assert r.json()["errors"][0]["field"] == field
     assert store.count_jobs() == before  # nothing stored
 
 
@@ -178,7 +178,7 @@ def test_a_corpus_inside_the_roots_is_accepted(ran, tmp_path, monkeypatch):
 def test_latency_target_needs_a_table_inside_the_roots(ran):
     store, _, client = ran
     r = client.post("/api/searches", json={"budget": 2, "strategy": "latency-target"}, headers=AUTH)
-    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "latency_lut"
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "latency_lut"
     r = client.post(
         "/api/searches",
         json={
@@ -189,7 +189,7 @@ def test_latency_target_needs_a_table_inside_the_roots(ran):
         },
         headers=AUTH,
     )
-    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "latency_lut"
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "latency_lut"
 
 
 def test_bad_strategy_options_are_refused_at_submission(ran):
@@ -197,7 +197,7 @@ def test_bad_strategy_options_are_refused_at_submission(ran):
     for options in ({"bogus": 1}, {"population_size": 10**6}):
         r = client.post("/api/searches", json={"budget": 2, "strategy_options": options}, headers=AUTH)
         (name,) = options
-        assert r.status_code == 422 and r.json()["detail"][0]["field"] == f"strategy_options.{name}", r.text
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == f"strategy_options.{name}", r.text
 
 
 @pytest.mark.parametrize(
@@ -217,7 +217,7 @@ def test_worker_settings_are_checked_at_submission(ran, body, field):
     before = store.count_jobs()
     r = client.post("/api/searches", json={"budget": 2, **body}, headers=AUTH)
     assert r.status_code == 422, r.text
-    assert r.json()["detail"][0]["field"] == field, r.json()
+    assert r.json()["errors"][0]["field"] == field, r.json()
     assert store.count_jobs() == before
 
 

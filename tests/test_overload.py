@@ -56,6 +56,8 @@ def test_the_excess_is_refused_at_once_with_retry_after_and_probes_stay_up(live,
     refused = [(r, t) for r, t in results if r.status_code == 503]
     assert len(admitted) == 2 and len(refused) == 6, [r.status_code for r, _ in results]
     assert all(r.headers["retry-after"] == "1" for r, _ in refused)
+    assert all(r.headers["content-type"] == "application/problem+json" for r, _ in refused)
+    assert {r.json()["type"] for r, _ in refused} == {"https://hybridnas.dev/problems/overloaded"}
     assert max(t for _, t in refused) < 0.5  # at once, while the admitted ones take a second
     assert httpx.get(f"{live.base}/api/health", timeout=5).status_code == 200
 

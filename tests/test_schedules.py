@@ -732,7 +732,7 @@ def _body(**kw) -> dict:
 
 
 def _fields(response) -> set[str]:
-    return {e["field"] for e in response.json()["detail"]}
+    return {e["field"] for e in response.json()["errors"]}
 
 
 def test_routes_need_the_token_to_change_schedules(client):
