@@ -5,10 +5,10 @@ A response is served from the cache when it was made at the storage's current wr
 (`Storage.generation`: every committed write of this process moves it on, and on SQLite every commit of any
 process too) and is at most `ttl_s` old; the TTL bounds how long a write by another process on PostgreSQL (a
 `hybridnas search run`, another coordinator, another API worker) can go unseen. Only complete 200
-responses of plain (non-streaming) routes are kept; `/api/health`, `/api/ready` and event streams are never
-cached. When reads need the token, the Authorization and Cookie headers (the dashboard's session) are part of
-the key, so a cached response is only ever served to a request that presented the credentials it was made
-for.
+responses of plain (non-streaming) routes are kept; `/api/health`, `/api/ready`, event streams and streamed
+exports (`.jsonl`) are never cached. When reads need the token, the Authorization and Cookie headers (the
+dashboard's session) are part of the key, so a cached response is only ever served to a request that
+presented the credentials it was made for.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 NEVER_CACHED = frozenset({"/api/health", "/api/ready"})
+STREAMED = ("/events", ".jsonl")  # event streams and streamed exports: sent as they are made, never buffered
 MAX_BODY = 1 << 20
 
 
@@ -54,7 +55,7 @@ class ReadCache:
         if scope["type"] != "http" or self.ttl_s <= 0 or scope["method"] != "GET":
             return False  # (a lifespan scope has no path: it must pass straight through)
         path = scope["path"]
-        return path.startswith("/api/") and path not in NEVER_CACHED and not path.endswith("/events")
+        return path.startswith("/api/") and path not in NEVER_CACHED and not path.endswith(STREAMED)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if not self.cacheable(scope):

@@ -41,6 +41,30 @@ def _no_template_priority(template: SearchCreate | None) -> None:
         )
 
 
+SCHEDULE_EXAMPLES: dict[str, dict[str, Any]] = {
+    "nightly": {
+        "summary": "A small search every night at 02:00 Berlin time",
+        "value": {
+            "name": "nightly-cpu",
+            "cron": "0 2 * * *",
+            "timezone": "Europe/Berlin",
+            "template": {"name": "nightly-cpu", "budget": 24, "proxy": {"steps": 40}},
+            "priority": 1,
+        },
+    },
+    "weekly-warm": {
+        "summary": "Weekly, each run starting from the previous run's Pareto front",
+        "value": {
+            "name": "weekly-warm",
+            "cron": "@weekly",
+            "template": {"budget": 32, "strategy": "pareto-aging"},
+            "warm_start": True,
+            "enabled": False,
+        },
+    },
+}
+
+
 def template_json(template: SearchCreate) -> dict[str, Any]:
     """What is stored: the fields the user set (validated again at every fire, so defaults follow the
     code)."""
@@ -48,13 +72,17 @@ def template_json(template: SearchCreate) -> dict[str, Any]:
 
 
 class ScheduleCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A new schedule: a cron expression, its time zone, and the search each due time submits."""
 
-    name: str = Field(min_length=1, max_length=NAME_MAX)
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [e["value"] for e in SCHEDULE_EXAMPLES.values()]}
+    )
+
+    name: str = Field(min_length=1, max_length=NAME_MAX, description="a name for people (need not be unique)")
     cron: str = Field(min_length=1, max_length=CRON_MAX, description=_CRON_DOC, examples=["0 2 * * *"])
     timezone: str = Field("UTC", min_length=1, max_length=TIMEZONE_MAX, description=_TZ_DOC)
     template: SearchCreate = Field(description="the search each due time submits (as POST /api/searches)")
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: stored, but nothing fires until it is enabled")
     warm_start: bool = Field(
         False,
         description="start each run from the Pareto front of the schedule's latest "
@@ -84,13 +112,15 @@ class SchedulePatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, min_length=1, max_length=NAME_MAX)
+    name: str | None = Field(None, min_length=1, max_length=NAME_MAX, description="a new name")
     cron: str | None = Field(None, min_length=1, max_length=CRON_MAX, description=_CRON_DOC)
     timezone: str | None = Field(None, min_length=1, max_length=TIMEZONE_MAX, description=_TZ_DOC)
-    template: SearchCreate | None = None
-    enabled: bool | None = None
-    warm_start: bool | None = None
-    priority: int | None = Field(None, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT)
+    template: SearchCreate | None = Field(None, description="a new template: replaces the whole template")
+    enabled: bool | None = Field(None, description="enable (due times start from now) or disable it")
+    warm_start: bool | None = Field(None, description="start each run from the latest completed run's front")
+    priority: int | None = Field(
+        None, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT, description="queue priority of each later run"
+    )
 
     @field_validator("cron")
     @classmethod
@@ -118,16 +148,21 @@ class SchedulePatch(BaseModel):
 
 
 class ScheduleOut(BaseModel):
-    id: int
-    name: str
-    cron: str
-    timezone: str
-    template: dict[str, Any]
-    enabled: bool
-    warm_start: bool
-    priority: int
-    created_at: datetime
-    updated_at: datetime
+    """A schedule, with its next due time."""
+
+    id: int = Field(description="the schedule's id")
+    name: str = Field(description="its name")
+    cron: str = Field(description=_CRON_DOC)
+    timezone: str = Field(description="the IANA time zone `cron` is matched in")
+    template: dict[str, Any] = Field(
+        description="the search each due time submits: the fields as given (validated again at each fire, "
+        "so defaults follow the server's code)"
+    )
+    enabled: bool = Field(description="whether due times fire")
+    warm_start: bool = Field(description="each run starts from the latest completed run's Pareto front")
+    priority: int = Field(description="queue priority of each run")
+    created_at: datetime = Field(description="when it was created (UTC)")
+    updated_at: datetime = Field(description="when it was last changed (UTC)")
     last_due_at: datetime | None = Field(description="the cursor: due times up to here are done")
     next_due_at: datetime | None = Field(None, description="the next due time, UTC (null when disabled)")
     next_due_local: datetime | None = Field(None, description="the same instant in the schedule's time zone")
@@ -144,14 +179,16 @@ class ScheduleOut(BaseModel):
 
 
 class FireOut(BaseModel):
-    id: int
-    schedule_id: int
+    """One due time of a schedule, and what the scheduler did with it."""
+
+    id: int = Field(description="the record's id")
+    schedule_id: int = Field(description="the schedule")
     due_at: datetime = Field(description="the due time, UTC")
     due_local: datetime = Field(description="the due time in the schedule's time zone")
     fired_at: datetime = Field(description="when a scheduler recorded it")
     status: str = Field(description="fired, missed, skipped or failed")
     job_id: int | None = Field(description="the search it queued (fired only)")
-    reason: str | None
+    reason: str | None = Field(description="why it was missed, skipped or failed (or a note on a fire)")
 
     @classmethod
     def of(cls, fire: ScheduleFireRecord, due_local: datetime) -> FireOut:

@@ -1,4 +1,6 @@
-"""Request and response bodies of the REST API (pydantic), kept apart from the storage records."""
+"""Request and response bodies of the REST API (pydantic), kept apart from the storage records. Every field
+has a description: they are the OpenAPI document's reference (tests/test_api_reference.py holds them to it).
+Errors are problem details (`api/errors.py`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.errors import ProblemDetails
 from search.config import SearchConfig
 from search.storage import CandidateRecord, JobRecord
 
@@ -17,8 +20,44 @@ MAX_OFFSET = 1_000_000_000
 MAX_ID = 2**31 - 1  # the id columns are SQL INTEGER: larger ids would overflow on PostgreSQL (422, not 500)
 
 
+# Named examples of a search config (POST /api/searches; a schedule's template).
+SEARCH_EXAMPLES: dict[str, dict[str, Any]] = {
+    "minimal": {
+        "summary": "The defaults: the CPU space, pareto-aging, 16 evaluations",
+        "value": {"name": "first-search"},
+    },
+    "typical": {
+        "summary": "A small CPU search on the bundled corpus",
+        "value": {
+            "name": "cpu-small",
+            "strategy": "pareto-aging",
+            "budget": 24,
+            "objectives": ["val_bpb", "decode_ms"],
+            "space": {"preset": "cpu", "widths": [64, 96]},
+            "proxy": {"steps": 40},
+            "data": {"corpus": "stdlib"},
+            "executor": "inline",
+            "workers": 1,
+            "priority": 5,
+        },
+    },
+    "constrained": {
+        "summary": "Random sampling under a latency and size budget",
+        "value": {
+            "name": "budgeted",
+            "strategy": "random",
+            "budget": 32,
+            "constraints": {"max_decode_ms": 5.0, "max_params": 2000000},
+            "seed": 7,
+        },
+    },
+}
+
+
 class SearchCreate(SearchConfig):
     """A search config (every field optional; unknown fields rejected) plus its queue priority."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [e["value"] for e in SEARCH_EXAMPLES.values()]})
 
     priority: int = Field(0, ge=-1000, le=1000, description="higher runs first; FIFO within a priority")
 
@@ -27,25 +66,29 @@ class SearchCreate(SearchConfig):
 
 
 class Page(BaseModel, Generic[T]):
-    items: list[T]
-    total: int
-    limit: int
-    offset: int
+    """One page of a list: `items` from `offset` on, at most `limit` of them, out of `total`."""
+
+    items: list[T] = Field(description="this page's items, in the list's order")
+    total: int = Field(description="items in the whole list (every page), with the same filters")
+    limit: int = Field(description="the page size asked for")
+    offset: int = Field(description="items skipped before this page")
 
 
 class JobOut(BaseModel):
-    id: int
-    kind: str
-    name: str | None
-    status: str
-    priority: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    n_evaluations: int
-    budget: int | None
-    error: str | None
-    schedule_id: int | None
+    """A job of the queue: a search, or another kind of run."""
+
+    id: int = Field(description="the job's id (a search's id is its job's)")
+    kind: str = Field(description="what the job runs: search, fidelity, depth-width or ablation")
+    name: str | None = Field(description="the name it was submitted with")
+    status: str = Field(description="queued, running, completed, failed, cancelled or archived")
+    priority: int = Field(description="higher runs first; FIFO within a priority")
+    created_at: datetime = Field(description="when it was submitted (UTC)")
+    started_at: datetime | None = Field(description="when a runner first took it (UTC)")
+    finished_at: datetime | None = Field(description="when it completed, failed or was cancelled (UTC)")
+    n_evaluations: int = Field(description="evaluations done so far (a reused result counts as one)")
+    budget: int | None = Field(description="evaluations it runs in all")
+    error: str | None = Field(description="why it failed (failed jobs only)")
+    schedule_id: int | None = Field(description="the schedule that queued it, if any")
 
     @classmethod
     def of(cls, job: JobRecord) -> JobOut:
@@ -53,40 +96,56 @@ class JobOut(BaseModel):
 
 
 class QueueJobOut(JobOut):
-    lease_owner: str | None
-    lease_expires_at: datetime | None
-    heartbeat_at: datetime | None
+    """A job with its lease: which runner holds it, and until when."""
+
+    lease_owner: str | None = Field(description="the runner (host:pid:slot) holding the job while it runs")
+    lease_expires_at: datetime | None = Field(
+        description="when the lease lapses unless renewed; then another runner may take the job (UTC)"
+    )
+    heartbeat_at: datetime | None = Field(description="the holder's last renewal (UTC)")
 
 
 class SearchOut(JobOut):
+    """A search in a list."""
+
     progress: float | None = Field(None, description="evaluations done / budget (0..1)")
 
 
 class SearchDetail(SearchOut):
-    config: dict[str, Any]
+    """A search with its config and what it has found so far."""
+
+    config: dict[str, Any] = Field(
+        description="the search config as stored: what was submitted, defaults filled in (without priority)"
+    )
     counts: dict[str, int] = Field(description="candidates by status")
     hypervolume: float | None = Field(None, description="the latest recorded hypervolume")
     hypervolume_at: int | None = Field(None, description="evaluations when it was recorded")
 
 
 class SearchCreated(SearchOut):
+    """The search a submission queued (or, for a replayed Idempotency-Key, the one queued before)."""
+
     replayed: bool = Field(False, description="true when an Idempotency-Key matched an earlier request")
 
 
 class CandidateSummary(BaseModel):
-    id: int
-    job_id: int
-    layout_hash: str
-    parent_id: int | None
-    generation: int
-    status: str
-    attempts: int
-    val_bpb: float | None
-    decode_ms: float | None
-    n_params: int | None
-    on_front: bool
-    created_at: datetime
-    finished_at: datetime | None
+    """A candidate architecture of a search, without its layout and results."""
+
+    id: int = Field(description="the candidate's id")
+    job_id: int = Field(description="the search it belongs to")
+    layout_hash: str = Field(description="hash of the layout: equal layouts share stored results")
+    parent_id: int | None = Field(description="the candidate it was mutated from (none: initial population)")
+    generation: int = Field(description="0 for the initial population, then one more than its parent's")
+    status: str = Field(description="pending, running, completed, failed or reused (a stored result)")
+    attempts: int = Field(description="evaluations started (more than one after a retry)")
+    val_bpb: float | None = Field(
+        description="validation bits per byte after the short training (lower: better)"
+    )
+    decode_ms: float | None = Field(description="decode latency, ms per token at batch 1 (lower: better)")
+    n_params: int | None = Field(description="parameters (analytic count)")
+    on_front: bool = Field(description="on the search's Pareto front for its own objectives")
+    created_at: datetime = Field(description="when it was proposed (UTC)")
+    finished_at: datetime | None = Field(description="when its evaluation ended (UTC)")
 
     @classmethod
     def of(cls, candidate: CandidateRecord) -> CandidateSummary:
@@ -94,26 +153,54 @@ class CandidateSummary(BaseModel):
 
 
 class CandidateDetail(CandidateSummary):
-    layout: dict[str, Any]
-    mutation: dict[str, Any] | None
-    objectives: dict[str, Any] | None
-    training_key: str | None
-    latency_key: str | None
-    failure_reason: str | None
-    traceback: str | None
-    started_at: datetime | None
+    """A candidate in full: layout, lineage, results and, for a failure, why."""
+
+    layout: dict[str, Any] = Field(
+        description="the architecture (operators, d_model, dimensions): `layout.json` downloads it"
+    )
+    mutation: dict[str, Any] | None = Field(
+        description="how it was made from its parent: `kind` and `detail`"
+    )
+    objectives: dict[str, Any] | None = Field(description="{objective: value} once evaluated")
+    training_key: str | None = Field(
+        description="key of its stored training result (shared by equal layouts)"
+    )
+    latency_key: str | None = Field(description="key of its stored latency result (per device)")
+    failure_reason: str | None = Field(description="why its evaluation failed (failed only)")
+    traceback: str | None = Field(description="the worker's traceback of the failure (failed only)")
+    started_at: datetime | None = Field(description="when its evaluation started (UTC)")
     lineage: list[LineageItem] = Field(default_factory=list, description="ancestors, parent first")
     children: list[int] = Field(default_factory=list, description="ids of candidates mutated from this one")
     training: dict[str, Any] | None = Field(None, description="short-training metrics and curves")
     latency: dict[str, Any] | None = Field(None, description="latency statistics")
-    device_fingerprint: dict[str, Any] | None = None
+    device_fingerprint: dict[str, Any] | None = Field(
+        None, description="the device the latency was measured on (model, driver, library versions)"
+    )
     log_tail: list[str] = Field(default_factory=list, description="the worker's last log lines")
 
 
 class ParetoOut(BaseModel):
-    search_id: int
-    objectives: list[str]
-    items: list[CandidateSummary]
+    """A search's Pareto front for two objectives."""
+
+    search_id: int = Field(description="the search")
+    objectives: list[str] = Field(description="[x, y]: the two objectives, both minimized")
+    items: list[CandidateSummary] = Field(description="the front's candidates, by the first objective")
+
+
+class CandidateRow(BaseModel):
+    """One candidate in an export: a row of `candidates.csv` / `pareto.csv`, a line of `candidates.jsonl`."""
+
+    candidate_id: int = Field(description="the candidate's id")
+    layout_hash: str = Field(description="hash of the layout")
+    operators: str = Field(description="the layout's operators as short codes, e.g. `A F M2 F`")
+    d_model: int = Field(description="the model width")
+    val_bpb: float | None = Field(description="validation bits per byte")
+    decode_ms: float | None = Field(description="decode latency, ms per token")
+    n_params: int | None = Field(description="parameters (analytic count)")
+    generation: int = Field(description="0 for the initial population, then one more than its parent's")
+    parent_id: int | None = Field(description="the candidate it was mutated from")
+    status: str = Field(description="pending, running, completed, failed or reused")
+    failure_reason: str | None = Field(description="why its evaluation failed")
 
 
 # The live feed's cursor: "<finished_at, UTC ISO-8601>Z~<candidate id>" (opaque to clients).
@@ -141,82 +228,105 @@ def parse_cursor(cursor: str | None) -> tuple[datetime, int] | None:
 
 
 class EvaluationFeed(BaseModel):
-    search_id: int
-    status: str
-    n_evaluations: int
-    budget: int | None
+    """Evaluations that finished after a cursor, and the search's progress."""
+
+    search_id: int = Field(description="the search")
+    status: str = Field(description="the search's status now")
+    n_evaluations: int = Field(description="evaluations done so far")
+    budget: int | None = Field(description="evaluations it runs in all")
     items: list[CandidateSummary] = Field(description="finished after the cursor, oldest first")
     next: str | None = Field(None, description="pass as `since` to get what finishes next")
 
 
 class LineageItem(BaseModel):
-    id: int
-    generation: int
-    mutation: dict[str, Any] | None
-    val_bpb: float | None
-    decode_ms: float | None
+    """An ancestor of a candidate."""
+
+    id: int = Field(description="the ancestor's candidate id")
+    generation: int = Field(description="its generation")
+    mutation: dict[str, Any] | None = Field(description="how it was made from its own parent")
+    val_bpb: float | None = Field(description="its validation bits per byte")
+    decode_ms: float | None = Field(description="its decode latency, ms per token")
 
 
 class OperatorOut(BaseModel):
-    name: str
-    code: str
-    kind: str
-    description: str
-    dims: list[str]
-    cache: str
-    code_version: int
+    """An operator a layout can use (the registry in `search.operators`)."""
+
+    name: str = Field(description="its name in layouts, e.g. `mamba2`")
+    code: str = Field(description="its short code in compact layouts, e.g. `M2`")
+    kind: str = Field(description="`mixer` (mixes tokens) or `ffn` (mixes channels)")
+    description: str = Field(description="what it is")
+    dims: list[str] = Field(description="the layout dimensions it reads (head_dim, kv_group, ...)")
+    cache: str = Field(description="its decode cache: `kv` (grows with context), `window`, `state` or `none`")
+    code_version: int = Field(
+        description="bumped when its code changes results (stored results are keyed on it)"
+    )
 
 
 class Health(BaseModel):
-    status: str = "ok"
+    """The process answers."""
+
+    status: str = Field("ok", description="always `ok`")
 
 
 class Ready(BaseModel):
-    ready: bool
-    database: str
-    schema_revision: str | None = None
-    head_revision: str | None = None
-    reason: str | None = None
+    """Whether this coordinator can serve: its database answers and its schema is at head."""
+
+    ready: bool = Field(description="true when the database answers and its schema is at head")
+    database: str = Field(description="the database's dialect (sqlite, postgresql)")
+    schema_revision: str | None = Field(None, description="the database's migration revision")
+    head_revision: str | None = Field(None, description="the newest revision this code knows")
+    reason: str | None = Field(None, description="why it is not ready")
 
 
-class ErrorOut(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    detail: Any
+class NotReady(ProblemDetails):
+    """A 503 of the readiness probe: problem details with the probe's fields."""
+
+    ready: bool = Field(False, description="always false")
+    database: str = Field(description="the database's dialect (sqlite, postgresql)")
+    schema_revision: str | None = Field(None, description="the database's migration revision, if it answered")
+    head_revision: str | None = Field(None, description="the newest revision this code knows, if read")
+    reason: str = Field(description="why it is not ready (the same as `detail`)")
 
 
 class ScatterOut(BaseModel):
     """A scatter's points, column by column (what a plot takes): every front point, and a sample of the
     rest."""
 
-    search_id: int
+    search_id: int = Field(description="the search")
     objectives: list[str] = Field(description="[x, y], both minimized")
     total: int = Field(description="finished candidates with both objectives")
-    shown: int
+    shown: int = Field(description="points sent (the columns' length)")
     front: int = Field(description="points on the front (every one is shown)")
-    ids: list[int]
-    generations: list[int]
-    on_front: list[bool]
-    x: list[float]
-    y: list[float]
+    ids: list[int] = Field(description="each point's candidate id")
+    generations: list[int] = Field(description="each point's generation")
+    on_front: list[bool] = Field(description="whether each point is on the front of these two axes")
+    x: list[float] = Field(description="each point's x value")
+    y: list[float] = Field(description="each point's y value")
     x_iqr: list[float | None] = Field(description="the measured spread (IQR) of x, for latency; front only")
-    y_iqr: list[float | None]
+    y_iqr: list[float | None] = Field(description="the measured spread (IQR) of y, for latency; front only")
     presets: dict[str, str] = Field(description="{candidate id: name} of the named starting layouts shown")
     layouts: dict[str, str] = Field(description="{candidate id: compact layout} of the front points")
 
 
 class HypervolumeOut(BaseModel):
-    search_id: int
-    n_evaluations: list[int]
-    hypervolume: list[float]
-    recorded_at: list[datetime]
+    """The front's hypervolume as the search went on, column by column."""
+
+    search_id: int = Field(description="the search")
+    n_evaluations: list[int] = Field(description="evaluations done at each record")
+    hypervolume: list[float] = Field(description="the normalized hypervolume at each record (higher: better)")
+    recorded_at: list[datetime] = Field(description="when each was recorded (UTC)")
 
 
 class FeatureEffect(BaseModel):
-    feature: str
+    """How one layout feature goes with the objectives."""
+
+    feature: str = Field(description="the feature (depth, width, a share of an operator, ...)")
     spearman: dict[str, float | None] = Field(description="{objective: rank correlation}")
 
 
 class FeaturesOut(BaseModel):
-    search_id: int
+    """Rank correlations of layout features with the objectives, over the completed candidates."""
+
+    search_id: int = Field(description="the search")
     n_candidates: int = Field(description="completed candidates the correlations are computed over")
-    features: list[FeatureEffect]
+    features: list[FeatureEffect] = Field(description="one entry per feature")

@@ -281,6 +281,8 @@ def test_ready_503_without_schema(tmp_path):
         c = TestClient(create_app(Settings(data_dir=tmp_path / "d"), store, auth=Auth(TOKEN)))
         r = c.get("/api/ready")
         assert r.status_code == 503 and r.json()["ready"] is False
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["status"] == 503 and r.json()["detail"] == r.json()["reason"]
     finally:
         store.close()
 

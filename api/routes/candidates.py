@@ -8,16 +8,29 @@ from fastapi import APIRouter, Depends, Path
 from fastapi.responses import JSONResponse
 
 from api.auth import require_read_token
+from api.errors import error_responses
 from api.routes.deps import StorageDep, candidate_or_404
 from api.schemas import MAX_ID, CandidateDetail, CandidateSummary, LineageItem
 
-router = APIRouter(prefix="/api/candidates", tags=["candidates"], dependencies=[Depends(require_read_token)])
+router = APIRouter(
+    prefix="/api/candidates",
+    tags=["candidates"],
+    dependencies=[Depends(require_read_token)],
+    responses=error_responses(401, 404, 422, 500, 503),
+)
 
 CandidateId = Annotated[int, Path(ge=1, le=MAX_ID, description="the candidate's id")]
 
 
-@router.get("/{candidate_id}", response_model=CandidateDetail)
+@router.get(
+    "/{candidate_id}",
+    response_model=CandidateDetail,
+    summary="A candidate in full: layout, lineage, children, training and latency results",
+)
 def get_candidate(candidate_id: CandidateId, storage: StorageDep) -> CandidateDetail:
+    """Everything about one candidate: its layout and how it was mutated, its ancestors (parent first) and
+    children, the short training's metrics and curves with the worker's last log lines, the latency
+    statistics and the device they were measured on, and for a failure its reason and traceback."""
     c = candidate_or_404(storage, candidate_id)
     base = {name: getattr(c, name) for name in CandidateSummary.model_fields}
     training = storage.get_training_result(c.training_key) if c.training_key else None
@@ -52,8 +65,25 @@ def get_candidate(candidate_id: CandidateId, storage: StorageDep) -> CandidateDe
     )
 
 
-@router.get("/{candidate_id}/layout.json", summary="The candidate's layout (loadable by `hybridnas layouts`)")
+@router.get(
+    "/{candidate_id}/layout.json",
+    summary="The candidate's layout (loadable by `hybridnas layouts`)",
+    response_class=JSONResponse,
+    responses={
+        200: {
+            "description": "The layout as a JSON file (a download: `Content-Disposition`)",
+            "content": {
+                "application/json": {
+                    "schema": {"type": "object", "additionalProperties": True},
+                    "example": {"operators": ["attention", "ffn", "mamba2", "ffn"], "d_model": 64},
+                }
+            },
+        }
+    },
+)
 def layout_json(candidate_id: CandidateId, storage: StorageDep) -> JSONResponse:
+    """The layout object of `GET /api/candidates/{id}` alone, as a file: operators, d_model and the
+    dimensions the operators read."""
     c = candidate_or_404(storage, candidate_id)
     return JSONResponse(
         c.layout, headers={"Content-Disposition": f'attachment; filename="candidate-{c.id}-layout.json"'}

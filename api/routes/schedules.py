@@ -9,22 +9,32 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request, Response
 
 from api.auth import require_read_token, require_token
+from api.errors import error_responses
 from api.routes.deps import StorageDep
-from api.schedule_schemas import FireOut, ScheduleCreate, ScheduleOut, SchedulePatch, template_json
+from api.schedule_schemas import (
+    SCHEDULE_EXAMPLES,
+    FireOut,
+    ScheduleCreate,
+    ScheduleOut,
+    SchedulePatch,
+    template_json,
+)
 from api.scheduler import local_time, next_due_time
 from api.schemas import MAX_ID, MAX_OFFSET, MAX_PAGE, Page, SearchCreate
 from api.submit import SubmitError, check_data_paths
 from search.db import SCHEDULE_FIRE_STATUSES, utcnow
 from search.storage import ScheduleRecord, Storage
 
-router = APIRouter(prefix="/api/schedules", tags=["schedules"])
+router = APIRouter(prefix="/api/schedules", tags=["schedules"], responses=error_responses(500, 503))
 
 ScheduleId = Annotated[int, Path(ge=1, le=MAX_ID, description="the schedule's id")]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size (at most {MAX_PAGE})")]
-Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
+Offset = Annotated[
+    int, Query(ge=0, le=MAX_OFFSET, description="items to skip (for the next page: offset + limit)")
+]
 FireStatus = Literal[SCHEDULE_FIRE_STATUSES]  # type: ignore[valid-type]
 
 
@@ -62,10 +72,17 @@ def _out(schedule: ScheduleRecord, now: datetime) -> ScheduleOut:
     response_model=ScheduleOut,
     dependencies=[Depends(require_token)],
     summary="Create a schedule (its first due time is the first one after now)",
+    responses=error_responses(401, 403, 413, 422),
 )
 def create_schedule(
-    body: ScheduleCreate, request: Request, response: Response, storage: StorageDep
+    body: Annotated[ScheduleCreate, Body(openapi_examples=SCHEDULE_EXAMPLES)],
+    request: Request,
+    response: Response,
+    storage: StorageDep,
 ) -> ScheduleOut:
+    """At each due time of `cron` (in `timezone`), the scheduler submits `template` as a search at the
+    schedule's priority. The template is checked as POST /api/searches checks a body (errors name
+    `template.<field>`). `Location` names the new schedule."""
     now = _now(request)
     template = _checked_template(request, body.template)
     schedule_id = storage.create_schedule(
@@ -87,10 +104,16 @@ def create_schedule(
     response_model=Page[ScheduleOut],
     dependencies=[Depends(require_read_token)],
     summary="List schedules, oldest first",
+    responses=error_responses(401, 422),
 )
 def list_schedules(
-    request: Request, storage: StorageDep, limit: Limit = 50, offset: Offset = 0, enabled: bool | None = None
+    request: Request,
+    storage: StorageDep,
+    limit: Limit = 50,
+    offset: Offset = 0,
+    enabled: Annotated[bool | None, Query(description="only enabled (true) or disabled (false) ones")] = None,
 ) -> Page[ScheduleOut]:
+    """A page of schedules (`total` counts them all), each with its next due time."""
     now = _now(request)
     rows = storage.list_schedules(enabled=enabled, limit=limit, offset=offset)
     return Page[ScheduleOut](
@@ -106,8 +129,11 @@ def list_schedules(
     response_model=ScheduleOut,
     dependencies=[Depends(require_read_token)],
     summary="A schedule with its next due time (UTC and local)",
+    responses=error_responses(401, 404, 422),
 )
 def get_schedule(schedule_id: ScheduleId, request: Request, storage: StorageDep) -> ScheduleOut:
+    """The schedule as stored (its template as given), with the next due time after now and after the
+    due times already handled (none while disabled)."""
     return _out(_schedule_or_404(storage, schedule_id), _now(request))
 
 
@@ -116,10 +142,14 @@ def get_schedule(schedule_id: ScheduleId, request: Request, storage: StorageDep)
     response_model=ScheduleOut,
     dependencies=[Depends(require_token)],
     summary="Change some fields (a template replaces the whole template)",
+    responses=error_responses(401, 403, 404, 413, 422),
 )
 def patch_schedule(
     schedule_id: ScheduleId, body: SchedulePatch, request: Request, storage: StorageDep
 ) -> ScheduleOut:
+    """Only the fields sent change (null is refused: leave a field out to keep it). Changing `cron` or
+    `timezone`, or enabling a disabled schedule, starts its due times from now. An empty body changes
+    nothing and answers the schedule."""
     now = _now(request)
     changes = body.changes()
     if body.template is not None:
@@ -138,8 +168,10 @@ def patch_schedule(
     status_code=204,
     dependencies=[Depends(require_token)],
     summary="Delete a schedule and its fire records (the searches it queued stay)",
+    responses=error_responses(401, 403, 404, 422),
 )
 def delete_schedule(schedule_id: ScheduleId, storage: StorageDep) -> Response:
+    """No more searches are queued for it; those it queued stay, their `schedule_id` becoming null."""
     if not storage.delete_schedule(schedule_id):
         raise HTTPException(404, detail=f"no schedule {schedule_id}")
     return Response(status_code=204)
@@ -150,14 +182,18 @@ def delete_schedule(schedule_id: ScheduleId, storage: StorageDep) -> Response:
     response_model=Page[FireOut],
     dependencies=[Depends(require_read_token)],
     summary="A schedule's recorded due times (fired, missed, skipped, failed), newest first",
+    responses=error_responses(401, 404, 422),
 )
 def list_fires(
     schedule_id: ScheduleId,
     storage: StorageDep,
     limit: Limit = 50,
     offset: Offset = 0,
-    status: FireStatus | None = None,
+    status: Annotated[FireStatus | None, Query(description="only due times with this outcome")] = None,
 ) -> Page[FireOut]:
+    """Each due time the scheduler handled: `fired` (a search queued: `job_id`), `missed` (the coordinator
+    was down past the grace period), `skipped` (its previous run was still queued or running) or `failed` (the
+    template no longer validates: `reason`), with the time in UTC and in the schedule's time zone."""
     schedule = _schedule_or_404(storage, schedule_id)
     fires = storage.list_fires(schedule_id, limit=limit, offset=offset, status=status)
     return Page[FireOut](

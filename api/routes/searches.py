@@ -1,5 +1,5 @@
-"""/api/searches: submit, list, inspect, cancel, resume, archive, delete searches; their candidates, Pareto
-fronts (CSV too) and the live feed of finished evaluations.
+"""/api/searches: submit, list, inspect, cancel, resume, archive, delete searches; their candidates (a page,
+CSV or JSON Lines), Pareto fronts (CSV too) and the live feed of finished evaluations.
 
 A submitted search is a queued job; a runner (`api/runner.py`) takes it from the queue.
 """
@@ -9,21 +9,24 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.auth import require_read_token, require_token
+from api.errors import error_responses
 from api.routes.deps import StorageDep, job_or_404
 from api.schemas import (
     CURSOR_PATTERN,
     MAX_ID,
     MAX_OFFSET,
     MAX_PAGE,
+    SEARCH_EXAMPLES,
+    CandidateRow,
     CandidateSummary,
     EvaluationFeed,
     JobOut,
@@ -49,11 +52,18 @@ from search.layout import Layout
 from search.pareto import pareto_front
 from search.storage import JobRecord, Storage
 
-router = APIRouter(prefix="/api/searches", tags=["searches"])
+router = APIRouter(prefix="/api/searches", tags=["searches"], responses=error_responses(500, 503))
 
 SearchId = Annotated[int, Path(ge=1, le=MAX_ID, description="the search's id")]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size (at most {MAX_PAGE})")]
-Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
+Offset = Annotated[
+    int, Query(ge=0, le=MAX_OFFSET, description="items to skip (for the next page: offset + limit)")
+]
+# What a route can answer besides its success (each problem details; api/errors.py):
+READ = error_responses(401, 422)  # reads: 401 only when reads need the token
+READ_ONE = error_responses(401, 404, 422)  # a read of one search
+NOT_NOW = "The search is not in a state that allows this (its current status is in `detail`)"
+CHANGE = error_responses(401, 403, 404, 409, 422, _409=NOT_NOW)  # a state change of one search
 JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
 CandidateStatus = Literal[CANDIDATE_STATUSES]  # type: ignore[valid-type]
 SORT_PATTERN = rf"^-?({'|'.join(CANDIDATE_SORT_COLUMNS)})$"
@@ -90,16 +100,39 @@ def _transition(storage: Storage, job_id: int, allowed: tuple[str, ...], target:
     response_model=SearchCreated,
     dependencies=[Depends(require_token)],
     summary="Submit a search (queued)",
+    response_description="The queued search (201), or the earlier one an Idempotency-Key matched (200)",
+    responses={
+        200: {"model": SearchCreated, "description": "An Idempotency-Key replay: the search made before"},
+        **error_responses(
+            401,
+            403,
+            409,
+            413,
+            422,
+            _409="The Idempotency-Key was already used for a different request",
+        ),
+    },
 )
 def create_search(
-    body: SearchCreate,
+    body: Annotated[SearchCreate, Body(openapi_examples=SEARCH_EXAMPLES)],
     request: Request,
     response: Response,
     storage: StorageDep,
     idempotency_key: Annotated[
-        str | None, Header(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")
+        str | None,
+        Header(
+            min_length=1,
+            max_length=200,
+            pattern=r"^[\x21-\x7e]+$",
+            description="makes a retry safe: the same key and body again answer 200 with the search made "
+            "the first time (header `Idempotent-Replayed: true`) instead of queueing another",
+        ),
     ] = None,
 ) -> SearchCreated:
+    """Validates the search config (every field optional, unknown fields refused; the JSON Schema is at
+    `GET /api/schema/search-config`) and queues it as a job; a runner takes it from the queue in priority
+    order. Corpus, tokenizer and latency-table paths must lie inside the server's data roots. `Location`
+    names the new search."""
     try:
         submitted = submit_search(
             storage, body, idempotency_key=idempotency_key, data_roots=request.app.state.settings.data_roots
@@ -121,10 +154,15 @@ def create_search(
     response_model=Page[SearchOut],
     dependencies=[Depends(require_read_token)],
     summary="List searches, newest first",
+    responses=READ,
 )
 def list_searches(
-    storage: StorageDep, limit: Limit = 50, offset: Offset = 0, status: JobStatus | None = None
+    storage: StorageDep,
+    limit: Limit = 50,
+    offset: Offset = 0,
+    status: Annotated[JobStatus | None, Query(description="only searches with this status")] = None,
 ) -> Page[SearchOut]:
+    """A page of searches (`total` counts them all), with each one's progress through its budget."""
     jobs = storage.list_jobs(status=status, kind="search", limit=limit, offset=offset)
     return Page[SearchOut](
         items=[_out(j) for j in jobs],
@@ -134,8 +172,16 @@ def list_searches(
     )
 
 
-@router.get("/{search_id}", response_model=SearchDetail, dependencies=[Depends(require_read_token)])
+@router.get(
+    "/{search_id}",
+    response_model=SearchDetail,
+    dependencies=[Depends(require_read_token)],
+    summary="A search with its config, candidate counts and latest hypervolume",
+    responses=READ_ONE,
+)
 def get_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
+    """The search as submitted (`config`, defaults filled in), its status and progress, how many candidates
+    are in each status, and the hypervolume last recorded."""
     return _detail(storage, job_or_404(storage, search_id))
 
 
@@ -144,8 +190,11 @@ def get_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
     response_model=SearchDetail,
     dependencies=[Depends(require_token)],
     summary="Cancel a queued or running search (idempotent)",
+    responses=CHANGE,
 )
 def cancel_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
+    """A running search stops after the evaluations in flight; a cancelled one answers as it is. A finished
+    search cannot be cancelled (409)."""
     job = job_or_404(storage, search_id)
     if job.status != "cancelled" and not _transition(storage, search_id, ("queued", "running"), "cancelled"):
         job = job_or_404(storage, search_id)
@@ -161,8 +210,11 @@ def cancel_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
     response_model=SearchDetail,
     dependencies=[Depends(require_token)],
     summary="Archive a finished search (idempotent)",
+    responses=CHANGE,
 )
 def archive_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
+    """Only a completed, failed or cancelled search can be archived (409 otherwise); its candidates and
+    results stay readable."""
     job = job_or_404(storage, search_id)
     if job.status != "archived" and not _transition(
         storage, search_id, ("completed", "failed", "cancelled"), "archived"
@@ -181,8 +233,11 @@ def archive_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
     status_code=204,
     dependencies=[Depends(require_token)],
     summary="Delete a search with its candidates (stored results stay for reuse)",
+    responses=error_responses(401, 403, 404, 409, 422, _409="The search is running: cancel it first"),
 )
 def delete_search(search_id: SearchId, storage: StorageDep) -> Response:
+    """Removes the search and its candidates. The training and latency results they pointed to stay, so a
+    later search that meets the same layouts reuses them."""
     job = job_or_404(storage, search_id)
     if job.status == "running":
         raise HTTPException(409, detail=f"search {search_id} is running: cancel it first")
@@ -195,13 +250,15 @@ def delete_search(search_id: SearchId, storage: StorageDep) -> Response:
     "/{search_id}/candidates",
     response_model=Page[CandidateSummary],
     dependencies=[Depends(require_read_token)],
+    summary="A page of the search's candidates, sorted and filtered",
+    responses=READ_ONE,
 )
 def list_candidates(
     search_id: SearchId,
     storage: StorageDep,
     limit: Limit = 50,
     offset: Offset = 0,
-    status: CandidateStatus | None = None,
+    status: Annotated[CandidateStatus | None, Query(description="only candidates with this status")] = None,
     sort: Annotated[
         str,
         Query(
@@ -211,6 +268,8 @@ def list_candidates(
         ),
     ] = "id",
 ) -> Page[CandidateSummary]:
+    """Candidates without their layouts (`GET /api/candidates/{id}` has everything about one); a sort's ties
+    go by id. For every candidate at once: `candidates.csv` or `candidates.jsonl`."""
     job_or_404(storage, search_id)
     rows = storage.candidate_summaries(search_id, status=status, order_by=sort, limit=limit, offset=offset)
     return Page[CandidateSummary](
@@ -226,8 +285,11 @@ def list_candidates(
     response_model=SearchDetail,
     dependencies=[Depends(require_token)],
     summary="Put a cancelled or failed search back in the queue (idempotent for a queued or running one)",
+    responses=CHANGE,
 )
 def resume_search(search_id: SearchId, storage: StorageDep) -> SearchDetail:
+    """The search continues where it stopped: its finished candidates stay, the ones in flight are
+    evaluated again. A completed or archived search cannot be resumed (409)."""
     job = job_or_404(storage, search_id)
     if job.status not in ("queued", "running") and not _transition(
         storage, search_id, ("cancelled", "failed"), "queued"
@@ -279,8 +341,12 @@ AxisY = Annotated[Objective | None, Query(description="second objective (default
     response_model=ParetoOut,
     dependencies=[Depends(require_read_token)],
     summary="The Pareto front (every objective minimized) for the search's objectives or a chosen pair",
+    responses=READ_ONE,
 )
 def pareto(search_id: SearchId, storage: StorageDep, x: AxisX = None, y: AxisY = None) -> ParetoOut:
+    """The finished candidates no other one beats on both objectives, by the first objective. The front of
+    the search's own pair is kept up to date as evaluations finish; another pair's is computed on request.
+    `x` and `y` must differ (422 naming `y`)."""
     job = job_or_404(storage, search_id)
     objectives, front = _front(storage, job, x, y)
     return ParetoOut(
@@ -288,58 +354,67 @@ def pareto(search_id: SearchId, storage: StorageDep, x: AxisX = None, y: AxisY =
     )
 
 
-CSV_COLUMNS = (
-    "candidate_id",
-    "layout_hash",
-    "operators",
-    "d_model",
-    "val_bpb",
-    "decode_ms",
-    "n_params",
-    "generation",
-    "parent_id",
-    "status",
-    "failure_reason",
-)
+CSV_COLUMNS = tuple(CandidateRow.model_fields)  # the export's columns (CSV) and keys (JSON Lines)
+EXPORT_PAGE = 500  # candidates read at a time for a streamed export
 
 
-def _csv(rows, filename: str) -> Response:
-    """Candidates (full records: the layout is read) as a CSV download."""
+def candidate_row(c) -> dict[str, Any]:
+    """One candidate (a full record: the layout is read) as an export row: the fields of CandidateRow, for
+    both candidates.csv and candidates.jsonl."""
+    layout = Layout.from_dict(c.layout)
+    return {
+        "candidate_id": c.id,
+        "layout_hash": c.layout_hash,
+        "operators": layout.compact(),
+        "d_model": layout.d_model,
+        "val_bpb": c.val_bpb,
+        "decode_ms": c.decode_ms,
+        "n_params": c.n_params,
+        "generation": c.generation,
+        "parent_id": c.parent_id,
+        "status": c.status,
+        "failure_reason": c.failure_reason,
+    }
+
+
+class CSVResponse(Response):
+    media_type = "text/csv"
+
+
+def _csv(rows: Iterable, filename: str) -> Response:
+    """Candidates as a CSV download (an empty cell for a null)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CSV_COLUMNS)
     for c in rows:
-        layout = Layout.from_dict(c.layout)
-        writer.writerow(
-            [
-                c.id,
-                c.layout_hash,
-                layout.compact(),
-                layout.d_model,
-                c.val_bpb,
-                c.decode_ms,
-                c.n_params,
-                c.generation,
-                c.parent_id if c.parent_id is not None else "",
-                c.status,
-                c.failure_reason or "",
-            ]
-        )
-    return Response(
-        buffer.getvalue(),
-        media_type="text/csv",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        row = candidate_row(c)
+        writer.writerow(["" if row[name] is None else row[name] for name in CSV_COLUMNS])
+    return CSVResponse(
+        buffer.getvalue(), headers={"Content-Disposition": f'attachment; filename="{filename}"'}
     )
+
+
+def _csv_doc(what: str) -> dict[int | str, dict[str, Any]]:
+    example = ",".join(CSV_COLUMNS) + "\n1,3f2a9c,A F,64,2.0,1.0,1001,0,,completed,\n"
+    return {
+        200: {
+            "description": f"{what} as CSV (a header row, then one row per candidate)",
+            "content": {"text/csv": {"schema": {"type": "string"}, "example": example}},
+        },
+        **READ_ONE,
+    }
 
 
 @router.get(
     "/{search_id}/pareto.csv",
     dependencies=[Depends(require_read_token)],
-    response_class=Response,
-    responses={200: {"content": {"text/csv": {}}}},
+    response_class=CSVResponse,
+    responses=_csv_doc("The front"),
     summary="The Pareto front as CSV",
 )
 def pareto_csv(search_id: SearchId, storage: StorageDep, x: AxisX = None, y: AxisY = None) -> Response:
+    """The front of `GET /api/searches/{id}/pareto` (the same objectives), one row per candidate with its
+    compact layout; a download (`Content-Disposition`)."""
     job = job_or_404(storage, search_id)
     objectives, front = _front(storage, job, x, y)
     rows = [storage.get_candidate(c.id) for c in front]  # the front is small: one read each
@@ -349,13 +424,44 @@ def pareto_csv(search_id: SearchId, storage: StorageDep, x: AxisX = None, y: Axi
 @router.get(
     "/{search_id}/candidates.csv",
     dependencies=[Depends(require_read_token)],
-    response_class=Response,
-    responses={200: {"content": {"text/csv": {}}}},
+    response_class=CSVResponse,
+    responses=_csv_doc("Every candidate"),
     summary="Every candidate of the search as CSV, by id",
 )
 def candidates_csv(search_id: SearchId, storage: StorageDep) -> Response:
+    """Columns: CandidateRow's fields (`candidates.jsonl` has the same rows as JSON); a download
+    (`Content-Disposition`)."""
     job_or_404(storage, search_id)
     return _csv(storage.candidates(search_id), f"search-{search_id}-candidates.csv")
+
+
+def _export_start(search_id: SearchId, storage: StorageDep, response: Response) -> int:
+    """A 404 before the stream starts (and the download's file name); the search's id."""
+    job_or_404(storage, search_id)
+    response.headers["Content-Disposition"] = f'attachment; filename="search-{search_id}-candidates.jsonl"'
+    return search_id
+
+
+@router.get(
+    "/{search_id}/candidates.jsonl",
+    dependencies=[Depends(require_read_token)],
+    summary="Every candidate of the search as JSON Lines, by id (streamed)",
+    response_description="One JSON object per line (`application/jsonl`), each a CandidateRow",
+    responses=READ_ONE,
+)
+def candidates_jsonl(
+    storage: StorageDep, job_id: Annotated[int, Depends(_export_start)]
+) -> Iterator[CandidateRow]:
+    """The rows of `candidates.csv` (the same fields; null where the CSV has an empty cell), streamed as
+    they are read, a page of candidates at a time: one object per line, in id order."""
+    offset = 0
+    while True:
+        page = storage.candidates(job_id, limit=EXPORT_PAGE, offset=offset)
+        for c in page:
+            yield candidate_row(c)
+        if len(page) < EXPORT_PAGE:
+            return
+        offset += len(page)
 
 
 def _cursor(since: str | None):
@@ -373,6 +479,7 @@ def _cursor(since: str | None):
     response_model=EvaluationFeed,
     dependencies=[Depends(require_read_token)],
     summary="Live progress: evaluations finished after a cursor (poll with the returned `next`)",
+    responses=READ_ONE,
 )
 def evaluations(
     search_id: SearchId,
@@ -387,6 +494,9 @@ def evaluations(
         ),
     ] = None,
 ) -> EvaluationFeed:
+    """Candidates that finished (completed, failed or reused) after the cursor, oldest first, with the
+    search's status; `next` is the cursor for the next call (the same one when nothing finished). A cursor
+    this API did not hand out is a 422 naming `since`."""
     job = job_or_404(storage, search_id)
     after = _cursor(since)
     rows = storage.finished_since(search_id, after, limit=limit)
@@ -408,8 +518,22 @@ SSE_MAX_S = 3600.0  # a stream ends after this long; EventSource clients reconne
 def _feed_start(
     search_id: SearchId,
     storage: StorageDep,
-    last_event_id: Annotated[str | None, Header(max_length=64, pattern=CURSOR_PATTERN)] = None,
-    since: Annotated[str | None, Query(max_length=64, pattern=CURSOR_PATTERN)] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            max_length=64,
+            pattern=CURSOR_PATTERN,
+            description="sent by a reconnecting EventSource: the stream resumes after that event",
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            pattern=CURSOR_PATTERN,
+            description="start after this cursor (an event id, or `next` of /evaluations); none: the start",
+        ),
+    ] = None,
 ):
     """A 404 or 422 before the stream starts: the search exists and the cursor is one this API handed out."""
     job_or_404(storage, search_id)
@@ -422,6 +546,9 @@ def _feed_start(
     response_class=EventSourceResponse,
     summary="Live progress as Server-Sent Events: one `evaluation` event per finished evaluation, "
     "`status` on changes, `end` when the search is over (resume with Last-Event-ID)",
+    response_description="`text/event-stream`: `evaluation` events (data: a CandidateSummary, id: its "
+    "cursor), `status` events (status, n_evaluations, budget) and a last `end` event",
+    responses=READ_ONE,
 )
 async def events(
     search_id: SearchId, request: Request, storage: StorageDep, cursor=Depends(_feed_start)

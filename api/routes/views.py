@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query
 
 from api.auth import require_read_token
+from api.errors import error_responses
 from api.features import MAX_CANDIDATES, feature_correlations
 from api.routes.deps import StorageDep, job_or_404
 from api.routes.searches import SearchId, own_objectives
@@ -16,7 +17,12 @@ from api.schemas import FeatureEffect, FeaturesOut, HypervolumeOut, ScatterOut
 from search.db import CANDIDATE_DONE_STATUSES, MAXIMIZED, PLOT_AXES
 from search.layout import Layout
 
-router = APIRouter(prefix="/api/searches", tags=["views"], dependencies=[Depends(require_read_token)])
+router = APIRouter(
+    prefix="/api/searches",
+    tags=["views"],
+    dependencies=[Depends(require_read_token)],
+    responses=error_responses(401, 404, 422, 500, 503),
+)
 
 # Which latency statistic holds the measured spread of a plotted value (the profiler's median and IQR).
 SPREAD_OF = {
@@ -55,6 +61,9 @@ def scatter(
     y: AxisY = None,
     max_points: Annotated[int, Query(ge=10, le=MAX_POINTS, description="points sent at most")] = MAX_POINTS,
 ) -> ScatterOut:
+    """Column by column (what a plot takes): every point of the front of the two axes, and a bounded sample
+    of the others (the named starting layouts always among them), with the latency spread (IQR) of front
+    points and their compact layouts for hover text. `x` and `y` must differ (422 naming `y`)."""
     job = job_or_404(storage, search_id)
     objectives = own_objectives(job, x, y)
     names = storage.initial_layout_names(search_id)
@@ -99,6 +108,8 @@ def _compact_layouts(storage, ids: list[int]) -> dict[str, str]:
 
 @router.get("/{search_id}/hypervolume", response_model=HypervolumeOut, summary="The hypervolume over time")
 def hypervolume(search_id: SearchId, storage: StorageDep) -> HypervolumeOut:
+    """The normalized hypervolume of the front for the search's own objectives, each time it was recorded
+    as evaluations finished, oldest first."""
     job_or_404(storage, search_id)
     history = storage.hypervolume_history(search_id)
     return HypervolumeOut(
@@ -115,6 +126,8 @@ def hypervolume(search_id: SearchId, storage: StorageDep) -> HypervolumeOut:
     summary="Rank correlations of layout features (depth, width, operator mix) with the objectives",
 )
 def features(search_id: SearchId, storage: StorageDep) -> FeaturesOut:
+    """Spearman rank correlations between layout features and each objective, over the latest completed
+    candidates (at most 2,000), strongest first; null where there are under 3 values or one is constant."""
     job = job_or_404(storage, search_id)
     objectives = own_objectives(job, None, None)
     done = storage.candidates(search_id, status=CANDIDATE_DONE_STATUSES, order_by="-id", limit=MAX_CANDIDATES)
