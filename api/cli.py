@@ -29,7 +29,7 @@ app.add_typer(latency_app, name="latency", help="Latency look-up tables and pred
 app.add_typer(search_app, name="search")
 app.add_typer(proxy_app, name="proxy")
 console = Console(width=max(140, Console().width))
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _version(show: bool) -> None:
@@ -140,6 +140,7 @@ def demo(
     exit_when_done: bool = typer.Option(
         False, "--exit-when-done", help="stop the server when the search ends"
     ),
+    budget: int = typer.Option(None, min=1, help="the demo search's evaluations (default: its config's)"),
 ) -> None:
     """Count the presets, start the coordinator, submit a real search over REST and follow it."""
     from api.demo import run_demo
@@ -152,6 +153,7 @@ def demo(
         service=service,
         port=port,
         exit_when_done=exit_when_done,
+        budget=budget,
     )
 
 

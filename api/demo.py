@@ -17,10 +17,8 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from search.db import JOB_TERMINAL_STATUSES
 from search.params import count_parameters, format_count
 from search.presets import CPU_PRESETS, get_preset, preset_names
 
@@ -47,21 +45,20 @@ DEMO_SEARCH = {
 def run_demo_search(console: Console) -> int:
     """A real pareto-aging search on the embedded corpus through a local Ray, run in this process (no
     server)."""
-    import json
-
-    from api.search_cli import _storage, run_engine
+    from api.search_cli import _local_settings, run_engine, searches_api
     from search.config import SearchConfig
+    from search.storage import Storage
 
     config = SearchConfig.model_validate(DEMO_SEARCH)
-    storage = _storage(None)
-    job_id = storage.create_job(
-        "search", json.loads(config.model_dump_json()), name="demo", budget=config.budget
-    )
-    console.print(
-        f"search {job_id}: {config.strategy}, {config.budget} evaluations on {config.workers} Ray workers "
-        f"({storage!r}; resume with `hybridnas search resume {job_id}`)"
-    )
-    run_engine(storage, job_id, data_dir())
+    settings = _local_settings(None, create=True)
+    with searches_api(None, None, create=True) as client:
+        job_id = client.submit({**DEMO_SEARCH, "name": "demo"}).id
+    with Storage(settings.resolved_database_url()) as storage:
+        console.print(
+            f"search {job_id}: {config.strategy}, {config.budget} evaluations on {config.workers} Ray "
+            f"workers ({storage!r}; resume with `hybridnas search resume {job_id}`)"
+        )
+        run_engine(storage, job_id, settings)
     return job_id
 
 
@@ -98,55 +95,31 @@ def start_service(console: Console, port: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"the coordinator did not become ready in 120 s; see {log_path}")
 
 
-def api_token() -> str:
-    """HYBRIDNAS_TOKEN, else the token file the coordinator wrote in the data dir (never printed)."""
-    token = os.environ.get("HYBRIDNAS_TOKEN", "").strip()
-    return token or (data_dir() / "token").read_text().strip()
-
-
 def submit_and_follow(console: Console, base: str, body: dict) -> int:
-    """Submit a search over REST, follow its finished evaluations with the polling feed, print its front."""
-    import httpx
+    """Submit a search over REST (`hybridnas.Client`), follow its event stream, print its front."""
+    from api.progress import progress_bar
+    from hybridnas.client import Client
 
-    with httpx.Client(base_url=base, timeout=30) as client:
-        r = client.post("/api/searches", json=body, headers={"Authorization": f"Bearer {api_token()}"})
-        if r.status_code != 201:
-            raise SystemExit(f"POST /api/searches: {r.status_code} {r.text}")
-        job_id = r.json()["id"]
+    with Client(base) as client:
+        job_id = client.submit(body).id
         console.print(
             f"POST /api/searches -> search {job_id} ({body['strategy']}, budget {body['budget']}); "
-            f"following GET /api/searches/{job_id}/evaluations"
+            f"following GET /api/searches/{job_id}/events"
         )
         console.print(f"watch it live in the dashboard: {base}/searches/{job_id}")
-        cursor, status = None, "queued"
-        with Progress(
-            TextColumn("search {task.fields[job]} ({task.fields[status]})"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as bar:
-            task = bar.add_task("search", total=body["budget"], job=job_id, status=status)
-            while True:
-                feed = client.get(
-                    f"/api/searches/{job_id}/evaluations",
-                    params={"limit": 50, **({"since": cursor} if cursor else {})},
-                ).json()
-                for c in feed["items"]:
+        with progress_bar(f"search {job_id}", total=body["budget"], fields={"status": "queued"}) as update:
+            for event, data in client.events(job_id):
+                if event == "evaluation":
                     result = (
-                        f"val_bpb {c['val_bpb']:.3f}, decode {c['decode_ms']:.2f} ms/token"
-                        if c["val_bpb"] is not None
+                        f"val_bpb {data['val_bpb']:.3f}, decode {data['decode_ms']:.2f} ms/token"
+                        if data["val_bpb"] is not None
                         else "failed"
                     )
-                    bar.console.print(
-                        f"  candidate {c['id']} ({c['status']}, generation {c['generation']}): {result}"
-                    )
-                cursor, status = feed["next"], feed["status"]
-                bar.update(task, completed=feed["n_evaluations"], status=status)
-                if status in JOB_TERMINAL_STATUSES:
-                    break
-                time.sleep(1.0)
-        front = client.get(f"/api/searches/{job_id}/pareto").json()
+                    where = f"{data['status']}, generation {data['generation']}"
+                    console.print(f"  candidate {data['id']} ({where}): {result}")
+                elif event in ("status", "end"):
+                    update(completed=data.get("n_evaluations"), status=data["status"])
+        final = client.search(job_id)
         table = Table(
             "id",
             "operators",
@@ -154,32 +127,31 @@ def submit_and_follow(console: Console, base: str, body: dict) -> int:
             "decode ms/token",
             "params",
             "generation",
-            title=f"search {job_id} ({status}): Pareto front (GET /api/searches/{job_id}/pareto)",
+            title=f"search {job_id} ({final.status}): Pareto front (GET /api/searches/{job_id}/pareto)",
         )
-        from search.layout import Layout
-
-        for c in front["items"]:
-            layout = Layout.from_dict(client.get(f"/api/candidates/{c['id']}/layout.json").json())
+        for c in client.pareto(job_id).items:
             table.add_row(
-                str(c["id"]),
-                layout.compact(),
-                f"{c['val_bpb']:.4f}",
-                f"{c['decode_ms']:.3f}",
-                f"{c['n_params']:,}",
-                str(c["generation"]),
+                str(c.id),
+                client.layout(c.id).compact(),
+                f"{c.val_bpb:.4f}",
+                f"{c.decode_ms:.3f}",
+                f"{c.n_params:,}",
+                str(c.generation),
             )
     console.print(table)
     return job_id
 
 
-def run_service_demo(console: Console, port: int = 8000, exit_when_done: bool = False) -> None:
+def run_service_demo(
+    console: Console, port: int = 8000, exit_when_done: bool = False, budget: int | None = None
+) -> None:
     """The service on the embedded defaults: start it, submit the demo search over REST, follow it, keep
     serving."""
     console.rule("the coordinator: REST API + job runner on local Ray (SQLite under the data dir)")
     proc, base = start_service(console, port)
     interrupted = False
     try:
-        submit_and_follow(console, base, DEMO_SEARCH)
+        submit_and_follow(console, base, {**DEMO_SEARCH, "budget": budget or DEMO_SEARCH["budget"]})
         if exit_when_done:
             return
         console.print(f"serving at {base}: dashboard {base}/ (OpenAPI: {base}/docs); Ctrl-C stops")
@@ -206,6 +178,7 @@ def run_demo(
     service: bool = True,
     port: int = 8000,
     exit_when_done: bool = False,
+    budget: int | None = None,
 ) -> None:
     import torch
 
@@ -235,7 +208,7 @@ def run_demo(
     if presets:
         evaluate_presets(console, steps, decode_tokens)
     if service:
-        run_service_demo(console, port, exit_when_done)
+        run_service_demo(console, port, exit_when_done, budget)
     else:
         console.rule("a pareto-aging search (val_bpb vs decode ms/token) on local Ray, no server")
         run_demo_search(console)

@@ -1,117 +1,120 @@
-"""`hybridnas search run CONFIG.yaml` / `hybridnas search resume ID`: a search from the command line, no
-server.
+"""`hybridnas search ...`: searches on the local database (in this process, no server) or, with `--url` or
+HYBRIDNAS_URL, on a coordinator over REST. Both go through the same API routes (locally served in-process),
+so every check, error and JSON shape is the service's own.
 
-Ctrl-C stops cleanly: running evaluations are cancelled, their candidates go back to pending, and
-`search resume ID` continues.
+Exit codes: 0 done; 1 the work failed (a failed search, a refused change, nothing by that id); 2 a usage or
+validation error (naming the field); 130 interrupted (Ctrl-C: running evaluations are cancelled, their
+candidates go back to pending, and `search resume ID` continues).
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
+from hybridnas.client import Client
+from hybridnas.errors import ApiError, ConfigError, HybridnasError
+
 search_app = typer.Typer(
-    help="Run and resume searches from the command line (no server needed).", no_args_is_help=True
+    help="Run, inspect and manage searches: the local database, or a coordinator with --url.",
+    no_args_is_help=True,
 )
 console = Console(width=max(140, Console().width))
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages stay one line each (logs, CI output)
+
+DB = typer.Option(None, "--db", help="database URL (default: the settings': SQLite under the data dir)")
+URL = typer.Option(None, "--url", envvar="HYBRIDNAS_URL", help="a coordinator's URL: work on it over REST")
+JSON = typer.Option(False, "--json", help="machine-readable JSON on stdout")
+SEARCH = typer.Argument(..., help="the search's id, or its name (the newest of that name)")
+FAILED_STATUSES = ("failed", "cancelled")
 
 
-def _storage(db: str | None, *, create: bool = True, migrate: bool = True):
-    """The database (SQLite under the data dir unless --db says otherwise). `create`: made (and migrated) if
-    missing, for commands that start searches; otherwise a missing database is an error naming where it was
-    looked for, and nothing is created (read commands never leave files behind)."""
-    from api.settings import get_settings
-    from search.storage import Storage, sqlite_path
+def _exit_for(exc: Exception) -> int:
+    if isinstance(exc, ConfigError) or (isinstance(exc, ApiError) and exc.status == 422):
+        return 2
+    return 1
 
-    url = db or get_settings().resolved_database_url()
-    path = sqlite_path(url)
-    if not create and path is not None and not path.is_file():
+
+@contextmanager
+def reported() -> Iterator[None]:
+    """The public API's errors as a message on stderr and the exit code they mean."""
+    try:
+        yield
+    except (HybridnasError, ApiError) as exc:
+        if isinstance(exc, ConfigError):
+            lines = "\n".join(f"  {e.field or 'config'}: {e.message}" for e in exc.errors)
+            err.print(f"[red]invalid {exc.source}[/red]\n{lines}", highlight=False)
+        else:
+            err.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(_exit_for(exc)) from None
+
+
+def _local_settings(db: str | None, create: bool):
+    """The settings for the local database; without `create` a missing SQLite file is an error naming where
+    it was looked for, and nothing is created (read commands never leave files behind)."""
+    from hybridnas.local import local_settings
+    from search.storage import sqlite_path
+
+    settings = local_settings(db)
+    path = sqlite_path(settings.resolved_database_url())
+    if create:
+        settings.ensure_data_dir()
+    elif path is not None and not path.is_file():
         err.print(f"[red]no database at {path}[/red] (a search run there would make one; or pass --db URL)")
         raise typer.Exit(1)
-    storage = Storage(url)
-    if create or (migrate and not storage.schema_is_current()):
-        storage.create_schema()
-    elif storage.schema_revision() is None:
-        err.print(f"[red]{storage!r} holds no hybridnas database[/red]")
-        raise typer.Exit(1)
-    return storage
+    return settings
 
 
-def load_search_config(path: Path):
-    import yaml
-    from pydantic import ValidationError
+@contextmanager
+def searches_api(url: str | None, db: str | None, create: bool = False) -> Iterator[Client]:
+    """A client of the coordinator at `url`, else of the local database (served in this process)."""
+    from hybridnas.local import local_client
 
-    from search.config import SearchConfig
-
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise typer.BadParameter(f"{path}: cannot be read ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise typer.BadParameter(f"{path}: not valid YAML/JSON ({exc})") from None
-    from api.errors import validation_errors
-    from api.schemas import SearchCreate
-    from api.settings import get_settings
-    from api.submit import SubmitError, check_data_paths
-
-    try:  # the service's checks: the same models, limits and data-roots rule as POST /api/searches
-        body = check_data_paths(SearchCreate.model_validate(data or {}), get_settings().data_roots)
-        return SearchConfig.model_validate(body.search_config())
-    except ValidationError as exc:
-        errors = validation_errors(list(exc.errors()))
-    except SubmitError as exc:
-        errors = [{"field": exc.field, "msg": exc.reason}]
-    lines = [f"  {e['field'] or 'config'}: {e['msg']}" for e in errors]
-    err.print(f"[red]invalid search config[/red] {path}:\n" + "\n".join(lines))
-    raise typer.Exit(2)
+    with reported():
+        if url:
+            with Client(url) as client:
+                yield client
+        else:
+            with local_client(_local_settings(db, create)) as client:
+                yield client
 
 
-CLI_LEASE_S = 30.0
+def _dump(value) -> None:
+    if isinstance(value, list):
+        data = [v.model_dump(mode="json") if hasattr(v, "model_dump") else v for v in value]
+    else:
+        data = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    sys.stdout.write(json.dumps(data) + "\n")
 
 
-def take_job(storage, job_id: int) -> str:
-    """Take the job under a lease for this command (as a service runner would), so a coordinator on the same
-    database never runs it at the same time; the owner's name. A job held by a live owner elsewhere is
-    refused (exit 1)."""
-    from search.leases import LeaseHeld, owner_id, take_job
-
-    owner = owner_id("cli@")
-    try:
-        take_job(storage, job_id, owner, CLI_LEASE_S)
-    except LeaseHeld as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
-    return owner
+def _fmt(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def run_engine(storage, job_id: int, data_dir: Path) -> None:
-    from api.settings import get_settings
-    from search.engine import SearchEngine, StopEvent
-    from search.executors import executor_factory
-    from search.leases import held_lease
+# ------------------------------------------------------------------------------------------------ run
+
+
+def run_engine(storage, job_id: int, settings, show_front: bool = True) -> None:
+    """Run the search here (Ctrl-C or SIGTERM stops it resumably), with a progress display; the front at the
+    end. Exits 1 when the search failed, 128 + the signal when interrupted."""
+    from api.progress import progress_bar
+    from hybridnas.local import run_job
+    from search.engine import StopEvent
     from search.storage import DatabaseUnavailable
 
-    owner = take_job(storage, job_id)
     stop = StopEvent()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     received: list[int] = []
 
-    def on_signal(signum, frame):  # Ctrl-C or SIGTERM: stop cleanly; the state stays resumable
+    def on_signal(signum, frame):
         err.print(
             "[yellow]stopping: cancelling running evaluations (resume with `hybridnas search resume "
             f"{job_id}`)[/yellow]"
@@ -122,50 +125,33 @@ def run_engine(storage, job_id: int, data_dir: Path) -> None:
     for sig in previous:
         signal.signal(sig, on_signal)
     job = storage.get_job(job_id)
+    fields = {"failed": 0, "reused": 0, "HV": "-"}
     try:
-        with (
-            held_lease(storage, job_id, owner, CLI_LEASE_S, stop),
-            Progress(
-                TextColumn("search {task.fields[job]}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("failed {task.fields[failed]} reused {task.fields[reused]} HV {task.fields[hv]}"),
-                TimeElapsedColumn(),
-                console=err,
-            ) as bar,
-        ):
-            task = bar.add_task("search", total=job.budget, job=job_id, failed=0, reused=0, hv="-")
+        with reported(), progress_bar(f"search {job_id}", total=job.budget, fields=fields) as update:
 
             def on_progress(p):
-                bar.update(
-                    task,
-                    completed=p.n_evaluations,
-                    failed=p.n_failed,
-                    reused=p.n_reused,
-                    hv=f"{p.hypervolume:.4f}" if p.hypervolume is not None else "-",
-                )
+                hv = f"{p.hypervolume:.4f}" if p.hypervolume is not None else "-"
+                update(completed=p.n_evaluations, failed=p.n_failed, reused=p.n_reused, HV=hv)
 
-            engine = SearchEngine(
-                storage,
-                job_id,
-                executor_factory(data_dir, get_settings().resolved_data_roots()),
-                stop=stop,
-                on_progress=on_progress,
-                lease_owner=owner,
-            )
-            engine.run()
+            run_job(storage, job_id, settings, stop=stop, on_progress=on_progress)
     except DatabaseUnavailable as exc:
         err.print(f"[red]{exc}[/red]: the search stopped; `hybridnas search resume {job_id}` continues it")
         raise typer.Exit(1) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    print_front(storage, job_id)
+    if show_front:
+        print_front(storage, job_id)
     if received:  # interrupted: the shell's convention, 128 + the signal (130 for Ctrl-C)
         raise typer.Exit(128 + received[0])
+    if storage.get_job(job_id).status == "failed":
+        err.print(f"[red]search {job_id} failed[/red]: {storage.get_job(job_id).error}")
+        raise typer.Exit(1)
 
 
 def print_front(storage, job_id: int) -> None:
+    from search.layout import Layout
+
     job = storage.get_job(job_id)
     front = storage.candidates(job_id, on_front=True)
     table = Table(
@@ -179,8 +165,6 @@ def print_front(storage, job_id: int) -> None:
         title=f"search {job_id} ({job.status}): Pareto front, {len(front)} of "
         f"{storage.count_candidates(job_id)} candidates",
     )
-    from search.layout import Layout
-
     for cand in sorted(front, key=lambda c: c.val_bpb):
         layout = Layout.from_dict(cand.layout)
         table.add_row(
@@ -195,45 +179,202 @@ def print_front(storage, job_id: int) -> None:
     console.print(table)
 
 
+def _wait_remote(client: Client, search_id: int, as_json: bool) -> None:
+    final = client.wait(search_id, progress=True)
+    if as_json:
+        _dump(final)
+    else:
+        _print_detail(client, final)
+    if final.status in FAILED_STATUSES:
+        raise typer.Exit(1)
+
+
 @search_app.command("run")
 def search_run(
     config_path: Path = typer.Argument(..., help="search config (YAML or JSON)"),
-    db: str = typer.Option(None, help="database URL (default: SQLite under the data dir)"),
+    db: str = DB,
+    url: str = URL,
+    as_json: bool = JSON,
 ) -> None:
-    """Start a search and run it to the end (Ctrl-C stops; `search resume ID` continues)."""
-    from api.settings import get_settings
+    """Start a search and follow it to the end: here (Ctrl-C stops; `search resume ID` continues), or with
+    --url on that coordinator."""
+    from hybridnas.config import validate_search_config
+    from search.storage import Storage
 
-    config = load_search_config(config_path)
-    get_settings().ensure_data_dir()
-    storage = _storage(db)
-    job_id = storage.create_job(
-        "search", json.loads(config.model_dump_json()), name=config.name, budget=config.budget
-    )
-    err.print(f"search {job_id} created in {storage!r}")
-    run_engine(storage, job_id, get_settings().resolved_data_dir())
+    if url:
+        with searches_api(url, None) as client:
+            created = client.submit(config_path)
+            err.print(f"search {created.id} submitted to {client.url}")
+            _wait_remote(client, created.id, as_json)
+        return
+    from hybridnas.local import local_settings
+
+    with reported():  # checked before anything is created
+        validate_search_config(config_path, local_settings(db).data_roots)
+    settings = _local_settings(db, create=True)
+    with searches_api(None, db, create=True) as client:
+        created = client.submit(config_path)
+    with Storage(settings.resolved_database_url()) as storage:
+        err.print(f"search {created.id} created in {storage!r}")
+        run_engine(storage, created.id, settings, show_front=not as_json)
+        if as_json:
+            with searches_api(None, db) as client:
+                _dump(client.search(created.id))
 
 
 @search_app.command("resume")
-def search_resume(job_id: int = typer.Argument(...), db: str = typer.Option(None)) -> None:
-    """Continue a stopped search from the database."""
-    from api.settings import get_settings
+def search_resume(search: str = SEARCH, db: str = DB, url: str = URL, as_json: bool = JSON) -> None:
+    """Continue a stopped search: here from the database, or with --url back into that coordinator's
+    queue (then followed to its end)."""
+    from search.storage import Storage
 
-    storage = _storage(db, create=False)
-    job = storage.get_job(job_id)
-    if job is None or job.kind != "search":
-        err.print(f"[red]no search with id {job_id}[/red]")
+    with searches_api(url, db) as client:
+        detail = client.search(search)
+        if url:
+            client.resume(detail.id)
+            _wait_remote(client, detail.id, as_json)
+            return
+    if detail.kind != "search":
+        err.print(f"[red]job {detail.id} is a {detail.kind}, not a search[/red]")
         raise typer.Exit(1)
-    if job.status == "completed":
-        print_front(storage, job_id)
+    settings = _local_settings(db, create=False)
+    with Storage(settings.resolved_database_url()) as storage:
+        if detail.status != "completed":
+            run_engine(storage, detail.id, settings)
+        else:
+            print_front(storage, detail.id)
+
+
+# ------------------------------------------------------------------------------------------------ reads
+
+
+@search_app.command("list")
+def search_list(
+    status: str = typer.Option(None, help="only searches with this status"),
+    db: str = DB,
+    url: str = URL,
+    as_json: bool = JSON,
+) -> None:
+    """Every search, newest first."""
+    with searches_api(url, db) as client:
+        items = client.searches(status=status)
+    if as_json:
+        _dump(items)
         return
-    run_engine(storage, job_id, get_settings().resolved_data_dir())
+    table = Table("id", "name", "status", "evaluations", "budget", "created", "finished", title="searches")
+    for s in items:
+        table.add_row(
+            str(s.id),
+            s.name or "",
+            s.status,
+            str(s.n_evaluations),
+            _fmt(s.budget),
+            s.created_at.strftime("%Y-%m-%d %H:%M"),
+            s.finished_at.strftime("%Y-%m-%d %H:%M") if s.finished_at else "",
+        )
+    console.print(table)
+
+
+def _print_detail(client: Client, detail) -> None:
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(detail.counts.items())) or "none"
+    console.print(
+        f"[bold]search {detail.id}[/bold] {detail.name or ''}: {detail.status}, {detail.n_evaluations}/"
+        f"{_fmt(detail.budget)} evaluations; candidates: {counts}; hypervolume {_fmt(detail.hypervolume)}"
+    )
+    if detail.error:
+        console.print(f"[red]error[/red] {detail.error}", highlight=False)
+    front = client.pareto(detail.id)
+    table = Table("id", "generation", "val_bpb", "decode ms/token", "params", title="Pareto front")
+    for c in sorted(front.items, key=lambda c: (c.val_bpb is None, c.val_bpb)):
+        table.add_row(str(c.id), str(c.generation), _fmt(c.val_bpb), _fmt(c.decode_ms, 3), _fmt(c.n_params))
+    console.print(table)
 
 
 @search_app.command("show")
-def search_show(job_id: int = typer.Argument(...), db: str = typer.Option(None)) -> None:
-    """Print a search's Pareto front."""
-    storage = _storage(db, create=False, migrate=False)
-    if storage.get_job(job_id) is None:
-        err.print(f"[red]no search with id {job_id}[/red]")
-        raise typer.Exit(1)
-    print_front(storage, job_id)
+def search_show(search: str = SEARCH, db: str = DB, url: str = URL, as_json: bool = JSON) -> None:
+    """A search: its status, counts, hypervolume and Pareto front."""
+    with searches_api(url, db) as client:
+        detail = client.search(search)
+        if as_json:
+            data = detail.model_dump(mode="json")
+            data["front"] = client.pareto(detail.id).model_dump(mode="json")["items"]
+            _dump(data)
+        else:
+            _print_detail(client, detail)
+
+
+@search_app.command("candidates")
+def search_candidates(
+    search: str = SEARCH,
+    status: str = typer.Option(None, help="only candidates with this status"),
+    db: str = DB,
+    url: str = URL,
+    as_json: bool = JSON,
+) -> None:
+    """Every candidate of a search, by id."""
+    with searches_api(url, db) as client:
+        items = client.candidates(search, status=status)
+    if as_json:
+        _dump(items)
+        return
+    table = Table("id", "parent", "generation", "status", "val_bpb", "decode ms/token", "params", "front")
+    for c in items:
+        table.add_row(
+            str(c.id),
+            _fmt(c.parent_id),
+            str(c.generation),
+            c.status,
+            _fmt(c.val_bpb),
+            _fmt(c.decode_ms, 3),
+            _fmt(c.n_params),
+            "*" if c.on_front else "",
+        )
+    console.print(table)
+
+
+@search_app.command("export")
+def search_export(
+    search: str = SEARCH,
+    out: Path = typer.Option(None, "--out", "-o", help="file to write (default: stdout)"),
+    fmt: str = typer.Option("csv", "--format", help="csv or jsonl"),
+    db: str = DB,
+    url: str = URL,
+) -> None:
+    """Every candidate of a search as CSV or JSON Lines (the API's candidates.csv / candidates.jsonl)."""
+    if fmt not in ("csv", "jsonl"):
+        raise typer.BadParameter(f"{fmt!r} is not csv or jsonl", param_hint="--format")
+    with searches_api(url, db) as client:
+        search_id = client.search_id(search)
+        text = client.request("GET", f"/api/searches/{search_id}/candidates.{fmt}").text
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+        err.print(f"search {search_id}: {max(text.count(chr(10)) - (fmt == 'csv'), 0)} candidates -> {out}")
+
+
+# ------------------------------------------------------------------------------------------------ changes
+
+
+@search_app.command("cancel")
+def search_cancel(search: str = SEARCH, db: str = DB, url: str = URL, as_json: bool = JSON) -> None:
+    """Cancel a queued or running search (its evaluations in flight stop; `search resume` continues)."""
+    with searches_api(url, db) as client:
+        detail = client.cancel(search)
+    _dump(detail) if as_json else err.print(f"search {detail.id}: {detail.status}")
+
+
+@search_app.command("delete")
+def search_delete(
+    search: str = SEARCH,
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
+    db: str = DB,
+    url: str = URL,
+) -> None:
+    """Delete a search that is not running, with its candidates (shared results stay for other searches)."""
+    with searches_api(url, db) as client:
+        detail = client.search(search)
+        if not yes and not typer.confirm(f"delete search {detail.id} ({detail.name or 'unnamed'})?"):
+            raise typer.Exit(1)
+        client.delete(detail.id)
+    err.print(f"search {detail.id} deleted")

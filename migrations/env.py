@@ -3,8 +3,8 @@
 The database URL, first found wins: a connection handed in by `Storage.create_schema()`
 (`config.attributes["connection"]`), `alembic -x url=...`, then the service's own settings
 (`HYBRIDNAS_DATABASE_URL` or `DATABASE_URL`, else SQLite under `HYBRIDNAS_DATA_DIR`), so `alembic upgrade
-head`, `hybridnas db upgrade` and `hybridnas serve` always agree on the database. Connections are made through `search.storage.Storage`, so SQLite gets the
-same pragmas as the application (WAL, busy timeout).
+head`, `hybridnas db upgrade` and `hybridnas serve` always agree on the database. Connections are made
+through `search.storage.Storage`, so SQLite gets the same pragmas as the application (WAL, busy timeout).
 
 SQLite: migrations run in batch mode (`render_as_batch`: ALTERs become copy-and-move, which is why the
 MetaData has a naming convention), with foreign-key enforcement off while they run (else the table copy of a

@@ -125,7 +125,6 @@ def result_keys(
 ) -> ResultKeys:
     """The training and latency keys `evaluate` would give these inputs on this worker (cheap once the
     corpus is loaded: it is cached per process), so a search can reuse stored results instead."""
-    from latency.profiler import fingerprint_hash
     from proxies.train import resolve_device
 
     inputs = coerce_inputs(layout, proxy_config, latency_config, data_config, data_dir)
@@ -133,11 +132,16 @@ def result_keys(
     if on_phase is not None:
         on_phase("data")
     data = _load_data(inputs.data, inputs.data_dir, data_roots)
-    fingerprint = _device_fingerprint(inputs.latency, torch_device)
     return ResultKeys(
         training_key=_training_key(inputs, data, torch_device),
-        latency_key=latency_key(inputs.layout, inputs.latency.content_hash, fingerprint_hash(fingerprint)),
+        latency_key=_latency_key(inputs, _device_fingerprint(inputs.latency, torch_device)),
     )
+
+
+def _latency_key(inputs, device_fingerprint: dict) -> str:
+    from latency.profiler import fingerprint_hash
+
+    return latency_key(inputs.layout, inputs.latency.content_hash, fingerprint_hash(device_fingerprint))
 
 
 class _Phases:
@@ -213,7 +217,7 @@ def _latency_phase(
     trained model, an untrained one of the same layout (latency does not depend on the weights)."""
     import torch
 
-    from latency.profiler import fingerprint_hash, profile
+    from latency.profiler import profile
     from models.hybrid import HybridLM
 
     if model is None:
@@ -222,9 +226,7 @@ def _latency_phase(
         model = HybridLM(inputs.layout, data.vocab_size)
     phase("latency")
     result.device_fingerprint = _device_fingerprint(inputs.latency, torch_device)
-    result.latency_key = latency_key(
-        inputs.layout, inputs.latency.content_hash, fingerprint_hash(result.device_fingerprint)
-    )
+    result.latency_key = _latency_key(inputs, result.device_fingerprint)
     with _locked(device_lock, "exclusive"):
         latency = profile(model, inputs.latency, torch_device)
     result.latency = latency.to_dict()
@@ -274,6 +276,9 @@ def evaluate(
         data = _load_data(inputs.data, inputs.data_dir, data_roots)
         result.corpus_fingerprint = dict(data.fingerprint)
         result.training_key = _training_key(inputs, data, torch_device)
+        # Both keys, whichever phases run: a result that only trains (its latency is stored already) is
+        # completed with the stored latency under this key.
+        result.latency_key = _latency_key(inputs, _device_fingerprint(inputs.latency, torch_device))
         model = None
         if train:
             model = _train_phase(

@@ -15,6 +15,8 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Libraries that install handlers of their own: their records are re-routed to the root handler.
 ADOPTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "ray", "alembic")
 
+QUIET_LOGGERS = ("ray", "alembic", "httpx", "httpx2", "httpcore")
+
 _configured: dict[str, str] = {}
 
 
@@ -48,6 +50,9 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     level, fmt = check_level(level), check_format(fmt)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    # On the handler too: a logger that lowers its own level (the worker's, to keep its log tail) still
+    # propagates its records here.
+    handler.setLevel(level.upper())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -64,7 +69,8 @@ def adopt_library_loggers() -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
-    # Ray and Alembic log each start-up step at INFO: noise beside a command's own output, unless debugging.
+    # Ray, Alembic and httpx log each step (start-up, migration, request) at INFO: noise beside a command's
+    # own output, unless debugging.
     debugging = _configured["level"] == "debug"
-    for name in ("ray", "alembic"):
+    for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if debugging else logging.WARNING)

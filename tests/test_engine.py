@@ -257,3 +257,19 @@ def test_a_stop_inside_either_crash_window_resumes_without_repeating_anything(
     assert not (
         {p["hash"] for p in state["pending"]} - {c.layout_hash for c in cands}
     )  # every pending is stored
+
+
+def test_a_new_training_budget_reuses_the_stored_latency(storage, tmp_path):
+    """A second search with another proxy config trains the same layouts again but measures nothing again:
+    each candidate completes with the latency stored under its key (the worker reports both keys even when
+    it only trains; before, the candidate's latency was looked up under no key and the search crashed)."""
+    first = run_search(storage, tmp_path, budget=2)
+    second = run_search(storage, tmp_path, budget=2, proxy={**TINY["proxy"], "steps": 3})
+    assert storage.get_job(second).status == "completed", storage.get_job(second).error
+    before = {c.layout_hash: c for c in storage.candidates(first)}
+    after = storage.candidates(second)
+    assert {c.layout_hash for c in after} == set(before)
+    for c in after:
+        assert c.status == "completed" and c.latency_key == before[c.layout_hash].latency_key
+        assert c.training_key != before[c.layout_hash].training_key
+        assert c.decode_ms == before[c.layout_hash].decode_ms

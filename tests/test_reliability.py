@@ -476,14 +476,14 @@ def test_mistyped_or_non_finite_sub_config_values_are_refused_naming_the_field(a
     body = json.dumps({"budget": 2, **change}).encode()  # NaN/Infinity as JSON's common extension
     r = client.post("/api/searches", content=body, headers={**AUTH, "content-type": "application/json"})
     assert r.status_code == 422, r.text
-    assert r.json()["detail"][0]["field"] == field, r.text
+    assert r.json()["errors"][0]["field"] == field, r.text
     schedule = {"name": "n", "cron": "0 2 * * *", "template": {"budget": 2, **change}}
     r = client.post(
         "/api/schedules",
         content=json.dumps(schedule).encode(),
         headers={**AUTH, "content-type": "application/json"},
     )
-    assert r.status_code == 422 and r.json()["detail"][0]["field"] == f"template.{field}", r.text
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == f"template.{field}", r.text
     assert store.count_jobs() == 0 and store.count_schedules() == 0
 
 
@@ -498,8 +498,8 @@ def test_a_latency_table_must_be_a_valid_table_at_submission(api, tmp_path):
         "strategy_options": {"target_ms": 1.0},
     }
     r = client.post("/api/searches", json=body, headers=AUTH)
-    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "latency_lut", r.text
-    assert "not a valid latency table" in r.json()["detail"][0]["msg"]
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "latency_lut", r.text
+    assert "not a valid latency table" in r.json()["errors"][0]["message"]
 
 
 def flat(text: str) -> str:
@@ -568,13 +568,13 @@ def test_invalid_utf8_and_too_deep_bodies_are_422_naming_the_body(api):
     client, store = api
     headers = {**AUTH, "content-type": "application/json"}
     r = client.post("/api/searches", content=b'{"name": "\xff\xfe"}', headers=headers)
-    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "body", r.text
-    assert "UTF-8" in r.json()["detail"][0]["msg"]
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body", r.text
+    assert "UTF-8" in r.json()["errors"][0]["message"]
     deep = b'{"strategy_options": {"a": ' + b"[" * 1500 + b"]" * 1500 + b"}}"
     r = client.post("/api/searches", content=deep, headers=headers)
-    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "body", r.text
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body", r.text
     r = client.post("/api/searches", content=b'{"budget": 2,', headers=headers)
-    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "body"
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body"
     assert store.count_jobs() == 0
 
 
