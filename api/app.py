@@ -188,6 +188,7 @@ def start_background(settings: Settings, storage: Storage) -> Background:
             poll_s=settings.poll_s,
             ray_num_cpus=settings.ray_num_cpus,
             data_roots=settings.resolved_data_roots(),
+            tracking_uri=settings.mlflow_tracking_uri or "",  # these settings', not the environment's
         )
     if settings.scheduler:
         from datetime import timedelta

@@ -30,6 +30,7 @@ def to_dataframe(items: Iterable[Any]):
     pandas = _pandas()
     rows = [_row(item) for item in items]
     frame = pandas.json_normalize(rows, max_level=1) if rows else pandas.DataFrame()
-    if "id" in frame.columns:
-        frame = frame.set_index("id").sort_index()
+    for key in ("id", "candidate_id"):  # API schemas and records say `id`; the export rows `candidate_id`
+        if key in frame.columns:
+            return frame.set_index(key).sort_index()
     return frame

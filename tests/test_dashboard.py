@@ -140,6 +140,9 @@ def test_the_candidate_page_draws_the_layout_lineage_and_commands(client, store)
     assert f"/api/candidates/{child.id}/layout.json" in page
     settings = client.get(f"/candidates/{child.id}/evaluation.json")
     assert settings.status_code == 200 and set(settings.json()) <= {"proxy", "latency", "data"}
+    missing = client.get("/candidates/999999/evaluation.json")  # the API's one error shape
+    assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
+    assert missing.json()["detail"] == "no candidate 999999" and missing.json()["status"] == 404
 
 
 # ---- log-in, sessions, CSRF ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
 
 from api.auth import CSRF_FIELD, SESSION_COOKIE, SESSION_MAX_AGE_S, session_of
-from api.errors import validation_errors
+from api.errors import problem, validation_errors
 from api.routes import candidates as candidate_routes
 from api.routes import schedules as schedule_routes
 from api.routes import searches as search_routes
@@ -428,7 +428,7 @@ def evaluation_settings(request: Request, candidate_id: CandidateId) -> Response
     c = storage.get_candidate(candidate_id)
     job = storage.get_job(c.job_id) if c is not None else None
     if c is None or job is None:
-        return JSONResponse({"detail": f"no candidate {candidate_id}"}, status_code=404)
+        return problem(404, detail=f"no candidate {candidate_id}", instance=request.url.path)
     settings = {k: job.config[k] for k in ("proxy", "latency", "data") if k in job.config}
     return JSONResponse(
         settings,
