@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -68,13 +69,34 @@ def global_options(
     configure_logging(level, settings.log_format)
 
 
+def _counts_json(count) -> dict:
+    return {"total": count.total, "non_embedding": count.non_embedding, "embedding": count.embedding}
+
+
 @layouts_app.command("list")
-def layouts_list() -> None:
-    """List the presets."""
-    table = Table("preset", "operators", "d_model", "params (total)")
+def layouts_list(as_json: bool = typer.Option(False, "--json", help="print JSON instead")) -> None:
+    """List the presets with their parameter counts."""
+    rows = []
     for name in preset_names():
         layout = get_preset(name)
-        count = count_parameters(layout, layout.vocab_size or 256)
+        vocab = layout.vocab_size or 256
+        count = count_parameters(layout, vocab)
+        rows.append((name, layout, vocab, count))
+    if as_json:
+        data = [
+            {
+                "name": name,
+                "n_operators": len(layout.operators),
+                "d_model": layout.d_model,
+                "vocab_size": vocab,
+                "parameters": _counts_json(count),
+            }
+            for name, layout, vocab, count in rows
+        ]
+        sys.stdout.write(json.dumps(data) + "\n")
+        return
+    table = Table("preset", "operators", "d_model", "params (total)")
+    for name, layout, _, count in rows:
         table.add_row(name, str(len(layout.operators)), str(layout.d_model), format_count(count.total))
     console.print(table)
     console.print("(presets without a published vocabulary are counted with the 256-symbol byte tokenizer)")
@@ -83,7 +105,12 @@ def layouts_list() -> None:
 @layouts_app.command("show")
 def layouts_show(
     layout: str = typer.Argument(..., help="a preset name or a layout file"),
-    as_json: bool = typer.Option(False, "--json", help="print the canonical JSON instead"),
+    as_json: bool = typer.Option(
+        False, "--json", help="print JSON: the canonical layout, its hash and parameter counts"
+    ),
+    layout_only: bool = typer.Option(
+        False, "--layout-only", help="print the canonical layout JSON alone (a file `layouts validate` reads)"
+    ),
     vocab_size: int = typer.Option(
         None, "--vocab-size", help="vocabulary for counting (default: the layout's own, else 256 = bytes)"
     ),
@@ -96,8 +123,19 @@ def layouts_show(
     except LayoutError as exc:
         err_console.print(f"[red]error[/red] {exc}")
         raise typer.Exit(1) from None
-    if as_json:
+    if layout_only:
         sys.stdout.write(lo.to_json() + "\n")
+        return
+    if as_json:
+        data = {
+            "name": lo.name or layout,
+            "hash": lo.content_hash,
+            "compact": lo.compact(),
+            "layout": json.loads(lo.to_json()),
+            "vocab_size": vocab,
+            "parameters": _counts_json(count),
+        }
+        sys.stdout.write(json.dumps(data) + "\n")
         return
     console.print(f"[bold]{lo.name or layout}[/bold]  hash {lo.content_hash[:16]}")
     console.print(f"operators ({len(lo.operators)}): {lo.compact()}")
@@ -202,8 +240,6 @@ def db_current(
     db: str = DB_OPTION, as_json: bool = typer.Option(False, "--json", help="print JSON instead")
 ) -> None:
     """The database's schema revision and the newest one this version knows."""
-    import json
-
     with _database(db, create=False) as storage:
         state = {
             "database": repr(storage),

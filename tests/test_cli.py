@@ -171,3 +171,23 @@ def test_db_upgrade_current_and_alembic_read_the_service_settings(tmp_path):
     assert done.returncode == 0, done.stderr
     state = json.loads(cli(tmp_path, "db", "current", "--json", "--db", f"sqlite:///{other}").stdout)
     assert state["current"], state
+
+
+def test_layouts_list_and_show_as_json_with_counts(tmp_path):
+    from search.params import count_parameters
+    from search.presets import get_preset, preset_names
+
+    listed = json.loads(cli(tmp_path, "layouts", "list", "--json").stdout)
+    assert [p["name"] for p in listed] == list(preset_names())
+    for preset in listed:
+        layout = get_preset(preset["name"])
+        count = count_parameters(layout, layout.vocab_size or 256)
+        assert preset["parameters"]["total"] == count.total and preset["d_model"] == layout.d_model
+    shown = json.loads(cli(tmp_path, "layouts", "show", "llama", "--json", "--vocab-size", "257").stdout)
+    llama = get_preset("llama")
+    assert shown["hash"] == llama.content_hash and shown["compact"] == llama.compact()
+    assert shown["parameters"]["embedding"] == count_parameters(llama, 257).embedding
+    layout_file = tmp_path / "llama.json"
+    layout_file.write_text(cli(tmp_path, "layouts", "show", "llama", "--layout-only").stdout)
+    checked = cli(tmp_path, "layouts", "validate", str(layout_file))
+    assert checked.returncode == 0 and llama.content_hash in checked.stdout
