@@ -49,7 +49,11 @@ class AuthSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HYBRIDNAS_", env_file=".env", extra="ignore")
 
     token: SecretStr | None = Field(None, description="the API bearer token (default: <data_dir>/token)")
-    require_token_for_reads: bool = Field(False, description="reads need the token too")
+    require_token_for_reads: bool = Field(
+        False,
+        description="reads need the token (or a dashboard session) too; /api/health and /api/ready stay "
+        "public",
+    )
 
 
 @dataclass(frozen=True)

@@ -45,13 +45,21 @@ class Settings(BaseSettings):
         1, ge=1, le=1024, description="jobs running at once across every coordinator (the global limit)"
     )
     lease_s: float = Field(
-        30.0, gt=0, le=3600, description="a runner's lease on its job; renewed every third"
+        30.0,
+        gt=0,
+        le=3600,
+        description="seconds a runner's lease on its job lasts; renewed every third of it",
     )
-    poll_s: float = Field(1.0, gt=0, le=60, description="how often an idle runner looks at the queue")
+    poll_s: float = Field(1.0, gt=0, le=60, description="seconds between an idle runner's looks at the queue")
     scheduler: bool = Field(True, description="fire scheduled searches from this process")
-    scheduler_interval_s: float = Field(15.0, gt=0, le=3600, description="how often the scheduler looks")
+    scheduler_interval_s: float = Field(
+        15.0, gt=0, le=3600, description="seconds between the scheduler's looks for due schedules"
+    )
     scheduler_grace_s: float = Field(
-        900.0, ge=0, le=7 * 24 * 3600, description="a fire time missed by at most this much still runs (once)"
+        900.0,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="seconds: a fire time missed by at most this much still runs (once)",
     )
     ray_num_cpus: int | None = Field(
         None,

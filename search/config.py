@@ -139,7 +139,9 @@ class SearchConfig(BaseModel):
     gpus_per_worker: float = Field(
         0, ge=0, le=8, description="GPUs each worker reserves (Ray; fractions share one)"
     )
-    timeout_s: float = Field(1800, gt=0, le=7 * 24 * 3600, description="per evaluation")
+    timeout_s: float = Field(
+        1800, gt=0, le=7 * 24 * 3600, description="seconds an evaluation may run before it fails"
+    )
     max_retries: int = Field(1, ge=0, le=10, description="times a failed evaluation is tried again")
     latency_lut: str | None = Field(
         None,

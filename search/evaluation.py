@@ -76,12 +76,19 @@ class ProxyConfig(WorkerSettings):
     )
     beta1: Float = Field(0.9, ge=0, lt=1, description="Adam's first-moment decay")
     beta2: Float = Field(0.95, ge=0, lt=1, description="Adam's second-moment decay")
-    grad_clip: Float = Field(1.0, ge=0, le=1e6, description="0: no clipping")
+    grad_clip: Float = Field(
+        1.0, ge=0, le=1e6, description="gradient-norm clipping threshold (0: no clipping)"
+    )
     seed: Int = Field(0, ge=0, le=2**32 - 1, description="seeds the model's initialization")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
     )
-    meta_tokens: Int | None = Field(None, ge=0, le=1024, description="None: the layout's own; 0: off")
+    meta_tokens: Int | None = Field(
+        None,
+        ge=0,
+        le=1024,
+        description="learned meta tokens prepended to every sequence (None: the layout's own; 0: off)",
+    )
     weight_norm: Bool = Field(
         False, description="normalized weights, trained with Adam without weight decay (method.md section 5)"
     )
@@ -90,7 +97,9 @@ class ProxyConfig(WorkerSettings):
     divergence_factor: Float = Field(
         3.0, gt=1, le=1e6, description="failed if the loss climbs this far above its best after warmup"
     )
-    timeout_s: Float | None = Field(None, gt=0, le=WEEK, description="training wall-clock limit")
+    timeout_s: Float | None = Field(
+        None, gt=0, le=WEEK, description="training wall-clock limit, seconds (None: no limit)"
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -44,9 +44,21 @@ class LatencyTargetOptions(AgingOptions):
 
 
 class NSGA2Options(StrategyOptions):
-    crossover_prob: Float = Field(0.9, ge=0, le=1)
-    swapping_prob: Float = Field(0.5, ge=0, le=1)
-    mutation_prob: Float | None = Field(None, ge=0, le=1, description="None: 1 / number of parameters")
+    crossover_prob: Float = Field(
+        0.9, ge=0, le=1, description="probability a child is made by crossover of two parents (else a copy)"
+    )
+    swapping_prob: Float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="probability each parameter is taken from the other parent in a crossover",
+    )
+    mutation_prob: Float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="probability each parameter of a child is mutated (None: 1 / number of parameters)",
+    )
 
 
 STRATEGY_OPTIONS: dict[str, type[StrategyOptions]] = {
