@@ -105,9 +105,12 @@ class EvaluationWorker:
         lock_dir: str | None = None,
         device: str | None = None,
         data_roots: tuple[str, ...] | None = None,
+        own_process: bool = True,
     ):
-        for name in SECRET_ENVIRONMENT:  # a worker never needs the coordinator's credentials
-            os.environ.pop(name, None)
+        if own_process:  # a worker process never needs the coordinator's credentials
+            for name in SECRET_ENVIRONMENT:
+                os.environ.pop(name, None)
+        # (`inline` runs in the caller's own process: its environment is the caller's, left as it is.)
         self.data_dir, self.device = data_dir, device
         # Corpus paths must resolve inside these (absolute: a Ray worker's working folder is not the
         # caller's).
@@ -230,7 +233,7 @@ class InlineExecutor:
     ):
         self.capacity = 1
         self.timeout_s = float(timeout_s)
-        self.worker_args = (data_dir, threads, lock_dir, device, data_roots)
+        self.worker_args = (data_dir, threads, lock_dir, device, data_roots, False)
         self.worker = EvaluationWorker(*self.worker_args)
         self.queue: list[_Task] = []  # the first is the one running (or held)
 

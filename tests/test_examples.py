@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.live import free_port
 
@@ -97,11 +96,6 @@ def test_quickstart_submits_to_a_coordinator_when_hybridnas_url_is_set(tmp_path)
             time.sleep(0.3)
 
         proc = run_quickstart(tmp_path, HYBRIDNAS_URL=base, HYBRIDNAS_TOKEN=TOKEN)
-        if proc.returncode != 0 and "401 Authentication required: missing bearer token" in proc.stderr:
-            # Known defect: an inline EvaluationWorker (a thread of the caller's process) pops HYBRIDNAS_TOKEN
-            # and HYBRIDNAS_DATABASE_URL from os.environ (search/executors.py, EvaluationWorker.__init__),
-            # so the Client made after run_search(executor="inline") has no token. Passes once it is fixed.
-            pytest.xfail("run_search(executor='inline') removed HYBRIDNAS_TOKEN from the environment")
         out = succeeded(proc)
         front = fronts(out)
         assert front.get("local") and front.get("remote"), out

@@ -5,6 +5,7 @@ field, and nothing created)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -58,3 +59,13 @@ def test_the_package_re_exports_what_user_code_needs():
     for name in hybridnas.__all__:
         assert getattr(hybridnas, name) is not None, name
     assert hybridnas.__version__ and hybridnas.Layout is hybridnas.get_preset("llama").__class__
+
+
+def test_an_inline_search_leaves_the_callers_environment_alone(data_dir, monkeypatch):
+    """The inline worker is a thread of this process: it must not strip the caller's credentials (a Ray
+    worker process strips them from its own environment; test_reliability checks that)."""
+    monkeypatch.setenv("HYBRIDNAS_TOKEN", "caller-token")
+    monkeypatch.setenv("PGPASSWORD", "caller-password")
+    hybridnas.run_search({**TINY, "budget": 1}, executor="inline")
+    assert os.environ.get("HYBRIDNAS_TOKEN") == "caller-token"
+    assert os.environ.get("PGPASSWORD") == "caller-password"
