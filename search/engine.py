@@ -231,8 +231,16 @@ class SearchEngine:
                 return "completed"
             # Pending candidates first (resume, retries), then a new cycle of proposals.
             room = min(executor.capacity - len(in_flight), config.budget - done - len(in_flight))
-            if room > 0:
-                self._fill(executor, strategy, room, cycle)
+            if room > 0 and not self._fill(executor, strategy, room, cycle) and not in_flight:
+                # Nothing pending, nothing running, and the strategy has no new layout: a grid that is done,
+                # or a space smaller than the budget. The budget cannot be spent; the search is over.
+                log.info(
+                    "job %d: no new layout to evaluate (%d done of %d): finished",
+                    self.job_id,
+                    done,
+                    config.budget,
+                )
+                return "completed"
             for outcome in executor.poll(timeout=0.5):
                 self._handle(outcome, strategy, executor)
         return "cancelled" if getattr(self.stop, "cancel", False) else "queued"
@@ -260,7 +268,10 @@ class SearchEngine:
             "data": c.data.model_dump(),
         }
 
-    def _fill(self, executor, strategy, room: int, cycle: int) -> None:
+    def _fill(self, executor, strategy, room: int, cycle: int) -> int:
+        """Submit pending candidates, then new proposals, up to `room`; how many were submitted or proposed
+        (0: nothing pending and the strategy has no new layout)."""
+        proposals: list = []
         pending = self.storage.candidates(self.job_id, status="pending", limit=room)
         if len(pending) < room:
             # Ask for exactly what is stored: a proposal dropped here would stay pending in the strategy.
@@ -285,6 +296,7 @@ class SearchEngine:
         for cand in pending:
             self.storage.mark_running(cand.id)  # an attempt: the worker computes its keys, then evaluates
             executor.submit(cand.id, self._payload(cand))
+        return len(pending) + len(proposals)
 
     def _candidate_id(self, layout_hash: str | None) -> int | None:
         if layout_hash is None:

@@ -2,6 +2,7 @@
 as data, retries, hypervolume history, bad configs refused before anything runs."""
 
 import json
+import threading
 
 import pytest
 from pydantic import ValidationError
@@ -273,3 +274,52 @@ def test_a_new_training_budget_reuses_the_stored_latency(storage, tmp_path):
         assert c.status == "completed" and c.latency_key == before[c.layout_hash].latency_key
         assert c.training_key != before[c.layout_hash].training_key
         assert c.decode_ms == before[c.layout_hash].decode_ms
+
+
+def grid_layouts(depths=(1, 2, 3), width=64):
+    from search.layout import Layout
+
+    dims = {"d_model": width, "n_heads": width // 32, "n_kv_heads": 1, "head_dim": 32}
+    return [Layout.from_dict({"operators": ["attention", "ffn"] * d, **dims}).to_dict() for d in depths]
+
+
+def test_a_grid_search_evaluates_its_layouts_once_each_then_ends(storage, tmp_path):
+    """The grid strategy proposes exactly its layouts, in order (one given twice is evaluated once); the
+    search ends when they are done, though the budget is larger (it used to wait for more forever)."""
+    layouts = grid_layouts((1, 2, 3))
+    job_id = run_search(
+        storage, tmp_path, budget=10, strategy="grid", strategy_options={"layouts": [*layouts, layouts[0]]}
+    )
+    job = storage.get_job(job_id)
+    assert job.status == "completed", job.error
+    cands = sorted(storage.candidates(job_id), key=lambda c: c.id)
+    assert [len(c.layout["operators"]) for c in cands] == [2, 4, 6]
+    assert all(c.status == "completed" and c.mutation is None for c in cands)
+
+
+def test_a_grid_resumes_where_it_stopped(storage, tmp_path):
+    layouts = grid_layouts((1, 2, 3, 4))
+    config = SearchConfig.model_validate(
+        {**TINY, "budget": 4, "strategy": "grid", "strategy_options": {"layouts": layouts}}
+    )
+    job_id = storage.create_job("search", json.loads(config.model_dump_json()), budget=4)
+    data_dir = str(tmp_path / "data")
+    stop = threading.Event()
+
+    def progress(p):
+        if p.n_evaluations >= 2:
+            stop.set()
+
+    SearchEngine(
+        storage, job_id, lambda c: InlineExecutor(data_dir, threads=1), stop=stop, on_progress=progress
+    ).run()
+    assert 2 <= storage.count_candidates(job_id, status="completed") < 4
+    SearchEngine(storage, job_id, lambda c: InlineExecutor(data_dir, threads=1)).run()
+    cands = sorted(storage.candidates(job_id), key=lambda c: c.id)
+    assert storage.get_job(job_id).status == "completed"
+    assert [len(c.layout["operators"]) for c in cands] == [2, 4, 6, 8]  # each once, in order
+
+
+def test_a_grid_needs_layouts_naming_the_option():
+    with pytest.raises(ValueError, match="strategy_options"):
+        SearchConfig.model_validate({**TINY, "strategy": "grid", "strategy_options": {}})

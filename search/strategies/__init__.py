@@ -19,6 +19,7 @@ from search.layout import Layout
 from search.space import SearchSpace
 from search.strategies.aging import LatencyTargetStrategy, ParetoAgingStrategy
 from search.strategies.base import Constraints, Proposal, Strategy, estimate_memory_bytes
+from search.strategies.grid import GridStrategy
 from search.strategies.options import STRATEGY_OPTIONS, strategy_kwargs
 from search.strategies.random_search import RandomStrategy
 
@@ -34,6 +35,7 @@ STRATEGIES: dict[str, Any] = {
     "latency-target": LatencyTargetStrategy,
     "nsga2": _nsga2,
     "random": RandomStrategy,
+    "grid": GridStrategy,
 }
 DEFAULT_STRATEGY = "pareto-aging"
 

@@ -61,11 +61,22 @@ class NSGA2Options(StrategyOptions):
     )
 
 
-STRATEGY_OPTIONS: dict[str, type[StrategyOptions]] = {
+class GridOptions(BaseModel):
+    """The grid's one option: its layouts (the studies make them; see search/studies.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layouts: list[dict[str, Any]] = Field(
+        min_length=1, max_length=10_000, description="the layouts to evaluate, in order (layout dicts)"
+    )
+
+
+STRATEGY_OPTIONS: dict[str, type[BaseModel]] = {
     "pareto-aging": AgingOptions,
     "latency-target": LatencyTargetOptions,
     "nsga2": NSGA2Options,
     "random": StrategyOptions,
+    "grid": GridOptions,
 }
 
 
