@@ -69,15 +69,20 @@ def resolve_data_path(raw: str, data_roots: Sequence[str | Path]) -> Path:
     """Resolve a user-given path; it must lie inside one of the data roots (after resolving links)."""
     if not raw or "\x00" in raw:
         raise CorpusError(raw or "path", "empty or malformed path")
-    roots = [Path(r).expanduser().resolve() for r in data_roots]
-    candidate = Path(raw).expanduser()
-    paths = [candidate.resolve()] if candidate.is_absolute() else [(r / candidate).resolve() for r in roots]
-    inside = [p for p in paths if any(p == r or r in p.parents for r in roots)]
-    if not inside:
-        raise CorpusError(raw, f"outside the configured data roots ({', '.join(map(str, roots))})")
-    for path in inside:
-        if path.exists():
-            return path
+    try:  # a name the file system refuses (too long, say) is bad input, not a server error
+        roots = [Path(r).expanduser().resolve() for r in data_roots]
+        candidate = Path(raw).expanduser()
+        paths = (
+            [candidate.resolve()] if candidate.is_absolute() else [(r / candidate).resolve() for r in roots]
+        )
+        inside = [p for p in paths if any(p == r or r in p.parents for r in roots)]
+        if not inside:
+            raise CorpusError(raw, f"outside the configured data roots ({', '.join(map(str, roots))})")
+        for path in inside:
+            if path.exists():
+                return path
+    except OSError as exc:
+        raise CorpusError(raw[:80], f"not a usable path ({exc.strerror or exc})") from None
     raise CorpusError(raw, "no such file or folder")
 
 

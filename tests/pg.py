@@ -25,6 +25,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,9 +82,24 @@ def fresh_postgres_database(admin_url: str | None = None, template: str = "templ
             conn.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         yield url.set(database=name).render_as_string(hide_password=False)
     finally:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _drop_database(engine, name)
         engine.dispose()
+
+
+def _drop_database(engine, name: str, attempts: int = 20) -> None:
+    """DROP DATABASE ... WITH (FORCE), retried while it is refused: FORCE cannot end an autovacuum worker
+    (only a superuser may), and one may be cleaning the database the test just wrote a lot to."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except (OperationalError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.25)
 
 
 @contextmanager
@@ -109,8 +125,7 @@ def _drop_templates() -> None:
         if backend == "postgresql":
             with contextlib.suppress(Exception):
                 _url, engine = _admin_engine(require_postgres())
-                with engine.connect() as conn:
-                    conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
+                _drop_database(engine, template)
                 engine.dispose()
         else:
             shutil.rmtree(Path(template).parent, ignore_errors=True)
