@@ -318,10 +318,20 @@ def _job_ids(store: Storage) -> list[int]:
 def test_deleted_ids_are_never_reused(db_url):
     """A deleted search's id never names a new one: delete the newest job (the case SQLite's plain rowid
     reuses), make another; its id is larger. And 0004 keeps the rows and ids it copies on SQLite."""
+    from datetime import UTC, datetime
+
     with Storage(db_url) as store:
         store.create_schema("0003")
-        first = store.create_job("search", {"budget": 1}, name="a")
-        second = store.create_job("search", {"budget": 1}, name="b")
+        with store.engine.begin() as conn:  # rows as 0003 knew them (the application writes newer columns)
+            for name in ("a", "b"):
+                conn.execute(
+                    text(
+                        "INSERT INTO jobs (kind, name, status, priority, config, created_at, n_evaluations) "
+                        "VALUES ('search', :name, 'queued', 0, '{}', :at, 0)"
+                    ),
+                    {"name": name, "at": datetime.now(UTC)},
+                )
+        first, second = _job_ids(store)
         store.create_schema()
         assert _job_ids(store) == [first, second]
         assert store.delete_job(second)
