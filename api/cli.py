@@ -14,6 +14,7 @@ from rich.table import Table
 from api.cli_latency import latency_app
 from api.cli_proxy import proxy_app
 from api.search_cli import search_app
+from api.study_cli import study_app
 from search.layout import LayoutError, load_layout
 from search.params import count_parameters, format_count
 from search.presets import get_preset, preset_names, resolve_layout
@@ -28,6 +29,7 @@ app.add_typer(layouts_app, name="layouts")
 
 app.add_typer(latency_app, name="latency", help="Latency look-up tables and predictions.")
 app.add_typer(search_app, name="search")
+app.add_typer(study_app, name="study")
 app.add_typer(proxy_app, name="proxy")
 console = Console(width=max(140, Console().width))
 err_console = Console(stderr=True, soft_wrap=True)

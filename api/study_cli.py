@@ -1,0 +1,208 @@
+"""`hybridnas study depth-width CONFIG.yaml`: a study from the command line, here (the local database, no
+server; Ctrl-C stops it resumably, `study resume ID` continues) or with `--url` on a coordinator.
+
+`study show ID` prints a study's report (`--json`: the API's StudyDetail). Exit codes as for `search`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from api.search_cli import DB, JSON, URL, _local_settings, reported, searches_api
+from hybridnas.errors import ConfigError, FieldError
+
+study_app = typer.Typer(help="Studies beside the search: the depth-width scaling law.", no_args_is_help=True)
+console = Console(width=max(140, Console().width))
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _load_study(path: Path, kind: str, data_roots) -> dict:
+    """The study config (the file's, with `kind`) checked as POST /api/studies checks it."""
+    from pydantic import ValidationError
+
+    from api.errors import validation_errors
+    from api.schemas import StudyCreate
+    from api.submit import SubmitError, check_study_paths
+    from hybridnas.config import read_config_file
+
+    data = {**read_config_file(path), "kind": kind}
+    try:
+        body = StudyCreate.model_validate(data)
+        check_study_paths(body, data_roots)
+    except ValidationError as exc:
+        raise ConfigError(
+            [FieldError(e["field"], e["msg"]) for e in validation_errors(list(exc.errors()))], str(path)
+        ) from None
+    except SubmitError as exc:
+        raise ConfigError([FieldError(exc.field, exc.reason)], str(path)) from None
+    return data
+
+
+def _run_here(storage, study_id: int, settings) -> None:
+    """Run the study in this process under a lease (as a runner would); Ctrl-C stops it resumably."""
+    from api.progress import progress_bar
+    from search.engine import StopEvent
+    from search.executors import executor_factory
+    from search.leases import LeaseHeld, held_lease, owner_id, take_job
+    from search.study_runner import run_study
+
+    owner = owner_id("cli@")
+    try:
+        take_job(storage, study_id, owner, 30.0)
+    except LeaseHeld as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    stop, received = StopEvent(), []
+
+    def on_signal(signum, frame):
+        err.print(f"[yellow]stopping (resume with `hybridnas study resume {study_id}`)[/yellow]")
+        received.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with held_lease(storage, study_id, owner, 30.0, stop), progress_bar(f"study {study_id}") as update:
+
+            def on_progress(p):
+                job = storage.get_job(study_id)
+                update(completed=job.n_evaluations, total=job.budget)
+
+            factory = executor_factory(settings.ensure_data_dir(), settings.resolved_data_roots())
+            status, error = run_study(storage, study_id, factory, stop=stop, on_progress=on_progress)
+        storage.release_job(study_id, owner, status, error=error)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise typer.Exit(128 + received[0])
+    if status == "failed":
+        err.print(f"[red]study {study_id} failed[/red]: {error}")
+        raise typer.Exit(1)
+
+
+def print_report(detail: dict) -> None:
+    result = detail.get("result") or {}
+    console.print(f"[bold]study {detail['id']}[/bold] {detail.get('name') or ''}: {detail['status']}")
+    if "law" in result:
+        law = result["law"]
+        intervals = result.get("intervals", {})
+        table = Table("constant", "value", "95 % bootstrap interval", title="L(D, W) = L0 + a·D^-α + b·W^-β")
+        for name in ("l0", "a", "alpha", "b", "beta"):
+            lo, hi = intervals.get(name, (None, None))
+            table.add_row(name, f"{law[name]:.4g}", "-" if lo is None else f"{lo:.4g} - {hi:.4g}")
+        console.print(table)
+        console.print(f"fit rmse {law['rmse']:.4f} over {law['n_points']} points")
+    if "extrapolation" in result:
+        ex = result["extrapolation"]
+        console.print(
+            f"extrapolation (fit on D <= {ex['fit_max_depth']}, W <= {ex['fit_max_width']}, "
+            "predict the rest): "
+            f"max error {100 * ex['max_relative_error']:.2f} %, mean {100 * ex['mean_relative_error']:.2f} %"
+        )
+    for budget in result.get("budgets", []):
+        law_pick, measured_pick = budget["by_law"], budget["by_measured_loss"]
+
+        def fmt(pick):
+            return (
+                "none meets it"
+                if pick is None
+                else f"D{pick['depth']:g} W{pick['width']:g} ({pick['loss']:.4f})"
+            )
+
+        console.print(
+            f"budget {budget['budget_ms']} ms/token: by the law {fmt(law_pick)}; "
+            f"by measured loss {fmt(measured_pick)}"
+        )
+    for key in ("fit_error", "extrapolation_error", "error"):
+        if key in result:
+            console.print(f"[yellow]{key.replace('_', ' ')}[/yellow]: {result[key]}")
+
+
+def _wait_remote(client, study_id: int, as_json: bool) -> None:
+    from api.progress import progress_bar
+
+    with progress_bar(f"study {study_id}") as update:
+        while True:
+            detail = client.request("GET", f"/api/studies/{study_id}").json()
+            update(completed=detail["n_evaluations"], total=detail["budget"], status=detail["status"])
+            if detail["status"] in ("completed", "failed", "cancelled", "archived"):
+                break
+            time.sleep(2.0)
+    sys.stdout.write(json.dumps(detail) + "\n") if as_json else print_report(detail)
+    if detail["status"] != "completed":
+        raise typer.Exit(1)
+
+
+@study_app.command("depth-width")
+def study_depth_width(
+    config_path: Path = typer.Argument(..., help="the study's config (YAML or JSON; `kind` is implied)"),
+    db: str = DB,
+    url: str = URL,
+    as_json: bool = JSON,
+) -> None:
+    """Train and measure a depth x width grid of one layer pattern, fit the scaling law, recommend (D, W) per
+    latency budget."""
+    from hybridnas.local import local_settings
+    from search.storage import Storage
+
+    if url:
+        with searches_api(url, None) as client:
+            body = {**_read(config_path), "kind": "depth-width"}
+            study_id = client.request("POST", "/api/studies", json=body).json()["id"]
+            err.print(f"study {study_id} submitted to {client.url}")
+            _wait_remote(client, study_id, as_json)
+        return
+    with reported():
+        data = _load_study(config_path, "depth-width", local_settings(db).data_roots)
+    settings = _local_settings(db, create=True)
+    with searches_api(None, db, create=True) as client:
+        study_id = client.request("POST", "/api/studies", json=data).json()["id"]
+    with Storage(settings.resolved_database_url()) as storage:
+        err.print(f"study {study_id} created in {storage!r}")
+        _run_here(storage, study_id, settings)
+    _show(study_id, db, None, as_json)
+
+
+def _read(path: Path) -> dict:
+    from hybridnas.config import read_config_file
+
+    with reported():
+        return read_config_file(path)
+
+
+@study_app.command("resume")
+def study_resume(study_id: int = typer.Argument(...), db: str = DB) -> None:
+    """Continue a stopped study here, from the database."""
+    from search.storage import Storage
+
+    settings = _local_settings(db, create=False)
+    with Storage(settings.resolved_database_url()) as storage:
+        job = storage.get_job(study_id)
+        if job is None or job.parent_id is not None or job.kind in ("search", "study-run"):
+            err.print(f"[red]no study {study_id}[/red]")
+            raise typer.Exit(1)
+        if job.status != "completed":
+            _run_here(storage, study_id, settings)
+    _show(study_id, db, None, False)
+
+
+def _show(study_id: int, db: str | None, url: str | None, as_json: bool) -> None:
+    with searches_api(url, db) as client:
+        detail = client.request("GET", f"/api/studies/{study_id}").json()
+    sys.stdout.write(json.dumps(detail) + "\n") if as_json else print_report(detail)
+
+
+@study_app.command("show")
+def study_show(
+    study_id: int = typer.Argument(...), db: str = DB, url: str = URL, as_json: bool = JSON
+) -> None:
+    """A study's status and report."""
+    _show(study_id, db, url, as_json)
