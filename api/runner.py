@@ -12,7 +12,7 @@ first out (`Storage.queue`). A running job is never pre-empted. Each search brin
 (`workers` x `cpus_per_worker` / `gpus_per_worker` of its config) as Ray actors of its own; when the local Ray
 is full, a new search's actors wait for the running ones to finish.
 
-Job kinds plug in through `JOB_HANDLERS` (the studies issue adds its kinds there).
+Job kinds plug in through `JOB_HANDLERS`: searches, and the studies of `search/studies.py`.
 """
 
 from __future__ import annotations
@@ -56,7 +56,26 @@ def run_search(ctx: JobContext) -> None:
     ).run()
 
 
-JOB_HANDLERS: dict[str, Callable[[JobContext], None]] = {"search": run_search}
+def run_study_job(ctx: JobContext) -> None:
+    """A study (search/studies.py): its runs one after another on this runner's executors, then its report."""
+    from search.study_runner import run_study
+    from search.tracking import tracker_for
+
+    status, error = run_study(
+        ctx.storage, ctx.job.id, ctx.executor_factory, stop=ctx.stop, tracker=tracker_for(ctx.tracking_uri)
+    )
+    if getattr(ctx.stop, "lost", False):
+        return  # another runner owns the study now: touch nothing of it
+    ctx.storage.release_job(ctx.job.id, ctx.owner, status, error=error)
+
+
+def _handlers() -> dict[str, Callable[[JobContext], None]]:
+    from search.studies import STUDIES
+
+    return {"search": run_search, **{kind: run_study_job for kind in STUDIES}}
+
+
+JOB_HANDLERS: dict[str, Callable[[JobContext], None]] = _handlers()
 
 
 class _Ray:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.errors import ProblemDetails
 from search.config import SearchConfig
 from search.storage import CandidateRecord, JobRecord
+from search.studies import DepthWidthStudy
 
 T = TypeVar("T")
 
@@ -330,3 +331,54 @@ class FeaturesOut(BaseModel):
     search_id: int = Field(description="the search")
     n_candidates: int = Field(description="completed candidates the correlations are computed over")
     features: list[FeatureEffect] = Field(description="one entry per feature")
+
+
+# ---------------------------------------------------------------------------------------------- studies
+
+DEPTH_WIDTH_EXAMPLES = {
+    "cpu-grid": {
+        "summary": "Llama layers, depths 2-12 x widths 32-128, a short proxy, two latency budgets",
+        "value": {
+            "kind": "depth-width",
+            "name": "llama depth-width",
+            "depths": [2, 4, 6, 8, 12],
+            "widths": [32, 64, 96, 128],
+            "proxy": {"steps": 100},
+            "budgets_ms": [2.0, 4.0],
+            "workers": 2,
+        },
+    },
+}
+
+
+class DepthWidthCreate(DepthWidthStudy):
+    """A depth-width study (`search/studies.py`) plus its queue priority."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [e["value"] for e in DEPTH_WIDTH_EXAMPLES.values()]}
+    )
+
+    priority: int = Field(0, ge=-1000, le=1000, description="higher runs first; FIFO within a priority")
+
+    def study_config(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"priority"})
+
+
+StudyCreate = DepthWidthCreate  # a union on `kind` as the other study kinds land
+
+
+class StudyOut(JobOut):
+    """A study: a job whose runs are grid searches, analysed into a report."""
+
+    progress: float | None = Field(None, description="its runs' evaluations done / their budgets (0..1)")
+
+
+class StudyDetail(StudyOut):
+    """A study with its config, its runs and, once it completed, its report."""
+
+    config: dict[str, Any] = Field(description="the study's config, as validated (defaults filled in)")
+    runs: list[JobOut] = Field(description="its runs (jobs of kind `study-run`), in plan order")
+    result: dict[str, Any] | None = Field(
+        None,
+        description="the report (depth-width: the points, the fitted law, intervals, extrapolation, budgets)",
+    )

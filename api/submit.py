@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fastapi.exceptions import RequestValidationError
 
-from api.schemas import SearchCreate
+from api.schemas import SearchCreate, StudyCreate
 from search.storage import JobRecord, Storage
 
 
@@ -97,3 +97,32 @@ def submit_search(
     ):
         raise SubmitError("Idempotency-Key", "already used for a different request", conflict=True)
     return Submitted(job, replayed)
+
+
+def check_study_paths(body: StudyCreate, data_roots: Sequence[Path]) -> None:
+    """The search checks on every run a study plans (its data paths inside the data roots)."""
+    from search.studies import plan
+
+    for run in plan(body):
+        check_data_paths(SearchCreate.model_validate(run.search_config), data_roots)
+
+
+def submit_study(
+    storage: Storage,
+    body: StudyCreate,
+    *,
+    idempotency_key: str | None = None,
+    data_roots: Sequence[Path] | None = None,
+) -> Submitted:
+    """Store a validated study config as a queued job of its kind."""
+    if data_roots is not None:
+        check_study_paths(body, data_roots)
+    config = body.study_config()
+    job_id, created = storage.create_job_once(
+        body.kind, config, name=body.name, priority=body.priority, idempotency_key=idempotency_key
+    )
+    job = storage.get_job(job_id)
+    assert job is not None
+    if idempotency_key is not None and (job.config != config or job.kind != body.kind):
+        raise SubmitError("Idempotency-Key", "already used for a different request", conflict=True)
+    return Submitted(job, not created)

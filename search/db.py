@@ -45,7 +45,8 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-JOB_KINDS = ("search", "fidelity", "depth-width", "ablation")
+JOB_KINDS = ("search", "fidelity", "depth-width", "ablation", "verdict", "study-run")
+STUDY_KINDS = ("fidelity", "depth-width", "ablation", "verdict")
 JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "archived")
 JOB_TERMINAL_STATUSES = ("completed", "failed", "cancelled", "archived")
 CANDIDATE_STATUSES = ("pending", "running", "completed", "failed", "reused")
@@ -167,6 +168,12 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # A study's runs are jobs of their own (kind `study-run`, run by their study, never queued), deleted
+    # with it.
+    parent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    result: Mapped[dict | None] = mapped_column(JSONType, nullable=True)  # a study's report
 
 
 class ScheduleFire(Base):

@@ -1,5 +1,13 @@
 """The API's routers (thin: validation in api/schemas.py, state through search.storage.Storage)."""
 
-from api.routes import candidates, jobs, meta, schedules, searches, views
+from api.routes import candidates, jobs, meta, schedules, searches, studies, views
 
-ROUTERS = (meta.router, searches.router, views.router, candidates.router, jobs.router, schedules.router)
+ROUTERS = (
+    meta.router,
+    searches.router,
+    views.router,
+    candidates.router,
+    jobs.router,
+    schedules.router,
+    studies.router,
+)

@@ -30,6 +30,7 @@ class JobStore(Connected):
         budget: int | None = None,
         idempotency_key: str | None = None,
         schedule_id: int | None = None,
+        parent_id: int | None = None,
     ) -> int:
         """A new queued job; with an idempotency key already used, the existing job's id instead."""
         job_id, _created = self.create_job_once(
@@ -40,6 +41,7 @@ class JobStore(Connected):
             budget=budget,
             idempotency_key=idempotency_key,
             schedule_id=schedule_id,
+            parent_id=parent_id,
         )
         return job_id
 
@@ -53,6 +55,7 @@ class JobStore(Connected):
         budget: int | None = None,
         idempotency_key: str | None = None,
         schedule_id: int | None = None,
+        parent_id: int | None = None,
     ) -> tuple[int, bool]:
         """(job id, created): a new queued job, or — with an idempotency key already used — the existing one.
         `created` comes from the INSERT itself, so of any number of racing calls with one key exactly one
@@ -67,6 +70,7 @@ class JobStore(Connected):
             "budget": budget,
             "idempotency_key": idempotency_key,
             "schedule_id": schedule_id,
+            "parent_id": parent_id,
             "status": "queued",
             "n_evaluations": 0,
             "created_at": utcnow(),
@@ -183,6 +187,18 @@ class JobStore(Connected):
         if budget is not None:
             values["budget"] = int(budget)
         self._update_one(t, t.c.id == job_id, values, f"job {job_id}")
+
+    def child_jobs(self, parent_id: int) -> list[JobRecord]:
+        """A study's runs, oldest first."""
+        t = db.jobs
+        stmt = select(*columns_of(JobRecord, t)).where(t.c.parent_id == parent_id).order_by(t.c.id)
+        with self._read() as conn:
+            return [record_of(JobRecord, row) for row in conn.execute(stmt)]
+
+    def set_job_result(self, job_id: int, result: dict | None) -> None:
+        """A study's report (JSON)."""
+        t = db.jobs
+        self._update_one(t, t.c.id == job_id, {"result": result}, f"job {job_id}")
 
     def delete_job(self, job_id: int) -> bool:
         """Delete a job with its candidates, history and strategy state; stored results stay (other searches

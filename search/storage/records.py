@@ -53,6 +53,8 @@ class JobRecord:
     lease_owner: str | None
     lease_expires_at: datetime | None
     heartbeat_at: datetime | None
+    parent_id: int | None = None
+    result: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)
