@@ -174,3 +174,57 @@ def test_a_path_the_file_system_refuses_is_a_422_naming_the_field(client, path):
     refused = client.post(path, json=body, headers=AUTH)
     assert refused.status_code == 422, refused.text
     assert refused.json()["errors"][0]["field"] == "data.tokenizer" and "not a usable path" in refused.text
+
+
+def test_the_study_command_runs_here_and_names_bad_fields(tmp_path):
+    import yaml
+
+    from tests.test_cli import cli
+
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({k: v for k, v in STUDY.items() if k != "kind"} | {"depths": [1, 2, 3]}))
+    done = cli(tmp_path, "study", "depth-width", str(config), "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    detail = json.loads(done.stdout)
+    assert detail["status"] == "completed" and detail["result"]["n_measured"] == 9
+    assert f"study {detail['id']}: 9/9" in done.stderr  # plain progress lines
+    shown = cli(tmp_path, "study", "show", str(detail["id"]))
+    assert shown.returncode == 0 and "L(D, W)" in shown.stdout and "extrapolation" in shown.stdout
+    config.write_text(yaml.safe_dump({"depths": [1], "widths": [32, 33]}))
+    bad = cli(tmp_path, "study", "depth-width", str(config))
+    assert bad.returncode == 2 and "depths" in bad.stderr, bad.stderr
+
+
+def test_the_study_page_shows_the_law_the_points_and_links_from_the_jobs_page(client, tmp_path):
+    from html.parser import HTMLParser
+
+    store = client.app.state.storage
+    study_id = make_study(store, budgets_ms=[1e6])
+    assert run_study(store, study_id, inline(tmp_path)) == ("completed", None)
+    page = client.get(f"/studies/{study_id}")
+    assert page.status_code == 200
+    report = store.get_job(study_id).result
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.table = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.table = dict(attrs).get("id")
+            elif tag == "tr" and self.table == "points":
+                self.rows.append([])
+
+        def handle_data(self, data):
+            if self.table == "points" and self.rows and data.strip():
+                self.rows[-1].append(data.strip())
+
+    cells = Cells()
+    cells.feed(page.text)
+    body = [r for r in cells.rows if r and r[0].isdigit()]
+    assert [(int(r[0]), int(r[1])) for r in body] == [(p["depth"], p["width"]) for p in report["points"]]
+    assert 'id="law"' in page.text and 'id="extrapolation-max"' in page.text and "study.js" in page.text
+    jobs = client.get("/jobs").text
+    assert f'href="/studies/{study_id}"' in jobs
+    assert client.get("/studies/99999").status_code == 404

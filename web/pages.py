@@ -24,14 +24,16 @@ from api.errors import problem, validation_errors
 from api.routes import candidates as candidate_routes
 from api.routes import schedules as schedule_routes
 from api.routes import searches as search_routes
+from api.routes import studies as study_routes
 from api.routes.candidates import CandidateId
 from api.routes.schedules import ScheduleId
 from api.routes.searches import SearchId
+from api.routes.studies import StudyId
 from api.schedule_schemas import SchedulePatch
 from api.schemas import MAX_ID, SearchCreate, make_cursor
 from api.submit import SubmitError, submit_search
 from search.config import SearchConfig
-from search.db import CANDIDATE_STATUSES, JOB_STATUSES, JOB_TERMINAL_STATUSES, PLOT_AXES
+from search.db import CANDIDATE_STATUSES, JOB_STATUSES, JOB_TERMINAL_STATUSES, PLOT_AXES, STUDY_KINDS
 from search.layout import Layout
 from search.storage import Storage
 from web import views
@@ -500,7 +502,39 @@ def jobs_page(request: Request) -> HTMLResponse:
     storage = _storage(request)
     active = storage.queue(["queued", "running"], None, limit=200, offset=0)
     recent = storage.list_jobs(limit=50, offset=0)
-    return render(request, "jobs.html", {"active": active, "recent": recent, "nav": "jobs"})
+    return render(
+        request, "jobs.html", {"active": active, "recent": recent, "study_kinds": STUDY_KINDS, "nav": "jobs"}
+    )
+
+
+@router.get("/studies/{study_id}")
+def study_page(request: Request, study_id: StudyId) -> HTMLResponse:
+    """A study: its runs, the fitted law with its intervals, the extrapolation check, the budget choices, the
+    points, and the plots (loss against depth per width with the fitted curves; latency against depth)."""
+    _reader(request)
+    try:
+        detail = study_routes.get_study(study_id, _storage(request))
+    except HTTPException:
+        return error_page(request, 404, f"no study {study_id}")
+    result = detail.result or {}
+    return render(
+        request,
+        "study.html",
+        {
+            "study": detail,
+            "result": result,
+            "constants": ("l0", "a", "alpha", "b", "beta"),
+            "page_data": views.page_data(
+                {
+                    "points": result.get("points", []),
+                    "law": result.get("law"),
+                    "budgets": detail.config.get("budgets_ms", []),
+                }
+            ),
+            "scripts": plot_scripts("study.js"),
+            "nav": "jobs",
+        },
+    )
 
 
 def install_pages(app) -> None:
