@@ -14,7 +14,16 @@ The public Python API; user code imports only this package.
 from importlib.metadata import PackageNotFoundError, version
 
 from api.schedule_schemas import FireOut, ScheduleOut
-from api.schemas import CandidateDetail, CandidateSummary, ParetoOut, SearchCreated, SearchDetail, SearchOut
+from api.schemas import (
+    CandidateDetail,
+    CandidateSummary,
+    ParetoOut,
+    SearchCreated,
+    SearchDetail,
+    SearchOut,
+    StudyDetail,
+    StudyOut,
+)
 from hybridnas.client import Client
 from hybridnas.config import load_config, validate_search_config
 from hybridnas.errors import ApiError, ConfigError, FieldError, HybridnasError
@@ -50,6 +59,8 @@ __all__ = [
     "SearchDetail",
     "SearchOut",
     "SearchResult",
+    "StudyDetail",
+    "StudyOut",
     "__version__",
     "get_preset",
     "load_config",

@@ -31,6 +31,8 @@ from api.schemas import (
     SearchCreated,
     SearchDetail,
     SearchOut,
+    StudyDetail,
+    StudyOut,
 )
 from hybridnas.config import load_config
 from hybridnas.errors import ApiError, HybridnasError
@@ -284,6 +286,38 @@ class Client:
             final = self.search(search_id)
             update(completed=final.n_evaluations, status=final.status)
         return final
+
+    # ------------------------------------------------------------------ studies
+
+    def submit_study(self, config: dict | str | Path, kind: str | None = None) -> StudyDetail:
+        """Queue a study (`config` a dict or a YAML/JSON path; `kind` as in the config, or given here)."""
+        body = load_config(config) if not isinstance(config, dict) else dict(config)
+        if kind is not None:
+            body["kind"] = kind
+        key = f"client-{uuid.uuid4()}"
+        response = self.request("POST", "/api/studies", json=body, headers={"Idempotency-Key": key})
+        return StudyDetail.model_validate(response.json())
+
+    def studies(self, kind: str | None = None) -> list[StudyOut]:
+        return self._pages("/api/studies", StudyOut, kind=kind)
+
+    def study(self, study_id: int) -> StudyDetail:
+        return self._get(f"/api/studies/{study_id}", StudyDetail)
+
+    def wait_study(self, study_id: int, poll_s: float = 2.0, progress: bool = True) -> StudyDetail:
+        """Poll the study until it ends (a progress bar on stderr with `progress`); the final study."""
+        from contextlib import nullcontext
+
+        from api.progress import progress_bar
+
+        bar = progress_bar(f"study {study_id}") if progress else nullcontext(lambda **_: None)
+        with bar as update:
+            while True:
+                detail = self.study(study_id)
+                update(completed=detail.n_evaluations, total=detail.budget, status=detail.status)
+                if detail.status in ("completed", "failed", "cancelled", "archived"):
+                    return detail
+                time.sleep(poll_s)
 
     # ------------------------------------------------------------------ schedules
 

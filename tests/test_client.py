@@ -132,6 +132,26 @@ def test_cancel_resume_and_delete(client):
     assert gone.value.status == 404
 
 
+def test_a_study_through_the_client(client):
+    """A tiny depth-width study submitted to the service, run by its runner, its report read back."""
+    config = {
+        "depths": [1, 2, 3],
+        "widths": [32, 64],
+        "proxy": TINY["proxy"],
+        "latency": TINY["latency"],
+        "executor": "inline",
+        "workers": 1,
+        "bootstrap": 10,
+    }
+    created = client.submit_study(config, kind="depth-width")
+    assert isinstance(created, hybridnas.StudyDetail) and created.status == "queued"
+    final = client.wait_study(created.id, poll_s=0.5, progress=False)
+    assert final.status == "completed", final.error
+    assert final.result["n_measured"] == 6 and "law" in final.result
+    assert [r.kind for r in final.runs] == ["study-run"]
+    assert created.id in [s.id for s in client.studies(kind="depth-width")]
+
+
 def test_schedules(client):
     schedule = client.create_schedule("nightly", "0 2 * * *", tiny("nightly"), enabled=False)
     assert isinstance(schedule, hybridnas.ScheduleOut) and not schedule.enabled
