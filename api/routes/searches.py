@@ -19,12 +19,19 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.auth import require_read_token, require_token
 from api.errors import error_responses
-from api.routes.deps import StorageDep, job_or_404
+from api.routes.deps import (
+    READ,
+    READ_ONE,
+    IdempotencyKey,
+    Limit,
+    Offset,
+    StorageDep,
+    change_responses,
+    job_or_404,
+)
 from api.schemas import (
     CURSOR_PATTERN,
     MAX_ID,
-    MAX_OFFSET,
-    MAX_PAGE,
     SEARCH_EXAMPLES,
     CandidateRow,
     CandidateSummary,
@@ -55,15 +62,7 @@ from search.storage import JobRecord, Storage
 router = APIRouter(prefix="/api/searches", tags=["searches"], responses=error_responses(500, 503))
 
 SearchId = Annotated[int, Path(ge=1, le=MAX_ID, description="the search's id")]
-Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size (at most {MAX_PAGE})")]
-Offset = Annotated[
-    int, Query(ge=0, le=MAX_OFFSET, description="items to skip (for the next page: offset + limit)")
-]
-# What a route can answer besides its success (each problem details; api/errors.py):
-READ = error_responses(401, 422)  # reads: 401 only when reads need the token
-READ_ONE = error_responses(401, 404, 422)  # a read of one search
-NOT_NOW = "The search is not in a state that allows this (its current status is in `detail`)"
-CHANGE = error_responses(401, 403, 404, 409, 422, _409=NOT_NOW)  # a state change of one search
+CHANGE = change_responses("search")
 JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
 CandidateStatus = Literal[CANDIDATE_STATUSES]  # type: ignore[valid-type]
 SORT_PATTERN = rf"^-?({'|'.join(CANDIDATE_SORT_COLUMNS)})$"
@@ -118,16 +117,7 @@ def create_search(
     request: Request,
     response: Response,
     storage: StorageDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            min_length=1,
-            max_length=200,
-            pattern=r"^[\x21-\x7e]+$",
-            description="makes a retry safe: the same key and body again answer 200 with the search made "
-            "the first time (header `Idempotent-Replayed: true`) instead of queueing another",
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> SearchCreated:
     """Validates the search config (every field optional, unknown fields refused; the JSON Schema is at
     `GET /api/schema/search-config`) and queues it as a job; a runner takes it from the queue in priority

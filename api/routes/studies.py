@@ -11,15 +11,14 @@ import csv
 import io
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request, Response
 
 from api.auth import require_read_token, require_token
 from api.errors import error_responses
-from api.routes.deps import StorageDep
+from api.routes.deps import READ, READ_ONE, IdempotencyKey, Limit, Offset, StorageDep, change_responses
 from api.schemas import (
     DEPTH_WIDTH_EXAMPLES,
     MAX_ID,
-    MAX_PAGE,
     JobOut,
     Page,
     StudyCreate,
@@ -33,10 +32,7 @@ from search.storage import JobRecord, Storage
 router = APIRouter(prefix="/api/studies", tags=["studies"], responses=error_responses(500, 503))
 
 StudyId = Annotated[int, Path(ge=1, le=MAX_ID, description="the study's id")]
-READ = error_responses(401, 422)
-READ_ONE = error_responses(401, 404, 422)
-NOT_NOW = "The study is not in a state that allows this (its current status is in `detail`)"
-CHANGE = error_responses(401, 403, 404, 409, 422, _409=NOT_NOW)
+CHANGE = change_responses("study")
 POINT_COLUMNS = (
     "depth",
     "width",
@@ -82,15 +78,7 @@ def create_study(
     request: Request,
     response: Response,
     storage: StorageDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            min_length=1,
-            max_length=200,
-            pattern=r"^[\x21-\x7e]+$",
-            description="makes a retry safe: the same key and body again answer 200 with the first study",
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> StudyDetail:
     """Validates the study (unknown fields refused; `kind` picks its model) with the checks of a search on
     each run it plans, and queues it. `Location` names the new study."""
@@ -122,8 +110,8 @@ def list_studies(
     status: Annotated[
         Literal[JOB_STATUSES] | None, Query(description="only studies with this status")
     ] = None,  # type: ignore[valid-type]
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="page size")] = 50,
-    offset: Annotated[int, Query(ge=0, description="items to skip")] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ) -> Page[StudyOut]:
     """Every study kind unless `kind` narrows it (their runs are listed with each study, not here)."""
     kinds = [kind] if kind else list(STUDY_KINDS)
