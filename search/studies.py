@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from search.config import SearchConfig
 from search.layout import Layout, LayoutError, expand_operators
-from search.scaling import best_under_budget, bootstrap_intervals, extrapolation_error, fit_law
 
 # The evaluation settings a study shares with a search: the same fields, checks and defaults.
 RUN_FIELDS = (
@@ -195,6 +194,8 @@ def analyse_depth_width(study: DepthWidthStudy, candidates: list[dict]) -> dict[
     """The report: the grid's points, the law fitted to them with bootstrap intervals, the extrapolation
     error, and for each latency budget the (D, W) with the lowest predicted loss beside the one from measured
     loss."""
+    from search.scaling import best_under_budget, bootstrap_intervals, extrapolation_error, fit_law  # scipy
+
     rows = _points(study, candidates)
     done = [r for r in rows if r["val_bpb"] is not None]
     report: dict[str, Any] = {"kind": study.kind, "points": rows, "n_measured": len(done)}
