@@ -58,7 +58,10 @@ def test_the_excess_is_refused_at_once_with_retry_after_and_probes_stay_up(live,
     assert all(r.headers["retry-after"] == "1" for r, _ in refused)
     assert all(r.headers["content-type"] == "application/problem+json" for r, _ in refused)
     assert {r.json()["type"] for r, _ in refused} == {"https://hybridnas.dev/problems/overloaded"}
-    assert max(t for _, t in refused) < 0.5  # at once, while the admitted ones take a second
+    # At once: every refusal is back before the admitted requests (a second each) are done, whatever the
+    # machine's load (an absolute time would only measure the load).
+    admitted_s = [t for r, t in results if r.status_code == 200]
+    assert max(t for _, t in refused) < min(admitted_s), (refused, admitted_s)
     assert httpx.get(f"{live.base}/api/health", timeout=5).status_code == 200
 
 
