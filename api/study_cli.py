@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 from pathlib import Path
 
 import typer
@@ -127,15 +126,7 @@ def print_report(detail: dict) -> None:
 
 
 def _wait_remote(client, study_id: int, as_json: bool) -> None:
-    from api.progress import progress_bar
-
-    with progress_bar(f"study {study_id}") as update:
-        while True:
-            detail = client.request("GET", f"/api/studies/{study_id}").json()
-            update(completed=detail["n_evaluations"], total=detail["budget"], status=detail["status"])
-            if detail["status"] in ("completed", "failed", "cancelled", "archived"):
-                break
-            time.sleep(2.0)
+    detail = client.wait_study(study_id).model_dump(mode="json")  # polls, with a progress display
     sys.stdout.write(json.dumps(detail) + "\n") if as_json else print_report(detail)
     if detail["status"] != "completed":
         raise typer.Exit(1)
