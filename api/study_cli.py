@@ -48,6 +48,7 @@ def _load_study(path: Path, kind: str, data_roots) -> dict:
 def _run_here(storage, study_id: int, settings) -> None:
     """Run the study in this process under a lease (as a runner would); Ctrl-C stops it resumably."""
     from api.progress import progress_bar
+    from hybridnas.local import CLI_LEASE_S
     from search.engine import StopEvent
     from search.executors import executor_factory
     from search.leases import LeaseHeld, held_lease, owner_id, take_job
@@ -55,7 +56,7 @@ def _run_here(storage, study_id: int, settings) -> None:
 
     owner = owner_id("cli@")
     try:
-        take_job(storage, study_id, owner, 30.0)
+        take_job(storage, study_id, owner, CLI_LEASE_S)
     except LeaseHeld as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
@@ -68,7 +69,10 @@ def _run_here(storage, study_id: int, settings) -> None:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with held_lease(storage, study_id, owner, 30.0, stop), progress_bar(f"study {study_id}") as update:
+        with (
+            held_lease(storage, study_id, owner, CLI_LEASE_S, stop),
+            progress_bar(f"study {study_id}") as update,
+        ):
 
             def on_progress(p):
                 job = storage.get_job(study_id)
