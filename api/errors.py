@@ -60,10 +60,15 @@ def _message(error: dict[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
+# A tagged union's member is named in pydantic's locations by its tag; the study kinds' tags start with this
+# (api/schemas.py STUDY_TAG) and are left out, so that a field is named as the config names it.
+UNION_TAG_PREFIX = "kind:"
+
+
 def validation_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for e in errors:
-        loc = list(e.get("loc", ()))
+        loc = [p for p in e.get("loc", ()) if not (isinstance(p, str) and p.startswith(UNION_TAG_PREFIX))]
         if e.get("type") == "json_invalid":
             out.append(
                 {

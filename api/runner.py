@@ -12,7 +12,7 @@ first out (`Storage.queue`). A running job is never pre-empted. Each search brin
 (`workers` x `cpus_per_worker` / `gpus_per_worker` of its config) as Ray actors of its own; when the local Ray
 is full, a new search's actors wait for the running ones to finish.
 
-Job kinds plug in through `JOB_HANDLERS`: searches, and the studies of `search/studies.py`.
+Job kinds plug in through `JOB_HANDLERS`: searches, and the studies of `search/studies/`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def run_search(ctx: JobContext) -> None:
 
 
 def run_study_job(ctx: JobContext) -> None:
-    """A study (search/studies.py): its runs one after another on this runner's executors, then its report."""
+    """A study (search/studies/): its runs one after another on this runner's executors, then its report."""
     from search.study_runner import run_study
     from search.tracking import tracker_for
 

@@ -5,20 +5,20 @@ Errors are problem details (`api/errors.py`)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from api.errors import ProblemDetails
+from api.errors import UNION_TAG_PREFIX, ProblemDetails
 from search.config import SearchConfig
+from search.db import MAX_ID
 from search.storage import CandidateRecord, JobRecord
-from search.studies import DepthWidthStudy
+from search.studies import AblationStudy, DepthWidthStudy, FidelityStudy, VerdictStudy
 
 T = TypeVar("T")
 
 MAX_PAGE = 200
 MAX_OFFSET = 1_000_000_000
-MAX_ID = 2**31 - 1  # the id columns are SQL INTEGER: larger ids would overflow on PostgreSQL (422, not 500)
 
 
 # Named examples of a search config (POST /api/searches; a schedule's template).
@@ -325,6 +325,25 @@ class FeatureEffect(BaseModel):
     spearman: dict[str, float | None] = Field(description="{objective: rank correlation}")
 
 
+class ProxyTrustOut(BaseModel):
+    """How far the search's proxy can be trusted: the latest fidelity study run with its proxy config and
+    data settings, or none."""
+
+    search_id: int = Field(description="the search")
+    study_id: int | None = Field(None, description="the fidelity study (null: none was run for this proxy)")
+    proxy_config_hash: str = Field(description="the search's proxy config hash, which the study must share")
+    short_vs_long: dict[str, Any] | None = Field(
+        None, description="Spearman and Kendall of short against long val_bpb, with 95 % intervals"
+    )
+    seed_noise_ceiling: dict[str, Any] | None = Field(
+        None, description="the same between two seeds of the short proxy: the most one can expect"
+    )
+    within_param_band: dict[str, Any] | None = Field(
+        None, description="the same among layouts within ±25 % of the median parameter count"
+    )
+    target_met: bool | None = Field(None, description="Spearman >= 0.9 with its interval's lower end >= 0.75")
+
+
 class FeaturesOut(BaseModel):
     """Rank correlations of layout features with the objectives, over the completed candidates."""
 
@@ -335,8 +354,8 @@ class FeaturesOut(BaseModel):
 
 # ---------------------------------------------------------------------------------------------- studies
 
-DEPTH_WIDTH_EXAMPLES = {
-    "cpu-grid": {
+STUDY_EXAMPLES = {
+    "depth-width": {
         "summary": "Llama layers, depths 2-12 x widths 32-128, a short proxy, two latency budgets",
         "value": {
             "kind": "depth-width",
@@ -348,15 +367,29 @@ DEPTH_WIDTH_EXAMPLES = {
             "workers": 2,
         },
     },
+    "fidelity": {
+        "summary": "Does the 100-step proxy rank 24 layouts as 1000 steps do, on a prose corpus?",
+        "value": {
+            "kind": "fidelity",
+            "name": "proxy fidelity, prose",
+            "proxy": {"steps": 100},
+            "long_factor": 10,
+            "data": {"corpus": "data/prose/fortunes.jsonl"},
+        },
+    },
+    "ablation": {
+        "summary": "Weight normalization and 16 meta tokens on the CPU hybrid, 3 seeds",
+        "value": {"kind": "ablation", "layouts": ["nemotron-flash-1b-mini"], "seeds": [0, 1, 2]},
+    },
+    "verdict": {
+        "summary": "Search 3's front against depth-width study 1 at equal latency",
+        "value": {"kind": "verdict", "search_id": 3, "depth_width_id": 1, "seeds": [1, 2]},
+    },
 }
 
 
-class DepthWidthCreate(DepthWidthStudy):
-    """A depth-width study (`search/studies.py`) plus its queue priority."""
-
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [e["value"] for e in DEPTH_WIDTH_EXAMPLES.values()]}
-    )
+class Queued(BaseModel):
+    """What a submission adds to a study's config: its place in the queue."""
 
     priority: int = Field(0, ge=-1000, le=1000, description="higher runs first; FIFO within a priority")
 
@@ -364,7 +397,41 @@ class DepthWidthCreate(DepthWidthStudy):
         return self.model_dump(mode="json", exclude={"priority"})
 
 
-StudyCreate = DepthWidthCreate  # a union on `kind` as the other study kinds land
+class DepthWidthCreate(DepthWidthStudy, Queued):
+    """A depth-width study (`search/studies/depth_width.py`) and its queue priority."""
+
+
+class FidelityCreate(FidelityStudy, Queued):
+    """A proxy-fidelity study (`search/studies/fidelity.py`) and its queue priority."""
+
+
+class AblationCreate(AblationStudy, Queued):
+    """An ablation study (`search/studies/ablation.py`) and its queue priority."""
+
+
+class VerdictCreate(VerdictStudy, Queued):
+    """A verdict (`search/studies/verdict.py`) and its queue priority."""
+
+
+STUDY_TAG = UNION_TAG_PREFIX  # tags the union's members; api/errors.py leaves it out of field names
+
+
+def _study_kind(value: Any) -> str | None:
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return f"{STUDY_TAG}{kind}" if isinstance(kind, str) else None
+
+
+StudyCreate = Annotated[
+    Annotated[DepthWidthCreate, Tag(f"{STUDY_TAG}depth-width")]
+    | Annotated[FidelityCreate, Tag(f"{STUDY_TAG}fidelity")]
+    | Annotated[AblationCreate, Tag(f"{STUDY_TAG}ablation")]
+    | Annotated[VerdictCreate, Tag(f"{STUDY_TAG}verdict")],
+    Discriminator(
+        _study_kind,
+        custom_error_type="study_kind",
+        custom_error_message="kind: must be one of depth-width, fidelity, ablation, verdict",
+    ),
+]
 
 
 class StudyOut(JobOut):
@@ -380,5 +447,7 @@ class StudyDetail(StudyOut):
     runs: list[JobOut] = Field(description="its runs (jobs of kind `study-run`), in plan order")
     result: dict[str, Any] | None = Field(
         None,
-        description="the report (depth-width: the points, the fitted law, intervals, extrapolation, budgets)",
+        description="the report, by kind (depth-width: points, law, intervals, extrapolation, budgets; "
+        "fidelity: the rank correlations and rows; ablation: each arm's paired differences; verdict: "
+        "each budget's hybrid against the Llama, and both fronts)",
     )

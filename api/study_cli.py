@@ -1,5 +1,6 @@
-"""`hybridnas study depth-width CONFIG.yaml`: a study from the command line, here (the local database, no
-server; Ctrl-C stops it resumably, `study resume ID` continues) or with `--url` on a coordinator.
+"""`hybridnas study fidelity|depth-width|ablation|verdict CONFIG.yaml`: a study from the command line, here
+(the local database, no server; Ctrl-C stops it resumably, `study resume ID` continues) or with `--url` on a
+coordinator.
 
 `study show ID` prints a study's report (`--json`: the API's StudyDetail). Exit codes as for `search`.
 """
@@ -18,24 +19,27 @@ from rich.table import Table
 from api.search_cli import DB, JSON, URL, _local_settings, reported, searches_api
 from hybridnas.errors import ConfigError, FieldError
 
-study_app = typer.Typer(help="Studies beside the search: the depth-width scaling law.", no_args_is_help=True)
+study_app = typer.Typer(
+    help="Studies beside the search: proxy fidelity, the depth-width law, ablations, the verdict.",
+    no_args_is_help=True,
+)
 console = Console(width=max(140, Console().width))
 err = Console(stderr=True, soft_wrap=True)
 
 
 def _load_study(path: Path, kind: str, data_roots) -> dict:
     """The study config (the file's, with `kind`) checked as POST /api/studies checks it."""
-    from pydantic import ValidationError
+    from pydantic import TypeAdapter, ValidationError
 
     from api.errors import validation_errors
     from api.schemas import StudyCreate
-    from api.submit import SubmitError, check_study_paths
+    from api.submit import SubmitError, check_study
     from hybridnas.config import read_config_file
 
     data = {**read_config_file(path), "kind": kind}
     try:
-        body = StudyCreate.model_validate(data)
-        check_study_paths(body, data_roots)
+        body = TypeAdapter(StudyCreate).validate_python(data)
+        check_study(body, data_roots)
     except ValidationError as exc:
         raise ConfigError(
             [FieldError(e["field"], e["msg"]) for e in validation_errors(list(exc.errors()))], str(path)
@@ -91,9 +95,15 @@ def _run_here(storage, study_id: int, settings) -> None:
         raise typer.Exit(1)
 
 
-def print_report(detail: dict) -> None:
-    result = detail.get("result") or {}
-    console.print(f"[bold]study {detail['id']}[/bold] {detail.get('name') or ''}: {detail['status']}")
+def _num(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def _interval(ci) -> str:
+    return "-" if not ci else f"{_num(ci[0])} - {_num(ci[1])}"
+
+
+def _print_depth_width(result: dict) -> None:
     if "law" in result:
         law = result["law"]
         intervals = result.get("intervals", {})
@@ -124,6 +134,95 @@ def print_report(detail: dict) -> None:
             f"budget {budget['budget_ms']} ms/token: by the law {fmt(law_pick)}; "
             f"by measured loss {fmt(measured_pick)}"
         )
+
+
+def _print_fidelity(result: dict) -> None:
+    table = Table("comparison", "layouts", "Spearman", "95 % interval", "Kendall", title="proxy fidelity")
+    for label, key in (
+        ("short against long", "short_vs_long"),
+        ("seed-noise ceiling", "seed_noise_ceiling"),
+        ("within ±25 % of the median size", "within_param_band"),
+    ):
+        stat = result.get(key) or {}
+        table.add_row(
+            label,
+            str(stat.get("n", 0)),
+            _num(stat.get("spearman")),
+            _interval(stat.get("spearman_ci95")),
+            _num(stat.get("kendall")),
+        )
+    console.print(table)
+    met = result.get("target_met")
+    verdict = "not judged" if met is None else "met" if met else "not met"
+    console.print(f"target (Spearman >= 0.9, interval above 0.75): {verdict}")
+
+
+def _print_ablation(result: dict) -> None:
+    table = Table(
+        "arm",
+        "pairs",
+        "mean Δ val_bpb",
+        "95 % interval",
+        "what it says",
+        "step-time overhead",
+        title="ablations (arm − baseline, paired by seed)",
+    )
+    for arm, r in result.get("arms", {}).items():
+        d, o = r["val_bpb_difference"], r["step_time_overhead"]
+        overhead = "-" if o.get("mean") is None else f"{100 * o['mean']:+.1f} %"
+        table.add_row(arm, str(d["n"]), _num(d.get("mean")), _interval(d.get("ci95")), r["effect"], overhead)
+    console.print(table)
+
+
+def _print_verdict(result: dict) -> None:
+    table = Table(
+        "budget ms",
+        "best hybrid",
+        "val_bpb",
+        "best Llama",
+        "val_bpb",
+        "gain",
+        "outcome",
+        title="hybrid against Llama at equal latency",
+    )
+
+    def side(point):
+        if point is None:
+            return "none meets it", "-"
+        seeds = point.get("seeds") or {}
+        value = seeds.get("mean") if seeds.get("n") else point["val_bpb"]
+        law = " (law)" if point.get("source") == "law" else ""
+        return (
+            f"{point['name']}{law} {_num(point['decode_ms'], 3)} ms",
+            f"{_num(value)} ({seeds.get('n', 0)} seeds)",
+        )
+
+    for r in result.get("budgets", []):
+        gain = "-" if r["gain"] is None else f"{_num(r['gain'])} ± {_num(r['gain_se'])}"
+        table.add_row(_num(r["budget_ms"], 3), *side(r["hybrid"]), *side(r["llama"]), gain, r["outcome"])
+    console.print(table)
+    n = {"hybrid_better": 0, "budgets_judged": 0, "llama_better": 0, "within_noise": 0, **result["summary"]}
+    console.print(
+        f"hybrid better at {n['hybrid_better']} of {n['budgets_judged']} budgets judged, "
+        f"Llama better at {n['llama_better']}, within seed noise at {n['within_noise']}"
+    )
+
+
+PRINTERS = {
+    "depth-width": _print_depth_width,
+    "fidelity": _print_fidelity,
+    "ablation": _print_ablation,
+    "verdict": _print_verdict,
+}
+
+
+def print_report(detail: dict) -> None:
+    result = detail.get("result") or {}
+    console.print(f"[bold]study {detail['id']}[/bold] {detail.get('name') or ''}: {detail['status']}")
+    if detail.get("error"):
+        console.print(f"[red]{detail['error']}[/red]")
+    if result:
+        PRINTERS[detail["kind"]](result)
     for key in ("fit_error", "extrapolation_error", "error"):
         if key in result:
             console.print(f"[yellow]{key.replace('_', ' ')}[/yellow]: {result[key]}")
@@ -136,27 +235,20 @@ def _wait_remote(client, study_id: int, as_json: bool) -> None:
         raise typer.Exit(1)
 
 
-@study_app.command("depth-width")
-def study_depth_width(
-    config_path: Path = typer.Argument(..., help="the study's config (YAML or JSON; `kind` is implied)"),
-    db: str = DB,
-    url: str = URL,
-    as_json: bool = JSON,
-) -> None:
-    """Train and measure a depth x width grid of one layer pattern, fit the scaling law, recommend (D, W) per
-    latency budget."""
+def _run_kind(kind: str, config_path: Path, db: str | None, url: str | None, as_json: bool) -> None:
+    """Submit a study of `kind` from its config file; run it here (or follow it on `url`), then print it."""
     from hybridnas.local import local_settings
     from search.storage import Storage
 
     if url:
         with searches_api(url, None) as client:
-            body = {**_read(config_path), "kind": "depth-width"}
+            body = {**_read(config_path), "kind": kind}
             study_id = client.request("POST", "/api/studies", json=body).json()["id"]
             err.print(f"study {study_id} submitted to {client.url}")
             _wait_remote(client, study_id, as_json)
         return
     with reported():
-        data = _load_study(config_path, "depth-width", local_settings(db).data_roots)
+        data = _load_study(config_path, kind, local_settings(db).data_roots)
     settings = _local_settings(db, create=True)
     with searches_api(None, db, create=True) as client:
         study_id = client.request("POST", "/api/studies", json=data).json()["id"]
@@ -164,6 +256,35 @@ def study_depth_width(
         err.print(f"study {study_id} created in {storage!r}")
         _run_here(storage, study_id, settings)
     _show(study_id, db, None, as_json)
+
+
+KIND_HELP = {
+    "depth-width": "Train and measure a depth x width grid of one layer pattern, fit the scaling law, "
+    "recommend (D, W) per latency budget.",
+    "fidelity": "Rank layouts by the short proxy, by the proxy with another seed and by a K times longer "
+    "training: how far the proxy can be trusted, on any corpus and tokenizer.",
+    "ablation": "Train layouts with and without weight normalization and meta tokens over several seeds; the "
+    "paired differences in val_bpb with their intervals, and the step-time overhead.",
+    "verdict": "Set a finished search's front against a depth-width study's best Llama at each latency "
+    "budget, with the seed noise of both.",
+}
+
+
+def _kind_command(kind: str):
+    def command(
+        config_path: Path = typer.Argument(..., help="the study's config (YAML or JSON; `kind` is implied)"),
+        db: str = DB,
+        url: str = URL,
+        as_json: bool = JSON,
+    ) -> None:
+        _run_kind(kind, config_path, db, url, as_json)
+
+    command.__doc__ = KIND_HELP[kind]
+    return command
+
+
+for _kind in KIND_HELP:
+    study_app.command(_kind)(_kind_command(_kind))
 
 
 def _read(path: Path) -> dict:

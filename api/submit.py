@@ -99,11 +99,20 @@ def submit_search(
     return Submitted(job, replayed)
 
 
-def check_study_paths(body: StudyCreate, data_roots: Sequence[Path]) -> None:
-    """The search checks on every run a study plans (its data paths inside the data roots)."""
-    from search.studies import plan
+def check_study(body: StudyCreate, data_roots: Sequence[Path], storage: Storage | None = None) -> None:
+    """A study can be planned (a verdict's search and depth-width study exist, are finished and comparable:
+    checked when `storage` is given), and every run it plans passes a search's checks (its data paths inside
+    the data roots). SubmitError names the field."""
+    from search.studies import StudyError
+    from search.study_runner import references
 
-    for run in plan(body):
+    if body.references() and storage is None:
+        return
+    try:
+        runs = body.plan(references(storage, body) if storage is not None else {})
+    except StudyError as exc:
+        raise SubmitError(exc.field, exc.reason) from None
+    for run in runs:
         check_data_paths(SearchCreate.model_validate(run.search_config), data_roots)
 
 
@@ -116,7 +125,7 @@ def submit_study(
 ) -> Submitted:
     """Store a validated study config as a queued job of its kind."""
     if data_roots is not None:
-        check_study_paths(body, data_roots)
+        check_study(body, data_roots, storage)
     config = body.study_config()
     job_id, created = storage.create_job_once(
         body.kind, config, name=body.name, priority=body.priority, idempotency_key=idempotency_key

@@ -371,6 +371,36 @@ def _checked_yaml(model: type[BaseModel], text: str) -> str:
     return text.strip()
 
 
+def _studies(ref: Reference, heading: str, search_heading: str, links: dict) -> None:
+    """One table per study kind: its own fields; the evaluation and execution fields it shares with a search
+    link to the search config's."""
+    from search.config import SearchConfig
+    from search.studies import STUDIES
+
+    ref.heading(2, heading)
+    ref.out(
+        "A study is a job beside the searches: the body of `POST /api/studies` (with `kind` and an optional "
+        "`priority`, as for a search), or a file for `hybridnas study KIND FILE` (YAML or JSON, `kind` "
+        "implied). Its runs are grid searches through the same executor and result store. Unknown fields are "
+        "refused, and an error names the field.",
+        "",
+    )
+    for kind, model in STUDIES.items():
+        ref.heading(3, f"`{kind}` ({model.__name__})")
+        ref.out(" ".join((model.__doc__ or "").split()), "")
+        shared = [n for n in model.model_fields if n in SearchConfig.model_fields and n != "name"]
+        if shared:
+            ref.out(
+                "Also, as in the [search config](#"
+                + slug(search_heading)
+                + "): "
+                + ", ".join(code(n) for n in shared)
+                + ".",
+                "",
+            )
+        ref.model_table(model, only=[n for n in model.model_fields if n not in shared], links=links)
+
+
 def render() -> str:
     """The reference's Markdown text."""
     from api.auth import AuthSettings
@@ -396,6 +426,7 @@ def render() -> str:
     search_heading = "Search config (SearchConfig)"
     create_heading = "Submitting a search: POST /api/searches (SearchCreate)"
     schedule_heading = "Schedules: POST /api/schedules (ScheduleCreate)"
+    studies_heading = "Studies: POST /api/studies and hybridnas study KIND FILE"
 
     ref.out(
         "# Configuration reference",
@@ -416,6 +447,8 @@ def render() -> str:
     ref.out(
         f"- [Submitting a search](#{slug(create_heading)}) (`api.schemas.SearchCreate`: adds `priority`)",
         f"- [Schedules](#{slug(schedule_heading)}) (`api.schedule_schemas.ScheduleCreate`)",
+        f"- [Studies](#{slug(studies_heading)}): fidelity, depth-width, ablation and verdict "
+        "(`search.studies`)",
         f"- [{proxy_heading}](#{slug(proxy_heading)}): the `proxy`, `latency` and `data` sections alone",
         f"- [{env_heading}](#{slug(env_heading)}): every `HYBRIDNAS_*` variable",
         "",
@@ -495,6 +528,8 @@ workers: 2
         "",
     )
     ref.model_table(ScheduleCreate, "", links={SearchCreate: f"#{slug(create_heading)}"})
+
+    _studies(ref, studies_heading, search_heading, links)
 
     # --- proxy train --config ---
     ref.heading(2, proxy_heading)

@@ -19,10 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import os
-import random
-import statistics
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +27,8 @@ from typing import Any
 
 from search.evaluation import DataConfig, ProxyConfig
 from search.layout import Layout
-from search.space import cpu_space
+from search.studies.fidelity import fidelity_layouts as sampled_layouts
+from search.studies.fidelity import fidelity_statistics
 
 COLUMNS = [
     "config_hash",
@@ -131,29 +129,8 @@ def load_fidelity_data(config: FidelityConfig, data_dir: Path, data_roots: Itera
 
 
 def fidelity_layouts(config: FidelityConfig) -> list[Layout]:
-    """Presets re-expressed at the fidelity scale, then random layouts of the grammar, all distinct."""
-    space = cpu_space(max_operators=config.max_operators, widths=(config.d_model,))
-    dims = space._dims_for(config.d_model)
-    n_pairs = config.max_operators // 2
-    presets = {
-        "llama": f"[A F] x {n_pairs}",
-        "mamba2": f"[M2 F] x {n_pairs}",
-        "deltanet": f"[D F] x {n_pairs}",
-        "nemotron-flash-pattern": "D F M2 F A F M2 F D F M2 F",
-    }
-    layouts: list[Layout] = []
-    for name, ops in presets.items():
-        layout = Layout.from_dict({"operators": ops, "name": name, **dims})
-        if len(layout.operators) <= config.max_operators:
-            layouts.append(layout)
-    rng = random.Random(config.seed)
-    seen = {lo.content_hash for lo in layouts}
-    while len(layouts) < config.n_layouts:
-        layout = space.sample_layout(rng)
-        if layout.content_hash not in seen:
-            seen.add(layout.content_hash)
-            layouts.append(layout.replace(name=f"random-{len(layouts)}"))
-    return layouts[: config.n_layouts]
+    """The study's layouts (search/studies/fidelity.py) at this config's scale and seed."""
+    return sampled_layouts(config.n_layouts, config.seed, config.max_operators, config.d_model)
 
 
 def planned_runs(config: FidelityConfig, layouts: list[Layout]) -> list[tuple[Layout, str, int, int]]:
@@ -350,61 +327,14 @@ def _paired(rows: list[dict], run_a: str, run_b: str) -> list[tuple[str, float, 
     return sorted(pairs)
 
 
-def rank_correlation(xs: list[float], ys: list[float], bootstrap: int = 2000, seed: int = 0) -> dict:
-    from scipy import stats
-
-    n = len(xs)
-    if n < 3:
-        return {"n": n, "spearman": None, "kendall": None, "spearman_ci95": None, "kendall_ci95": None}
-    spearman = float(stats.spearmanr(xs, ys).statistic)
-    kendall = float(stats.kendalltau(xs, ys).statistic)
-    rng = random.Random(seed)
-    boot_s, boot_k = [], []
-    for _ in range(bootstrap):
-        idx = [rng.randrange(n) for _ in range(n)]
-        bx, by = [xs[i] for i in idx], [ys[i] for i in idx]
-        if len(set(bx)) < 2 or len(set(by)) < 2:
-            continue
-        boot_s.append(float(stats.spearmanr(bx, by).statistic))
-        boot_k.append(float(stats.kendalltau(bx, by).statistic))
-
-    def ci(values):
-        values = sorted(v for v in values if not math.isnan(v))
-        if not values:
-            return None
-        return [values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]]
-
-    return {
-        "n": n,
-        "spearman": spearman,
-        "kendall": kendall,
-        "spearman_ci95": ci(boot_s),
-        "kendall_ci95": ci(boot_k),
-    }
-
-
 def fidelity_report(rows: list[dict], config: FidelityConfig) -> dict:
-    short_long = _paired(rows, "short", "long")
-    seeds = _paired(rows, "short", "short_seed")
-    overall = rank_correlation([p[1] for p in short_long], [p[2] for p in short_long], config.bootstrap)
-    ceiling = rank_correlation([p[1] for p in seeds], [p[2] for p in seeds], config.bootstrap)
-    band = {"n": 0}
-    if short_long:
-        median = statistics.median(p[3] for p in short_long)
-        inside = [p for p in short_long if abs(p[3] - median) <= 0.25 * median]
-        band = rank_correlation([p[1] for p in inside], [p[2] for p in inside], config.bootstrap)
-        band["median_params"] = median
-    failed = [r for r in rows if r["status"] != "completed"]
-    target_met = None
-    if overall.get("spearman") is not None and overall.get("spearman_ci95"):
-        target_met = overall["spearman"] >= 0.9 and overall["spearman_ci95"][0] >= 0.75
+    report = fidelity_statistics(
+        _paired(rows, "short", "long"), _paired(rows, "short", "short_seed"), config.bootstrap
+    )
     return {
-        "short_vs_long": overall,
-        "seed_noise_ceiling": ceiling,
-        "within_param_band": band,
+        **report,
         "rows": len(rows),
-        "failed_runs": len(failed),
-        "target_met": target_met,
+        "failed_runs": sum(1 for r in rows if r["status"] != "completed"),
         "planned_runs": 3 * config.n_layouts,
     }
 

@@ -45,6 +45,7 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+MAX_ID = 2**31 - 1  # the id columns are SQL INTEGER: larger ids would overflow on PostgreSQL (422, not 500)
 JOB_KINDS = ("search", "fidelity", "depth-width", "ablation", "verdict", "study-run")
 STUDY_KINDS = ("fidelity", "depth-width", "ablation", "verdict")
 JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "archived")

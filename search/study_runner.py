@@ -1,4 +1,4 @@
-"""Running a study (`search/studies.py`): its planned runs, one `study-run` job each under the study, run in
+"""Running a study (`search/studies/`): its planned runs, one `study-run` job each under the study, run in
 order by the search engine on the caller's executor factory; then the report from their candidates.
 
 Resumable like a search: a run is made once (its job is keyed `study:<study id>:<run key>`), a finished one is
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from search.engine import SearchEngine, StopEvent
-from search.studies import analyse, parse_study, plan
+from search.studies import Reference, Study, StudyError, parse_study
 
 log = logging.getLogger("hybridnas.studies")
 
@@ -23,12 +23,39 @@ def run_key(study_id: int, key: str) -> str:
     return f"study:{study_id}:{key}"
 
 
+def candidate_dicts(storage, job_id: int) -> list[dict]:
+    """A job's candidates as dicts, each with its training result's metrics (`training`) and its latency
+    result's device fingerprint (`device_fingerprint`)."""
+    out = []
+    for c in storage.candidates(job_id):
+        row = asdict(c)
+        trained = storage.get_training_result(c.training_key) if c.training_key else None
+        measured = storage.get_latency_result(c.latency_key) if c.latency_key else None
+        row["training"] = (
+            {k: v for k, v in (trained.result or {}).items() if k != "loss_curve"} if trained else None
+        )
+        row["device_fingerprint"] = measured.device_fingerprint if measured else None
+        out.append(row)
+    return out
+
+
+def references(storage, study: Study) -> dict[str, Reference]:
+    """The jobs the study reads, each with its candidates (a missing job is left out)."""
+    out = {}
+    for name, job_id in study.references().items():
+        job = storage.get_job(job_id)
+        if job is not None:
+            out[name] = Reference(asdict(job), candidate_dicts(storage, job_id))
+    return out
+
+
 def study_runs(storage, study_id: int) -> list:
-    """The study's run jobs, made now where missing (in plan order)."""
+    """The study's run jobs, made now where missing (in plan order). Raises StudyError when the study cannot
+    be planned (a verdict's search not finished...)."""
     job = storage.get_job(study_id)
     study = parse_study(job.config)
     runs = []
-    for run in plan(study):
+    for run in study.plan(references(storage, study)):
         child = storage.get_job_by_idempotency_key(run_key(study_id, run.key))
         if child is None:
             storage.create_job(
@@ -56,7 +83,10 @@ def run_study(
     completed; failed with the run's reason; cancelled or queued when `stop` was set. The study's progress
     counts its runs' evaluations against their budgets."""
     stop = stop if stop is not None else StopEvent()
-    runs = study_runs(storage, study_id)
+    try:
+        runs = study_runs(storage, study_id)
+    except StudyError as exc:
+        return "failed", str(exc)
     total = sum(child.budget or 0 for _, child in runs)
 
     def progress(p) -> None:
@@ -77,9 +107,9 @@ def run_study(
         child = storage.get_job(child.id)
         if child.status != "completed":
             return "failed", f"run {key} (job {child.id}) {child.status}: {child.error}"
-    report = analyse(
-        parse_study(storage.get_job(study_id).config),
-        {key: [asdict(c) for c in storage.candidates(child.id)] for key, child in runs},
+    study = parse_study(storage.get_job(study_id).config)
+    report = study.analyse(
+        {key: candidate_dicts(storage, child.id) for key, child in runs}, references(storage, study)
     )
     storage.set_job_result(study_id, report)
     storage.update_progress(study_id, sum(storage.get_job(c.id).n_evaluations for _, c in runs), total)

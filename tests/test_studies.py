@@ -1,4 +1,4 @@
-"""Studies as job kinds (search/studies.py, search/study_runner.py, api/routes/studies.py): a depth-width
+"""Studies as job kinds (search/studies/, search/study_runner.py, api/routes/studies.py): a depth-width
 study runs its grid as a `study-run` job through the engine on the inline executor (real training and
 latency), stores its report (points, law, extrapolation, budget choices), resumes where it stopped, reuses
 every stored result, is taken by the service's job runner, and is submitted and read over REST with the
@@ -159,7 +159,7 @@ def test_the_points_csv_of_a_finished_study(client, tmp_path):
     store = client.app.state.storage
     study_id = make_study(store, depths=[1, 2, 3], widths=[32, 64])
     assert run_study(store, study_id, inline(tmp_path)) == ("completed", None)
-    text = client.get(f"/api/studies/{study_id}/points.csv").text
+    text = client.get(f"/api/studies/{study_id}/results.csv").text
     header, *rows = text.splitlines()
     assert header.startswith("depth,width,candidate_id,status,val_bpb,predicted_val_bpb") and len(rows) == 6
     detail = client.get(f"/api/studies/{study_id}").json()

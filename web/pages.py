@@ -25,6 +25,7 @@ from api.routes import candidates as candidate_routes
 from api.routes import schedules as schedule_routes
 from api.routes import searches as search_routes
 from api.routes import studies as study_routes
+from api.routes import views as view_routes
 from api.routes.candidates import CandidateId
 from api.routes.schedules import ScheduleId
 from api.routes.searches import SearchId
@@ -333,6 +334,7 @@ def search_page(
             "point_choices": POINT_CHOICES,
             "job": job,
             "detail": detail,
+            "trust": view_routes.proxy_trust(search_id, storage),
             "objectives": objectives,
             "choices": PLOT_AXES,
             "statuses": CANDIDATE_STATUSES,
@@ -507,10 +509,26 @@ def jobs_page(request: Request) -> HTMLResponse:
     )
 
 
+def _study_plot_data(kind: str, result: dict, config: dict) -> dict:
+    """What study.js plots, by kind."""
+    if kind == "depth-width":
+        return {
+            "points": result.get("points", []),
+            "law": result.get("law"),
+            "budgets": config.get("budgets_ms", []),
+        }
+    if kind == "fidelity":
+        return {"rows": result.get("rows", [])}
+    if kind == "ablation":
+        return {"arms": {arm: r["pairs"] for arm, r in result.get("arms", {}).items()}}
+    return {"fronts": {"hybrid": result.get("hybrid_front", []), "llama": result.get("llama_front", [])}}
+
+
 @router.get("/studies/{study_id}")
 def study_page(request: Request, study_id: StudyId) -> HTMLResponse:
-    """A study: its runs, the fitted law with its intervals, the extrapolation check, the budget choices, the
-    points, and the plots (loss against depth per width with the fitted curves; latency against depth)."""
+    """A study: its runs and its report by kind, with plots: depth-width, the law, the extrapolation check,
+    the budget choices and loss/latency against depth per width; fidelity, the rank correlations and short
+    against long val_bpb; ablation, each arm's paired differences; verdict, each budget and both fronts."""
     _reader(request)
     try:
         detail = study_routes.get_study(study_id, _storage(request))
@@ -525,11 +543,7 @@ def study_page(request: Request, study_id: StudyId) -> HTMLResponse:
             "result": result,
             "constants": ("l0", "a", "alpha", "b", "beta"),
             "page_data": views.page_data(
-                {
-                    "points": result.get("points", []),
-                    "law": result.get("law"),
-                    "budgets": detail.config.get("budgets_ms", []),
-                }
+                {"kind": detail.kind, **_study_plot_data(detail.kind, result, detail.config)}
             ),
             "scripts": plot_scripts("study.js"),
             "nav": "jobs",

@@ -1,4 +1,4 @@
-"""/api/studies: submit, list, inspect, cancel, resume and delete studies (search/studies.py), and read their
+"""/api/studies: submit, list, inspect, cancel, resume and delete studies (search/studies/), and read their
 reports (JSON, and the points as CSV).
 
 A submitted study is a queued job of its kind; a runner (`api/runner.py`) takes it and runs its planned grid
@@ -17,8 +17,8 @@ from api.auth import require_read_token, require_token
 from api.errors import error_responses
 from api.routes.deps import READ, READ_ONE, IdempotencyKey, Limit, Offset, StorageDep, change_responses
 from api.schemas import (
-    DEPTH_WIDTH_EXAMPLES,
     MAX_ID,
+    STUDY_EXAMPLES,
     JobOut,
     Page,
     StudyCreate,
@@ -28,21 +28,12 @@ from api.schemas import (
 from api.submit import SubmitError, submit_study
 from search.db import JOB_STATUSES, STUDY_KINDS
 from search.storage import JobRecord, Storage
+from search.studies import STUDIES
 
 router = APIRouter(prefix="/api/studies", tags=["studies"], responses=error_responses(500, 503))
 
 StudyId = Annotated[int, Path(ge=1, le=MAX_ID, description="the study's id")]
 CHANGE = change_responses("study")
-POINT_COLUMNS = (
-    "depth",
-    "width",
-    "candidate_id",
-    "status",
-    "val_bpb",
-    "predicted_val_bpb",
-    "decode_ms",
-    "n_params",
-)
 
 
 def _study_or_404(storage: Storage, study_id: int) -> JobRecord:
@@ -74,7 +65,7 @@ def _detail(storage: Storage, job: JobRecord) -> StudyDetail:
     },
 )
 def create_study(
-    body: Annotated[StudyCreate, Body(openapi_examples=DEPTH_WIDTH_EXAMPLES)],
+    body: Annotated[StudyCreate, Body(openapi_examples=STUDY_EXAMPLES)],
     request: Request,
     response: Response,
     storage: StorageDep,
@@ -135,25 +126,27 @@ def get_study(study_id: StudyId, storage: StorageDep) -> StudyDetail:
 
 
 @router.get(
-    "/{study_id}/points.csv",
+    "/{study_id}/results.csv",
     dependencies=[Depends(require_read_token)],
-    summary="A study's points as CSV",
+    summary="A study's report as one CSV table",
     response_class=Response,
-    responses={200: {"content": {"text/csv": {}}, "description": "one row per grid point"}, **READ_ONE},
+    responses={200: {"content": {"text/csv": {}}, "description": "one row per result"}, **READ_ONE},
 )
-def points_csv(study_id: StudyId, storage: StorageDep) -> Response:
-    """Columns: depth, width, candidate_id, status, val_bpb, predicted_val_bpb (the fitted law's),
-    decode_ms, n_params; empty before the study completed."""
+def results_csv(study_id: StudyId, storage: StorageDep) -> Response:
+    """By kind: depth-width, one row per grid point (depth, width, candidate_id, status, val_bpb,
+    predicted_val_bpb, decode_ms, n_params); fidelity, one per layout (its val_bpb in each run); ablation,
+    one per (arm, layout, seed) pair; verdict, one per latency budget. Only the header before the study
+    completed."""
     job = _study_or_404(storage, study_id)
+    model = STUDIES[job.kind]
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=POINT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=model.columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for row in (job.result or {}).get("points", []):
-        writer.writerow(row)
+    writer.writerows(model.table(job.result) if job.result else [])
     return Response(
         out.getvalue(),
         media_type="text/csv",
-        headers={"Content-Disposition": f'attachment; filename="study-{study_id}-points.csv"'},
+        headers={"Content-Disposition": f'attachment; filename="study-{study_id}-{job.kind}.csv"'},
     )
 
 

@@ -1,5 +1,5 @@
-"""/api/searches/{id}/scatter, /hypervolume and /features: what the dashboard's search page plots, computed
-on the server (the front is the materialized one; a large search sends a bounded sample)."""
+"""/api/searches/{id}/scatter, /hypervolume, /features and /proxy-trust: what the dashboard's search page
+shows, computed on the server (the front is the materialized one; a large search sends a bounded sample)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from api.features import MAX_CANDIDATES, feature_correlations
 from api.routes.deps import StorageDep, job_or_404
 from api.routes.searches import SearchId, own_objectives
 from api.scatter import MAX_POINTS, front_flags, sample_points
-from api.schemas import FeatureEffect, FeaturesOut, HypervolumeOut, ScatterOut
+from api.schemas import FeatureEffect, FeaturesOut, HypervolumeOut, ProxyTrustOut, ScatterOut
 from search.db import CANDIDATE_DONE_STATUSES, MAXIMIZED, PLOT_AXES
 from search.layout import Layout
 
@@ -139,3 +139,28 @@ def features(search_id: SearchId, storage: StorageDep) -> FeaturesOut:
         n_candidates=len(done),
         features=[FeatureEffect(feature=f, spearman=rho) for f, rho in effects],
     )
+
+
+@router.get(
+    "/{search_id}/proxy-trust",
+    response_model=ProxyTrustOut,
+    summary="The latest proxy-fidelity result for the search's proxy and data settings",
+)
+def proxy_trust(search_id: SearchId, storage: StorageDep) -> ProxyTrustOut:
+    """From the newest completed `fidelity` study whose proxy config hash and data settings equal the
+    search's; `study_id` is null when none was run."""
+    from search.evaluation import ProxyConfig
+    from search.studies.fidelity import judges
+
+    job = job_or_404(storage, search_id)
+    proxy_hash = ProxyConfig.from_dict(job.config.get("proxy") or {}).content_hash
+    for study in storage.list_jobs(kind="fidelity", status="completed", limit=None):
+        if study.result and judges(study.result, job.config):
+            fields = ("short_vs_long", "seed_noise_ceiling", "within_param_band", "target_met")
+            return ProxyTrustOut(
+                search_id=search_id,
+                study_id=study.id,
+                proxy_config_hash=proxy_hash,
+                **{k: study.result.get(k) for k in fields},
+            )
+    return ProxyTrustOut(search_id=search_id, proxy_config_hash=proxy_hash)

@@ -62,7 +62,7 @@ class NSGA2Options(StrategyOptions):
 
 
 class GridOptions(BaseModel):
-    """The grid's one option: its layouts (the studies make them; see search/studies.py)."""
+    """The grid's one option: its layouts (the studies make them; see search/studies/)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

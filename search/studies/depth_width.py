@@ -1,60 +1,33 @@
-"""Studies beside the search: job kinds whose configurations run as grid searches
-(`search/strategies/grid.py`) through the same engine, executor and result store, then are analysed into a
-report.
-
-A study plans its runs (`plan`: one `StudyRun` per proxy setting, each a grid of layouts), the runner executes
-each as a job of kind `study-run` under the study (resumable: a finished run is never run again, and results
-are shared through their keys with every search), and `analyse` turns the runs' candidates into the report
-stored with the study. This module is torch-free: the numbers come from the candidates' stored results.
-
-Kinds: `depth-width` (the depth–width scaling law of method.md section 2).
-"""
+"""The depth–width study (method.md section 2): a grid of depths x widths of one repeated layer, short-trained
+and measured like search candidates, and the law `L(D, W) = L0 + a·D^-α + b·W^-β` fitted to their val_bpb
+(`search/scaling.py`), with its extrapolation error and the (D, W) it recommends per latency budget."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from search.config import SearchConfig
 from search.layout import Layout, LayoutError, expand_operators
-
-# The evaluation settings a study shares with a search: the same fields, checks and defaults.
-RUN_FIELDS = (
-    "proxy",
-    "latency",
-    "data",
-    "executor",
-    "workers",
-    "cpus_per_worker",
-    "gpus_per_worker",
-    "timeout_s",
-    "max_retries",
-)
-RunSettings = create_model(
-    "RunSettings",
-    __config__=ConfigDict(extra="forbid"),
-    **{
-        name: (SearchConfig.model_fields[name].annotation, SearchConfig.model_fields[name])
-        for name in RUN_FIELDS
-    },
-)
+from search.studies.base import Reference, RunSettings, Study, StudyRun, by_layout, run_config
 
 
-@dataclass(frozen=True)
-class StudyRun:
-    key: str  # unique within the study: names the run's job (`study:<id>:<key>`)
-    search_config: dict[str, Any]  # a grid search's config
-
-
-class DepthWidthStudy(RunSettings):
+class DepthWidthStudy(Study, RunSettings):
     """A grid of depths x widths of one repeated layer (default: a Llama layer, attention + FFN),
     short-trained and measured like search candidates; the law `L(D, W) = L0 + a·D^-α + b·W^-β` fitted to
     their val_bpb."""
 
     kind: Literal["depth-width"] = Field("depth-width", description="the study's kind")
-    name: str | None = Field(None, max_length=200, description="a name for people")
+    columns: ClassVar = (
+        "depth",
+        "width",
+        "candidate_id",
+        "status",
+        "val_bpb",
+        "predicted_val_bpb",
+        "decode_ms",
+        "n_params",
+    )
     pattern: list[str] = Field(
         ["attention", "ffn"],
         min_length=1,
@@ -131,48 +104,20 @@ class DepthWidthStudy(RunSettings):
     def grid(self) -> list[tuple[int, int]]:
         return [(d, w) for d in self.depths for w in self.widths]
 
+    @classmethod
+    def table(cls, report: dict[str, Any]) -> list[dict[str, Any]]:
+        return report.get("points", [])
 
-STUDIES: dict[str, type[BaseModel]] = {"depth-width": DepthWidthStudy}
+    def plan(self, references: dict[str, Reference]) -> list[StudyRun]:
+        return [run_config(self, "grid", [self.layout(d, w) for d, w in self.grid()])]
 
-
-def parse_study(config: dict[str, Any]) -> BaseModel:
-    """The study config of its kind (pydantic's ValidationError names the field)."""
-    kind = config.get("kind")
-    model = STUDIES.get(kind)
-    if model is None:
-        raise ValueError(f"kind: unknown study kind {kind!r} (known: {', '.join(STUDIES)})")
-    return model.model_validate(config)
-
-
-def _run_config(study: BaseModel, layouts: list[Layout], **changes: Any) -> dict[str, Any]:
-    settings = {name: getattr(study, name) for name in RUN_FIELDS}
-    settings.update(changes)
-    config = SearchConfig.model_validate(
-        {
-            **{k: (v.model_dump() if isinstance(v, BaseModel) else v) for k, v in settings.items()},
-            "name": study.name,
-            "strategy": "grid",
-            "strategy_options": {"layouts": [layout.to_dict() for layout in layouts]},
-            "budget": len(layouts),
-            "objectives": ("val_bpb", "decode_ms"),
-        }
-    )
-    return config.model_dump(mode="json")
-
-
-def plan(study: BaseModel) -> list[StudyRun]:
-    if isinstance(study, DepthWidthStudy):
-        layouts = [study.layout(d, w) for d, w in study.grid()]
-        return [StudyRun("grid", _run_config(study, layouts))]
-    raise ValueError(f"no plan for {type(study).__name__}")
-
-
-# ---------------------------------------------------------------------------------------------- analysis
+    def analyse(self, runs: dict[str, list[dict]], references: dict[str, Reference]) -> dict[str, Any]:
+        return analyse_depth_width(self, runs.get("grid", []))
 
 
 def _points(study: DepthWidthStudy, candidates: list[dict]) -> list[dict]:
     """One row per grid point: depth, width, its candidate's status, val_bpb, decode ms and parameters."""
-    by_hash = {c["layout_hash"]: c for c in candidates}
+    by_hash = by_layout(candidates)
     rows = []
     for depth, width in study.grid():
         c = by_hash.get(study.layout(depth, width).content_hash, {})
@@ -238,10 +183,3 @@ def analyse_depth_width(study: DepthWidthStudy, candidates: list[dict]) -> dict[
             }
         )
     return report
-
-
-def analyse(study: BaseModel, runs: dict[str, list[dict]]) -> dict[str, Any]:
-    """The study's report from its runs' candidates ({run key: candidate dicts})."""
-    if isinstance(study, DepthWidthStudy):
-        return analyse_depth_width(study, runs.get("grid", []))
-    raise ValueError(f"no analysis for {type(study).__name__}")
