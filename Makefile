@@ -19,7 +19,7 @@ demo: setup
 	$(VENV)/bin/hybridnas demo
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,32 +103,42 @@ def _fmt(value, digits: int = 4) -> str:
 # ------------------------------------------------------------------------------------------------ run
 
 
+@contextmanager
+def interruptible(resume_hint: str) -> Iterator[tuple[threading.Event, list[int]]]:
+    """A stop event that Ctrl-C or SIGTERM sets (saying how to resume), and the signals received; the
+    previous handlers are put back at the end."""
+    from search.engine import StopEvent
+
+    stop, received = StopEvent(), []
+
+    def on_signal(signum, frame):
+        err.print(f"[yellow]stopping: cancelling running evaluations (resume with `{resume_hint}`)[/yellow]")
+        received.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop, received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_engine(storage, job_id: int, settings, show_front: bool = True) -> None:
     """Run the search here (Ctrl-C or SIGTERM stops it resumably), with a progress display; the front at the
     end. Exits 1 when the search failed, 128 + the signal when interrupted."""
     from api.progress import progress_bar
     from hybridnas.local import run_job
-    from search.engine import StopEvent
     from search.storage import DatabaseUnavailable
 
-    stop = StopEvent()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    received: list[int] = []
-
-    def on_signal(signum, frame):
-        err.print(
-            "[yellow]stopping: cancelling running evaluations (resume with `hybridnas search resume "
-            f"{job_id}`)[/yellow]"
-        )
-        received.append(signum)
-        stop.set()
-
-    for sig in previous:
-        signal.signal(sig, on_signal)
     job = storage.get_job(job_id)
     fields = {"failed": 0, "reused": 0, "HV": "-"}
     try:
-        with reported(), progress_bar(f"search {job_id}", total=job.budget, fields=fields) as update:
+        with (
+            interruptible(f"hybridnas search resume {job_id}") as (stop, received),
+            reported(),
+            progress_bar(f"search {job_id}", total=job.budget, fields=fields) as update,
+        ):
 
             def on_progress(p):
                 hv = f"{p.hypervolume:.4f}" if p.hypervolume is not None else "-"
@@ -137,9 +148,6 @@ def run_engine(storage, job_id: int, settings, show_front: bool = True) -> None:
     except DatabaseUnavailable as exc:
         err.print(f"[red]{exc}[/red]: the search stopped; `hybridnas search resume {job_id}` continues it")
         raise typer.Exit(1) from None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if show_front:
         print_front(storage, job_id)
     if received:  # interrupted: the shell's convention, 128 + the signal (130 for Ctrl-C)

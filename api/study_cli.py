@@ -8,7 +8,6 @@ coordinator.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from api.search_cli import DB, JSON, URL, _local_settings, reported, searches_api
+from api.search_cli import DB, JSON, URL, _local_settings, interruptible, reported, searches_api
 from hybridnas.errors import ConfigError, FieldError
 
 study_app = typer.Typer(
@@ -50,48 +49,27 @@ def _load_study(path: Path, kind: str, data_roots) -> dict:
 
 
 def _run_here(storage, study_id: int, settings) -> None:
-    """Run the study in this process under a lease (as a runner would); Ctrl-C stops it resumably."""
+    """Run the study in this process under a lease (as a runner would); Ctrl-C stops it resumably. Exits 1
+    when it failed, 128 + the signal when interrupted."""
     from api.progress import progress_bar
-    from hybridnas.local import CLI_LEASE_S
-    from search.engine import StopEvent
-    from search.executors import executor_factory
-    from search.leases import LeaseHeld, held_lease, owner_id, take_job
-    from search.study_runner import run_study
+    from hybridnas.local import run_job
 
-    owner = owner_id("cli@")
-    try:
-        take_job(storage, study_id, owner, CLI_LEASE_S)
-    except LeaseHeld as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
-    stop, received = StopEvent(), []
+    with (
+        interruptible(f"hybridnas study resume {study_id}") as (stop, received),
+        reported(),
+        progress_bar(f"study {study_id}") as update,
+    ):
 
-    def on_signal(signum, frame):
-        err.print(f"[yellow]stopping (resume with `hybridnas study resume {study_id}`)[/yellow]")
-        received.append(signum)
-        stop.set()
+        def on_progress(p):
+            job = storage.get_job(study_id)
+            update(completed=job.n_evaluations, total=job.budget)
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with (
-            held_lease(storage, study_id, owner, CLI_LEASE_S, stop),
-            progress_bar(f"study {study_id}") as update,
-        ):
-
-            def on_progress(p):
-                job = storage.get_job(study_id)
-                update(completed=job.n_evaluations, total=job.budget)
-
-            factory = executor_factory(settings.ensure_data_dir(), settings.resolved_data_roots())
-            status, error = run_study(storage, study_id, factory, stop=stop, on_progress=on_progress)
-        storage.release_job(study_id, owner, status, error=error)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        run_job(storage, study_id, settings, stop=stop, on_progress=on_progress)
     if received:
         raise typer.Exit(128 + received[0])
-    if status == "failed":
-        err.print(f"[red]study {study_id} failed[/red]: {error}")
+    job = storage.get_job(study_id)
+    if job.status == "failed":
+        err.print(f"[red]study {study_id} failed[/red]: {job.error}")
         raise typer.Exit(1)
 
 

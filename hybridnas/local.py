@@ -58,29 +58,36 @@ def run_job(
     stop: threading.Event | None = None,
     on_progress: Callable | None = None,
 ) -> None:
-    """Run a queued (or stopped) search here to its end, under a lease as a service runner would, so that a
-    coordinator on the same database never runs it at the same time."""
+    """Run a queued (or stopped) search or study here to its end, under a lease as a service runner would, so
+    that a coordinator on the same database never runs it at the same time."""
     from search.engine import SearchEngine, StopEvent
     from search.executors import executor_factory
     from search.leases import LeaseHeld, held_lease, owner_id, take_job
+    from search.study_runner import run_study
     from search.tracking import tracker_for
 
     owner = owner_id("cli@")
     try:
-        take_job(storage, job_id, owner, CLI_LEASE_S)
+        job = take_job(storage, job_id, owner, CLI_LEASE_S)
     except LeaseHeld as exc:
         raise HybridnasError(str(exc)) from None
     stop = stop if stop is not None else StopEvent()
+    factory = executor_factory(settings.ensure_data_dir(), settings.resolved_data_roots())
+    tracker = tracker_for(settings.mlflow_tracking_uri)
     with held_lease(storage, job_id, owner, CLI_LEASE_S, stop):
-        SearchEngine(
-            storage,
-            job_id,
-            executor_factory(settings.ensure_data_dir(), settings.resolved_data_roots()),
-            stop=stop,
-            on_progress=on_progress,
-            lease_owner=owner,
-            tracker=tracker_for(settings.mlflow_tracking_uri),
-        ).run()
+        if job.kind == "search":
+            SearchEngine(
+                storage,
+                job_id,
+                factory,
+                stop=stop,
+                on_progress=on_progress,
+                lease_owner=owner,
+                tracker=tracker,
+            ).run()
+            return
+        outcome = run_study(storage, job_id, factory, stop=stop, on_progress=on_progress, tracker=tracker)
+    storage.release_job(job_id, owner, outcome[0], error=outcome[1])  # once the heartbeat has stopped
 
 
 @dataclass

@@ -116,3 +116,68 @@ def _results(store: Storage, candidate_id, layout, val_bpb, decode_ms, rng) -> t
         device_fingerprint={"device": "cpu", "torch": "test"},
     )
     return training_key, latency_key
+
+
+def seed_studies(store: Storage, search: Seeded, seed: int = 0) -> dict[str, int]:
+    """One completed study of each kind, its report made by the kind's own analysis from synthetic results
+    (val_bpb and latency from seeded formulas), stored as a runner stores it; the verdict judges `search`."""
+    from dataclasses import asdict
+
+    from search.studies import AblationStudy, DepthWidthStudy, FidelityStudy, Reference, VerdictStudy
+
+    rng = random.Random(seed)
+    grid = DepthWidthStudy(budgets_ms=[1.0, 2.0])
+    grid_points = []
+    for depth, width in grid.grid():
+        layout = grid.layout(depth, width)
+        val_bpb = 2.2 + 0.8 * depth**-0.5 + 9.0 * width**-0.7 + rng.gauss(0, 0.005)
+        grid_points.append(_done(layout, val_bpb, 0.3 + 0.13 * depth + 0.002 * width))
+    fidelity = FidelityStudy(n_layouts=8, bootstrap=50)
+    runs = {run: [] for run in ("short", "short_seed", "long")}
+    for i, layout in enumerate(fidelity.layouts()):
+        short = 3.0 + 0.05 * i + rng.gauss(0, 0.03)
+        runs["short"].append(_done(layout, short))
+        runs["short_seed"].append(_done(layout, short + rng.gauss(0, 0.03)))
+        runs["long"].append(_done(layout, short - 0.6 + rng.gauss(0, 0.04)))
+    ablation = AblationStudy(seeds=[0, 1, 2])
+    [hybrid] = ablation.resolved_layouts()
+    arms = {}
+    for s in ablation.seeds:
+        base = 3.4 + rng.gauss(0, 0.01)
+        arms[f"baseline-s{s}"] = [_done(hybrid, base, tokens_per_s=1000.0)]
+        arms[f"weight_norm-s{s}"] = [_done(hybrid, base - 0.03 + rng.gauss(0, 0.005), tokens_per_s=950.0)]
+        arms[f"meta_tokens-s{s}"] = [_done(hybrid, base + rng.gauss(0, 0.01), tokens_per_s=990.0)]
+    ids = {
+        "depth-width": _stored(store, grid, grid.analyse({"grid": grid_points}, {})),
+        "fidelity": _stored(store, fidelity, fidelity.analyse(runs, {})),
+        "ablation": _stored(store, ablation, ablation.analyse(arms, {})),
+    }
+    verdict = VerdictStudy(search_id=search.job_id, depth_width_id=ids["depth-width"], seeds=[1])
+    references = {
+        "search": Reference(
+            asdict(store.get_job(search.job_id)),
+            [asdict(c) for c in store.candidates(search.job_id)],
+        ),
+        "depth_width": Reference(asdict(store.get_job(ids["depth-width"]))),
+    }
+    ids["verdict"] = _stored(store, verdict, verdict.analyse({}, references))
+    return ids
+
+
+def _done(layout: Layout, val_bpb: float, decode_ms: float = 1.0, tokens_per_s: float = 1000.0) -> dict:
+    return {
+        "layout_hash": layout.content_hash,
+        "layout": layout.to_dict(),
+        "status": "completed",
+        "val_bpb": round(val_bpb, 5),
+        "decode_ms": round(decode_ms, 5),
+        "n_params": 1000 * layout.depth + layout.d_model,
+        "training": {"tokens_per_s": tokens_per_s},
+    }
+
+
+def _stored(store: Storage, study, report: dict) -> int:
+    job_id = store.create_job(study.kind, study.model_dump(mode="json"), name=f"seeded {study.kind}")
+    store.set_job_result(job_id, report)
+    store.set_job_status(job_id, "completed")
+    return job_id

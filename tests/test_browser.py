@@ -268,3 +268,38 @@ def test_logged_out_users_see_no_control_and_a_forged_post_is_refused(page, site
     forged = p.request.post(f"/searches/{job}/cancel", form={"csrf_token": "forged"})
     assert forged.status == 403
     assert store.get_job(job).status == "running"
+
+
+@pytest.fixture(scope="module")
+def studies(site):
+    from tests.dashboard_seed import seed_studies
+
+    live, store, seeded = site
+    return seed_studies(store, seeded["done"])
+
+
+# What each study page must draw: its plots (Plotly's SVG in each) and its report table's rows.
+STUDY_PAGES = {
+    "depth-width": (("loss-depth", "latency-depth"), "#points tbody tr"),
+    "fidelity": (("fidelity-scatter",), "#rows tbody tr"),
+    "ablation": (("ablation-pairs",), "#arms tbody tr"),
+    "verdict": (("verdict-fronts",), "#verdict tbody tr"),
+}
+
+
+def test_every_study_kind_draws_its_report(page, site, studies):
+    store = site[1]
+    for kind, (plots, rows) in STUDY_PAGES.items():
+        p = page.open(f"/studies/{studies[kind]}", ready=True)
+        for plot in plots:
+            traces = p.evaluate(f"() => document.getElementById('{plot}').data.length")
+            assert traces >= 1 and p.locator(f"#{plot} .main-svg").count() >= 1, (kind, plot)
+        assert p.locator(rows).count() >= 1, kind
+        page.shot(f"study-{kind}")
+    report = store.get_job(studies["verdict"]).result
+    fronts = page.open(f"/studies/{studies['verdict']}", ready=True).evaluate(
+        "() => document.getElementById('verdict-fronts').data.map(t => t.x.length)"
+    )
+    assert fronts == [len(report["hybrid_front"]), len(report["llama_front"])]
+    assert page.open("/jobs").locator(f'a[href="/studies/{studies["fidelity"]}"]').count() == 1
+    assert page.errors == [], page.errors

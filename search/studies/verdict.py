@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+from search.config import SearchConfig
 from search.db import MAX_ID
 from search.evaluation import DataConfig, LatencyConfig, ProxyConfig
 from search.layout import Layout
@@ -260,9 +261,10 @@ def check_references(search: Reference | None, grid: Reference | None) -> None:
         raise StudyError("search_id", f"the search is {search.job.get('status')}, not completed")
     if grid.job.get("status") != "completed" or not grid.job.get("result"):
         raise StudyError("depth_width_id", f"the study is {grid.job.get('status')}, not completed")
+    defaults = SearchConfig().model_dump(mode="json")  # a section left out is a search's default
     for name, model in _SETTINGS.items():
-        ours = model.from_dict(search.job["config"].get(name) or {}).to_dict()
-        theirs = model.from_dict(grid.job["config"].get(name) or {}).to_dict()
+        ours = model.from_dict(search.job["config"].get(name) or defaults[name]).to_dict()
+        theirs = model.from_dict(grid.job["config"].get(name) or defaults[name]).to_dict()
         differing = sorted(k for k in ours if ours[k] != theirs.get(k))
         if differing:
             k = differing[0]

@@ -55,10 +55,17 @@ async function ablation(data) {
   const arms = Object.entries(data.arms || {});
   if (!node) return;
   if (!arms.some(([, pairs]) => pairs.length)) return empty([node], "No paired runs yet.");
+  // Plotly's partial bundle draws scatters only: each arm's pairs as points, their mean beside them.
   const traces = arms.map(([arm, pairs], i) => ({
-    type: "box", boxpoints: "all", jitter: 0.3, pointpos: 0, name: arm.replace("_", " "),
-    y: pairs.map((p) => p.difference), text: pairs.map((p) => `${p.layout}, seed ${p.seed}`), marker: { color: COLOURS[i % COLOURS.length] },
+    type: "scatter", mode: "markers", name: arm.replace("_", " "),
+    x: pairs.map(() => arm.replace("_", " ")), y: pairs.map((p) => p.difference),
+    text: pairs.map((p) => `${p.layout}, seed ${p.seed}`), marker: { color: COLOURS[i % COLOURS.length], size: 9 },
   }));
+  traces.push({
+    type: "scatter", mode: "markers", name: "mean", x: arms.map(([arm]) => arm.replace("_", " ")),
+    y: arms.map(([, pairs]) => pairs.reduce((sum, p) => sum + p.difference, 0) / Math.max(1, pairs.length)),
+    marker: { color: "#000000", symbol: "line-ew-open", size: 24 },
+  });
   const zero = [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: 0, y1: 0, line: { dash: "dash", width: 1 } }];
   await Plotly.newPlot(node, traces, hybridnas.baseLayout("arm", "Δ val_bpb (arm − baseline)", { shapes: zero }), hybridnas.plotConfig);
 }
