@@ -126,7 +126,7 @@ def seed_studies(store: Storage, search: Seeded, seed: int = 0) -> dict[str, int
     from search.studies import AblationStudy, DepthWidthStudy, FidelityStudy, Reference, VerdictStudy
 
     rng = random.Random(seed)
-    grid = DepthWidthStudy(budgets_ms=[1.0, 2.0])
+    grid = DepthWidthStudy(budgets_ms=[1.0, 2.0], bootstrap=20)  # few resamples: the page, not the fit
     grid_points = []
     for depth, width in grid.grid():
         layout = grid.layout(depth, width)
