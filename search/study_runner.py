@@ -26,15 +26,15 @@ def run_key(study_id: int, key: str) -> str:
 def candidate_dicts(storage, job_id: int) -> list[dict]:
     """A job's candidates as dicts, each with its training result's metrics (`training`) and its latency
     result's device fingerprint (`device_fingerprint`)."""
+    details = storage.result_details_of(job_id)
     out = []
     for c in storage.candidates(job_id):
+        training, device = details.get(c.id, (None, None))
         row = asdict(c)
-        trained = storage.get_training_result(c.training_key) if c.training_key else None
-        measured = storage.get_latency_result(c.latency_key) if c.latency_key else None
         row["training"] = (
-            {k: v for k, v in (trained.result or {}).items() if k != "loss_curve"} if trained else None
+            None if training is None else {k: v for k, v in training.items() if k != "loss_curve"}
         )
-        row["device_fingerprint"] = measured.device_fingerprint if measured else None
+        row["device_fingerprint"] = device
         out.append(row)
     return out
 

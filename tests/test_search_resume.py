@@ -49,18 +49,24 @@ def wait_for(predicate, timeout=240, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def start_search(tmp_path, url, executor, workers):
-    """`hybridnas search run` in its own process group; returns (process, its env, a Storage, job counts)."""
+def spawn(tmp_path, *args: str) -> tuple[subprocess.Popen, dict]:
+    """`hybridnas ARGS` in its own process group (so a kill reaches it alone), output piped; and its env."""
     env = env_for(tmp_path)
-    config = search_config(tmp_path, executor, workers=workers)
     proc = subprocess.Popen(
-        [HYBRIDNAS, "search", "run", str(config), "--db", url],
+        [HYBRIDNAS, *args],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    return proc, env
+
+
+def start_search(tmp_path, url, executor, workers):
+    """`hybridnas search run` in its own process group; returns (process, its env, a Storage, job counts)."""
+    config = search_config(tmp_path, executor, workers=workers)
+    proc, env = spawn(tmp_path, "search", "run", str(config), "--db", url)
     storage = Storage(url)
 
     def counts() -> dict | None:

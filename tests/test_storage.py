@@ -319,6 +319,25 @@ def test_reset_running(storage):
 # ---------------------------------------------------------------------------------------------- results
 
 
+def test_the_result_details_of_a_job_are_read_in_one_statement_as_one_by_one(storage):
+    job = storage.create_job("search", {})
+    ids = [storage.add_candidate(job, {"i": i}, f"h{i}") for i in range(3)]
+    storage.put_training_result("tk0", layout_hash="h0", result={"tokens_per_s": 900.0}, val_bpb=2.0)
+    storage.put_latency_result(
+        "lk0", layout_hash="h0", result={}, decode_ms=1.0, device_fingerprint={"device": "x"}
+    )
+    storage.complete_candidate(ids[0], "tk0", "lk0", 2.0, 1.0, 10, {})
+    storage.complete_candidate(ids[1], "tk-missing", "lk0", 2.0, 1.0, 10, {})
+    details = storage.result_details_of(job)
+    for cid in ids:
+        c = storage.get_candidate(cid)
+        trained = storage.get_training_result(c.training_key) if c.training_key else None
+        measured = storage.get_latency_result(c.latency_key) if c.latency_key else None
+        assert details[cid] == (trained and trained.result, measured and measured.device_fingerprint)
+    assert details[ids[0]] == ({"tokens_per_s": 900.0}, {"device": "x"}) and details[ids[2]] == (None, None)
+    assert storage.result_details_of(storage.create_job("search", {})) == {}
+
+
 def test_put_training_result_once(storage):
     kw = {"layout_hash": "h", "proxy_config_hash": "p", "artifact_path": "/a"}
     assert storage.put_training_result("k", result={"val_bpb": 2.0, "curve": [3.0, 2.5]}, val_bpb=2.0, **kw)

@@ -21,13 +21,13 @@ from search.layout import Layout
 from search.leases import owner_id, take_job
 from search.storage import Storage
 from search.studies import AblationStudy, FidelityStudy, Reference, StudyError, VerdictStudy, parse_study
-from search.studies.fidelity import fidelity_statistics, judges
+from search.studies.fidelity import fidelity_statistics, judges, trust_key
 from search.studies.stats import effect, mean_interval
 from search.studies.verdict import Point, check_references, front_of, match_budgets
 from search.study_runner import run_study
 from tests import pg
 from tests.test_engine import TINY, run_search
-from tests.test_search_resume import HYBRIDNAS, env_for, wait_for
+from tests.test_search_resume import HYBRIDNAS, spawn, wait_for
 from tests.test_studies import inline
 
 TOKEN = "study-kinds-token"
@@ -215,8 +215,8 @@ def test_a_fidelity_study_ranks_its_layouts_and_the_search_page_trusts_it(client
     trust = client.get(f"/api/searches/{same}/proxy-trust").json()
     assert trust["study_id"] == study_id and trust["short_vs_long"] == report["short_vs_long"]
     assert client.get(f"/api/searches/{other}/proxy-trust").json()["study_id"] is None
-    assert judges(report, {"proxy": TINY["proxy"]}) and not judges(
-        report, {"proxy": TINY["proxy"], "data": {"corpus": "x.txt"}}
+    assert judges(report, trust_key({"proxy": TINY["proxy"]})) and not judges(
+        report, trust_key({"proxy": TINY["proxy"], "data": {"corpus": "x.txt"}})
     )
     page = client.get(f"/searches/{same}").text
     assert f'href="/studies/{study_id}"' in page and 'id="trust-spearman"' in page
@@ -355,15 +355,7 @@ def test_a_study_killed_mid_run_resumes_with_nothing_lost_or_trained_twice(tmp_p
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config))
     url = f"sqlite:///{tmp_path / 'kill.db'}"
-    env = env_for(tmp_path)
-    proc = subprocess.Popen(
-        [HYBRIDNAS, "study", "depth-width", str(path), "--db", url],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc, env = spawn(tmp_path, "study", "depth-width", str(path), "--db", url)
     storage = None
     try:
 

@@ -149,13 +149,12 @@ def features(search_id: SearchId, storage: StorageDep) -> FeaturesOut:
 def proxy_trust(search_id: SearchId, storage: StorageDep) -> ProxyTrustOut:
     """From the newest completed `fidelity` study whose proxy config hash and data settings equal the
     search's; `study_id` is null when none was run."""
-    from search.evaluation import ProxyConfig
-    from search.studies.fidelity import judges
+    from search.studies.fidelity import judges, trust_key
 
-    job = job_or_404(storage, search_id)
-    proxy_hash = ProxyConfig.from_dict(job.config.get("proxy") or {}).content_hash
+    key = trust_key(job_or_404(storage, search_id).config)
+    proxy_hash = key[0]
     for study in storage.list_jobs(kind="fidelity", status="completed", limit=None):
-        if study.result and judges(study.result, job.config):
+        if study.result and judges(study.result, key):
             fields = ("short_vs_long", "seed_noise_ceiling", "within_param_band", "target_met")
             return ProxyTrustOut(
                 search_id=search_id,

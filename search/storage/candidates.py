@@ -374,6 +374,24 @@ class CandidateStore(Connected):
                 out[int(candidate_id)] = result
         return out
 
+    def result_details_of(self, job_id: int) -> dict[int, tuple[dict | None, dict | None]]:
+        """{candidate id: (its training result's dict, its latency result's device fingerprint)} for every
+        candidate of a job, in one statement (None where the candidate has no such result)."""
+        c, tr, lat = db.candidates, db.training_results, db.latency_results
+        stmt = (
+            select(c.c.id, tr.c.result, lat.c.device_fingerprint)
+            .outerjoin(tr, tr.c.training_key == c.c.training_key)
+            .outerjoin(lat, lat.c.latency_key == c.c.latency_key)
+            .where(c.c.job_id == job_id)
+        )
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
+
+        def decoded(value):
+            return json.loads(value) if isinstance(value, str) else value
+
+        return {int(i): (decoded(training), decoded(device)) for i, training, device in rows}
+
     def layouts_of(self, candidate_ids: Iterable[int]) -> dict[int, dict]:
         """{candidate id: its layout}, for a few candidates (a front) in one statement."""
         ids = sorted({int(i) for i in candidate_ids})

@@ -79,12 +79,17 @@ def fidelity_statistics(
     }
 
 
-def judges(report: dict[str, Any], search_config: dict[str, Any]) -> bool:
-    """Whether a fidelity report was made for this search's proxy and data settings (its proxy config hash
-    and its data section, defaults filled in, equal)."""
+def trust_key(search_config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """What a fidelity report must share with a search to judge its proxy: the proxy config's hash and the
+    data settings, defaults filled in."""
     proxy = ProxyConfig.from_dict(search_config.get("proxy") or {})
     data = DataConfig.from_dict(search_config.get("data") or {})
-    return report.get("proxy_config_hash") == proxy.content_hash and report.get("data") == data.to_dict()
+    return proxy.content_hash, data.to_dict()
+
+
+def judges(report: dict[str, Any], key: tuple[str, dict[str, Any]]) -> bool:
+    """Whether a fidelity report was made for the search whose `trust_key` this is."""
+    return (report.get("proxy_config_hash"), report.get("data")) == key
 
 
 class FidelityStudy(Study, RunSettings):
