@@ -96,6 +96,10 @@ class Attention(Operator):
         # table shared by every module with these frequencies (`models.common.rope_table`, per device and
         # dtype).
         self._inv_freq = {"cpu": rope_frequencies(head_dim, rope_base)} if rope else {}
+        self.share_decode_weights()
+
+    def decode_weight_groups(self):
+        return [(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)]
 
     @property
     def kind(self) -> str:

@@ -23,16 +23,29 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.common import drop_cat_cache
+from models.common import drop_cat_cache, share_storage
 
 
 class Operator(nn.Module):
     backend: str = "torch"
 
+    def decode_weight_groups(self) -> list[tuple[torch.Tensor, ...]]:
+        """The weights the decode step multiplies as one matrix, group by group (in dim-0 order)."""
+        return []
+
+    def share_decode_weights(self) -> None:
+        """Each decode weight group in one storage (`models.common.share_storage`): the decode step's fused
+        matrices are views of the weights, not copies. Called at the end of `__init__`, after every move."""
+        for group in self.decode_weight_groups():
+            share_storage(group)
+
     def _apply(self, fn, *args, **kwargs):
-        # `.to()`, `.cuda()`, `.half()`, ...: drop weights cached for decode (`models.common.cached_cat`).
+        # `.to()`, `.cuda()`, `.half()`, ...: drop weights cached for decode (`models.common.cached_cat`); the
+        # moved weights are separate tensors again, so lay each group back into one storage.
         drop_cat_cache(self)
-        return super()._apply(fn, *args, **kwargs)
+        module = super()._apply(fn, *args, **kwargs)
+        self.share_decode_weights()
+        return module
 
     def __getstate__(self):
         # pickling / deepcopy: the decode caches are rebuilt on demand, not carried

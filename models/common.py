@@ -261,16 +261,62 @@ def _version(t: torch.Tensor):
         return None
 
 
-def cached_cat(owner: nn.Module, name: str, tensors, dim: int = 0) -> torch.Tensor:
-    """torch.cat(tensors, dim) of `owner`'s weights, computed once and reused while none of them changes.
+def share_storage(weights) -> None:
+    """Lay `weights` (parameters with equal trailing shapes, dtype and device) back to back along dim 0 of
+    one fresh storage, each keeping its identity (optimizers, state dicts and gradients see no change) and
+    becoming a view of it. The decode step's concatenation of them (`cached_cat`) is then a view too, not a
+    second copy of the weights (a 12-layer Llama's fused q/k/v and gate/up copies were +49 % of its
+    weights: benchmarks/decode_weight_memory.py)."""
+    weights = tuple(weights)
+    # Never an inference tensor (a module built under inference_mode must still train).
+    with torch.no_grad(), torch.inference_mode(False):
+        fused = torch.cat([w.detach() for w in weights], 0)
+    start = 0
+    for w in weights:
+        w.data = fused[start : start + w.shape[0]]
+        start += w.shape[0]
 
-    For inference (autograd off) only: e.g. the q, k, v projection weights as one matrix, so that a decode
-    step runs one GEMM. The cache is refreshed when a tensor is modified in place (its version counter moves:
-    an optimizer step, `load_state_dict`, weight normalization) or replaced (another data pointer: `.to()`,
-    `param.data = ...`); the sources are held, so a freed weight's address cannot come back under a new
-    tensor unnoticed. `Operator._apply` (every `.to()`, `.cuda()`, `.half()`) drops the cache. Not a buffer:
-    no change to state dicts or parameter counts."""
+
+def stacked_view(tensors, dim: int = 0) -> torch.Tensor | None:
+    """torch.cat(tensors, dim) as a view without copying, when the tensors already lie back to back in one
+    storage along dim 0 (as `share_storage` leaves them); None otherwise."""
     tensors = tuple(tensors)
+    first = tensors[0]
+    if dim != 0 or first.dim() == 0:
+        return None
+    rest = tuple(first.shape[1:])
+    row = math.prod(rest)
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    rows = 0
+    for t in tensors:
+        if (
+            t.untyped_storage().data_ptr() != storage
+            or t.dtype != first.dtype
+            or tuple(t.shape[1:]) != rest
+            or not t.is_contiguous()
+            or t.storage_offset() != offset + rows * row
+        ):
+            return None
+        rows += t.shape[0]
+    strides = [row] + [math.prod(rest[i + 1 :]) for i in range(len(rest))]
+    return first.detach().as_strided((rows, *rest), strides, offset)
+
+
+def cached_cat(owner: nn.Module, name: str, tensors, dim: int = 0) -> torch.Tensor:
+    """torch.cat(tensors, dim) of `owner`'s weights for inference (autograd off): e.g. the q, k, v projection
+    weights as one matrix, so that a decode step runs one GEMM.
+
+    Weights that share one storage (`share_storage`, what the operators set up) give a view: no copy, and
+    in-place changes show through. Otherwise the concatenation is computed once and reused while none of the
+    tensors changes: refreshed when one is modified in place (its version counter moves: an optimizer step,
+    `load_state_dict`, weight normalization) or replaced (another data pointer: `param.data = ...`); the
+    sources are held, so a freed weight's address cannot come back under a new tensor unnoticed.
+    `Operator._apply` (every `.to()`, `.cuda()`, `.half()`) drops the cache. Not a buffer: no change to state
+    dicts or parameter counts."""
+    tensors = tuple(tensors)
+    view = stacked_view(tensors, dim)
+    if view is not None:
+        return view
     sig = tuple((t.data_ptr(), _version(t), t.dtype, t.device, t.shape) for t in tensors)
     store = owner.__dict__.setdefault("_cat_cache", {})
     hit = store.get(name)

@@ -103,6 +103,11 @@ class _DeltaNetBase(Operator):
         self.v_conv = ShortConv(inner, self.conv_size, bias=False, activation=True)
         self.o_norm = o_norm
         self.o_proj = nn.Linear(inner, self.d_model, bias=False)
+        self.share_decode_weights()
+
+    def decode_weight_groups(self):
+        convs = (self.q_conv, self.k_conv, self.v_conv)
+        return [tuple(p.weight for p in self._in_projections()), tuple(c.weight for c in convs)]
 
     # -- backend ------------------------------------------------------------------------------------------
     def _kernels(self):

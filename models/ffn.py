@@ -18,6 +18,10 @@ class SwiGLU(Operator):
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.share_decode_weights()
+
+    def decode_weight_groups(self):
+        return [(self.gate_proj.weight, self.up_proj.weight)]
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -328,7 +328,7 @@ def test_step_without_grad_matches_forward(window, n_sink, dtype):
         with ctx():
             ys = torch.stack([m.step(x[:, t], cache, torch.tensor(t)) for t in range(T)], 1)
         assert rel_err(ys, y) <= TOL[dtype], (ctx.__name__, rel_err(ys, y))
-    assert "qkv" in m._cat_cache
+    assert not getattr(m, "_cat_cache", None)  # the fused q/k/v matrix is a view of the weights: no copy
     cache = m.init_cache(B, T, x.device, dtype)
     ys_grad = torch.stack([m.step(x[:, t], cache, torch.tensor(t)) for t in range(T)], 1)
     assert ys_grad.requires_grad
@@ -359,6 +359,48 @@ def test_step_without_grad_follows_weight_changes():
     assert rel_err(decode(m32, torch.float32), m32(x.float())) <= TOL[torch.float32]
 
 
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def test_fused_decode_weights_are_views_of_one_storage():
+    """share_storage: the decode step's fused q/k/v and gate/up matrices cost no memory beyond the weights,
+    after construction and after a dtype move; a weight replaced by hand falls back to a cached copy."""
+    from models.common import cached_cat, stacked_view
+
+    m, f = make(None, 0, torch.float32, seed=3), SwiGLU(D, 56)
+    for module in (m, f, m.double(), f.double()):
+        (group,) = module.decode_weight_groups()
+        fused = cached_cat(module, "fused", group)
+        assert fused.data_ptr() == group[0].data_ptr()
+        assert _storage_bytes([*module.parameters(), fused]) == _storage_bytes(module.parameters())
+        torch.testing.assert_close(fused, torch.cat([w.detach() for w in group]), rtol=0, atol=0)
+    m.k_proj.weight.data = m.k_proj.weight.data.clone()
+    (group,) = m.decode_weight_groups()
+    assert stacked_view(group) is None
+    torch.testing.assert_close(cached_cat(m, "qkv", group), torch.cat([w.detach() for w in group]))
+
+
+def test_training_through_shared_storage_equals_separate_weights():
+    """Two AdamW steps on weights that are views of one storage == on independent copies (exactly)."""
+    shared = make(None, 0, torch.float64, seed=21)
+    separate = make(None, 0, torch.float64, seed=21)
+    for p in separate.parameters():
+        p.data = p.data.clone()
+    assert len({w.untyped_storage().data_ptr() for w in separate.decode_weight_groups()[0]}) == 3
+    x = rand_x(2, 9, torch.float64, seed=22)
+    for module in (shared, separate):
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
+        for _ in range(2):
+            opt.zero_grad()
+            module(x).square().mean().backward()
+            opt.step()
+    for (name, a), b in zip(shared.named_parameters(), separate.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_swiglu_step_without_grad_matches_forward(dtype):
     torch.manual_seed(1)
@@ -367,7 +409,7 @@ def test_swiglu_step_without_grad_matches_forward(dtype):
     y = f(x)
     with torch.no_grad():
         ys = torch.stack([f.step(x[:, t], {}, torch.tensor(t)) for t in range(11)], 1)
-    assert "gate_up" in f._cat_cache
+    assert not getattr(f, "_cat_cache", None)
     assert rel_err(ys, y) <= TOL[dtype]
     with torch.no_grad():
         f.up_proj.weight.mul_(-1.0)
