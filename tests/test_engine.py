@@ -276,6 +276,20 @@ def test_a_new_training_budget_reuses_the_stored_latency(storage, tmp_path):
         assert c.decode_ms == before[c.layout_hash].decode_ms
 
 
+def test_each_stored_training_records_where_it_ran_and_its_phase_times(storage, tmp_path):
+    """The stored training result holds the worker's identity and the evaluation's phase timings (what
+    benchmarks/gpu_e2e.py reports per candidate): each phase positive, their sum within the total."""
+    job_id = run_search(storage, tmp_path, budget=2)
+    details = storage.result_details_of(job_id)
+    assert len(details) == 2
+    for training, _device in details.values():
+        assert training["worker"]["pid"] > 0
+        timings = training["timings"]
+        assert timings["training_s"] > 0 and timings["latency_s"] > 0
+        phases = sum(v for k, v in timings.items() if k != "total_s")
+        assert phases <= timings["total_s"] + 1e-3
+
+
 def grid_layouts(depths=(1, 2, 3), width=64):
     from search.layout import Layout
 
