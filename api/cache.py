@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 NEVER_CACHED = frozenset({"/api/health", "/api/ready"})
-STREAMED = ("/events", ".jsonl")  # event streams and streamed exports: sent as they are made, never buffered
+STREAMED = ("/events", ".jsonl", ".tar.gz")  # event streams, streamed exports, model archives: never buffered
 MAX_BODY = 1 << 20
 
 

@@ -5,12 +5,43 @@ Pareto-front members and the last N) so that export can hand them over."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
 from pathlib import Path
 
 _KEY_RE = re.compile(r"^[0-9a-f]{16,64}$")
+
+
+def save_weights_folder(
+    final: Path, model, tokenizer, layout_json: str, metadata: dict, fsync: bool = False
+) -> Path:
+    """`final/` with model.safetensors, tokenizer.json, layout.json and meta.json: written beside it, then
+    renamed into place (a reader never sees half a folder); `fsync`: on disk before the rename."""
+    from safetensors.torch import save_file
+
+    tmp = final.with_name(f".{final.name}.{time.time_ns()}.tmp")
+    tmp.mkdir(parents=True)
+    # Tied weights (and the decode weight groups) share storage: safetensors refuses shared tensors, so
+    # store contiguous copies.
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()}
+    save_file(tensors, str(tmp / "model.safetensors"))
+    tokenizer.save(tmp / "tokenizer.json")
+    (tmp / "layout.json").write_text(layout_json)
+    (tmp / "meta.json").write_text(json.dumps(metadata, indent=1, default=str))
+    if fsync:
+        fsync_files(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def fsync_files(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 class ArtifactStore:
@@ -23,21 +54,7 @@ class ArtifactStore:
         return self.root / key[:2] / key
 
     def save(self, key: str, model, tokenizer, layout_json: str, metadata: dict) -> Path:
-        from safetensors.torch import save_file
-
-        final = self.path_for(key)
-        tmp = final.with_name(f".{key}.{time.time_ns()}.tmp")
-        tmp.mkdir(parents=True)
-        # Tied weights share storage: safetensors refuses shared tensors, so store contiguous copies.
-        tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()}
-        save_file(tensors, str(tmp / "model.safetensors"))
-        tokenizer.save(tmp / "tokenizer.json")
-        (tmp / "layout.json").write_text(layout_json)
-        (tmp / "meta.json").write_text(json.dumps(metadata, indent=1, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.replace(final)
-        return final
+        return save_weights_folder(self.path_for(key), model, tokenizer, layout_json, metadata)
 
     def load_state_dict(self, key: str) -> dict:
         from safetensors.torch import load_file

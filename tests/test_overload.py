@@ -89,6 +89,25 @@ def test_repeated_reads_come_from_the_cache_with_etags_until_a_write(live):
         assert client.get("/api/health").headers.get("etag") is None  # probes are never cached
 
 
+def test_streamed_routes_pass_the_read_cache_by():
+    """Event streams, streamed exports and model archives are sent as they are made, never buffered whole in
+    the cache (an exported model is megabytes)."""
+    from api.cache import ReadCache
+
+    cache = ReadCache(None, generation=lambda: 0, ttl_s=1.0, key_on_auth=False)
+
+    def get(path):
+        return {"type": "http", "method": "GET", "path": path}
+
+    assert cache.cacheable(get("/api/candidates/3"))
+    for path in (
+        "/api/searches/1/events",
+        "/api/searches/1/candidates.jsonl",
+        "/api/candidates/3/export.tar.gz",
+    ):
+        assert not cache.cacheable(get(path)), path
+
+
 def test_a_token_guarded_read_is_never_served_from_the_cache_without_the_token(tmp_path):
     server = Live(tmp_path, TOKEN, require_token_for_reads=True)
     try:

@@ -1,11 +1,18 @@
-"""/api/candidates/{id}: one candidate in full, and its layout as a JSON file."""
+"""/api/candidates/{id}: one candidate in full, its layout as a JSON file, and the candidate as a Hugging Face
+model folder (a .tar.gz download, made by models/export.py as `hybridnas export` makes it)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path as FilePath
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.background import BackgroundTask
 
 from api.auth import require_read_token
 from api.errors import error_responses
@@ -87,4 +94,63 @@ def layout_json(candidate_id: CandidateId, storage: StorageDep) -> JSONResponse:
     c = candidate_or_404(storage, candidate_id)
     return JSONResponse(
         c.layout, headers={"Content-Disposition": f'attachment; filename="candidate-{c.id}-layout.json"'}
+    )
+
+
+@router.get(
+    "/{candidate_id}/export.tar.gz",
+    summary="The candidate as a Hugging Face model folder (transformers, trust_remote_code), as a .tar.gz",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "A gzip'd tar of one folder `candidate-{id}/`: config.json, model.safetensors, "
+            "tokenizer.json, tokenizer_config.json, the remote code and README.md (a download)",
+            "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **error_responses(
+            409, _409="The candidate has no such weights (it failed, or its artifacts were pruned)"
+        ),
+    },
+)
+def export_archive(
+    request: Request,
+    candidate_id: CandidateId,
+    storage: StorageDep,
+    weights: Annotated[
+        Literal["proxy", "trained", "init"],
+        Query(description="proxy: its short-training's weights; trained: its longer checkpoint; init: fresh"),
+    ] = "proxy",
+    d_model: Annotated[
+        int | None, Query(ge=1, le=16384, description="the width of fresh weights (init)")
+    ] = None,
+    seed: Annotated[int, Query(ge=0, le=2**31 - 1, description="the seed of fresh weights")] = 0,
+) -> FileResponse:
+    """`hybridnas export ID --out DIR` as a download: the same folder, made in a temporary folder that is
+    removed once sent."""
+    from models.export import ExportError, export_source, write_export
+
+    candidate_or_404(storage, candidate_id)
+    work = FilePath(tempfile.mkdtemp(prefix="hybridnas-export-"))
+    name = f"candidate-{candidate_id}"
+    try:
+        source = export_source(storage, candidate_id, request.app.state.settings.resolved_data_dir())
+        write_export(source, work / name, weights, d_model, seed)
+        with tarfile.open(work / f"{name}.tar.gz", "w:gz") as tar:
+            tar.add(work / name, arcname=name)
+    except ExportError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        if exc.status == 422:
+            raise RequestValidationError(
+                [{"loc": ("query", exc.field), "type": "value_error", "msg": exc.reason}]
+            ) from None
+        raise HTTPException(exc.status, detail=f"{exc.field}: {exc.reason}") from None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return FileResponse(
+        work / f"{name}.tar.gz",
+        media_type="application/gzip",
+        filename=f"{name}-{weights}.tar.gz",
+        headers={"Cache-Control": "no-store"},
+        background=BackgroundTask(shutil.rmtree, work, ignore_errors=True),
     )
