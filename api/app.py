@@ -33,6 +33,7 @@ from api.cache import ReadCache
 from api.errors import NAMED_FIELD, problem, problem_media_types, validation_errors
 from api.errors import summary as error_summary
 from api.routes import ROUTERS
+from api.routes.tunes import router as tunes_router
 from api.settings import Settings, get_settings
 from search.storage import Storage, StorageError
 from web.assets import install_assets
@@ -283,6 +284,7 @@ def create_app(
     app.add_middleware(Admission, limit=settings.max_concurrent_requests)  # outermost: refusals cost least
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(tunes_router)
     install_assets(app)
     install_pages(app)
     return app

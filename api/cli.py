@@ -12,7 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from api.cli_latency import latency_app
+from api.cli_model import register_model_commands
 from api.cli_proxy import proxy_app
+from api.cli_tune import register as register_tune_commands
 from api.search_cli import search_app
 from api.study_cli import study_app
 from search.layout import LayoutError, load_layout
@@ -31,6 +33,8 @@ app.add_typer(latency_app, name="latency", help="Latency look-up tables and pred
 app.add_typer(search_app, name="search")
 app.add_typer(study_app, name="study")
 app.add_typer(proxy_app, name="proxy")
+register_model_commands(app)
+register_tune_commands(app)
 console = Console(width=max(140, Console().width))
 err_console = Console(stderr=True, soft_wrap=True)
 

@@ -12,7 +12,8 @@ first out (`Storage.queue`). A running job is never pre-empted. Each search brin
 (`workers` x `cpus_per_worker` / `gpus_per_worker` of its config) as Ray actors of its own; when the local Ray
 is full, a new search's actors wait for the running ones to finish.
 
-Job kinds plug in through `JOB_HANDLERS`: searches, and the studies of `search/studies/`.
+Job kinds plug in through `JOB_HANDLERS`: searches, the studies of `search/studies/`, and tune jobs
+(`search/tune_runner.py`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class JobContext:
     data_dir: Path
     executor_factory: Callable
     tracking_uri: str | None = None  # MLflow (HYBRIDNAS_MLFLOW_TRACKING_URI): each evaluation logged there
+    data_roots: tuple[str, ...] = (".",)  # where data paths may resolve (a tune job's trials load the corpus)
 
 
 def run_search(ctx: JobContext) -> None:
@@ -69,10 +71,20 @@ def run_study_job(ctx: JobContext) -> None:
     ctx.storage.release_job(ctx.job.id, ctx.owner, status, error=error)
 
 
+def run_tune_job(ctx: JobContext) -> None:
+    """A tune job (search/tune_runner.py): Ray Tune trials on this runner's Ray, then its report."""
+    from search.tune_runner import run_tune
+
+    status, error = run_tune(ctx.storage, ctx.job.id, ctx.data_dir, ctx.data_roots, ctx.stop)
+    if getattr(ctx.stop, "lost", False):
+        return
+    ctx.storage.release_job(ctx.job.id, ctx.owner, status, error=error)
+
+
 def _handlers() -> dict[str, Callable[[JobContext], None]]:
     from search.studies import STUDIES
 
-    return {"search": run_search, **{kind: run_study_job for kind in STUDIES}}
+    return {"search": run_search, "tune": run_tune_job, **{kind: run_study_job for kind in STUDIES}}
 
 
 JOB_HANDLERS: dict[str, Callable[[JobContext], None]] = _handlers()
@@ -253,7 +265,14 @@ class JobRunner:
     def _run(self, job: JobRecord, stop: StopEvent) -> None:
         log.info("job %d (%s): taken by %s", job.id, job.kind, self.owner)
         ctx = JobContext(
-            self.storage, job, self.owner, stop, self.data_dir, self.executor_factory, self.tracking_uri
+            self.storage,
+            job,
+            self.owner,
+            stop,
+            self.data_dir,
+            self.executor_factory,
+            self.tracking_uri,
+            data_roots=self.data_roots,
         )
         with held_lease(self.storage, job.id, self.owner, self.lease_s, stop):
             try:

@@ -1,4 +1,5 @@
-"""Submitting a search over REST, and the data-path checks that schedule templates share."""
+"""Submitting a search, a study or a tune job (REST, the CLI through it, schedules), and the data-path checks
+that schedule templates share."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from fastapi.exceptions import RequestValidationError
 
 from api.schemas import SearchCreate, StudyCreate
+from api.tune_schemas import TuneCreate
 from search.storage import JobRecord, Storage
 
 
@@ -81,22 +83,41 @@ def submit_search(
     config = body.search_config()
     if body.warm_start_job is not None and storage.get_job(body.warm_start_job) is None:
         raise SubmitError("warm_start_job", f"no search {body.warm_start_job} to warm-start from")
-    job_id, created = storage.create_job_once(
+    return _queue_once(
+        storage,
         "search",
         config,
+        idempotency_key,
         name=body.name,
         priority=body.priority,
         budget=body.budget,
-        idempotency_key=idempotency_key,
+        priority_must_match=True,
     )
-    replayed = not created
+
+
+def _queue_once(
+    storage: Storage,
+    kind: str,
+    config: dict,
+    idempotency_key: str | None,
+    *,
+    name: str | None,
+    priority: int,
+    budget: int | None = None,
+    priority_must_match: bool = False,
+) -> Submitted:
+    """The job queued, or the one an earlier request with this Idempotency-Key made (a replay); a 409
+    SubmitError when that request asked for something else."""
+    job_id, created = storage.create_job_once(
+        kind, config, name=name, priority=priority, budget=budget, idempotency_key=idempotency_key
+    )
     job = storage.get_job(job_id)
     assert job is not None
     if idempotency_key is not None and (
-        job.config != config or job.priority != body.priority or job.kind != "search"
+        job.kind != kind or job.config != config or (priority_must_match and job.priority != priority)
     ):
         raise SubmitError("Idempotency-Key", "already used for a different request", conflict=True)
-    return Submitted(job, replayed)
+    return Submitted(job, not created)
 
 
 def check_study(body: StudyCreate, data_roots: Sequence[Path], storage: Storage | None = None) -> None:
@@ -127,11 +148,26 @@ def submit_study(
     if data_roots is not None:
         check_study(body, data_roots, storage)
     config = body.study_config()
-    job_id, created = storage.create_job_once(
-        body.kind, config, name=body.name, priority=body.priority, idempotency_key=idempotency_key
+    return _queue_once(storage, body.kind, config, idempotency_key, name=body.name, priority=body.priority)
+
+
+def submit_tune(
+    storage: Storage, body: TuneCreate, data_dir: Path, *, idempotency_key: str | None = None
+) -> Submitted:
+    """Store a tune job for a candidate that can be tuned (SubmitError names the field when it cannot)."""
+    from search.tune_config import TUNE_KIND, TuneError, check_tune
+
+    try:
+        spec, source = check_tune(storage, body, data_dir)
+    except TuneError as exc:
+        raise SubmitError(exc.field, exc.reason) from None
+    config = {**spec.model_dump(), "source": source.to_dict()}
+    return _queue_once(
+        storage,
+        TUNE_KIND,
+        config,
+        idempotency_key,
+        name=spec.name,
+        priority=spec.priority,
+        budget=spec.trials,
     )
-    job = storage.get_job(job_id)
-    assert job is not None
-    if idempotency_key is not None and (job.config != config or job.kind != body.kind):
-        raise SubmitError("Idempotency-Key", "already used for a different request", conflict=True)
-    return Submitted(job, not created)

@@ -58,8 +58,8 @@ def run_job(
     stop: threading.Event | None = None,
     on_progress: Callable | None = None,
 ) -> None:
-    """Run a queued (or stopped) search or study here to its end, under a lease as a service runner would, so
-    that a coordinator on the same database never runs it at the same time."""
+    """Run a queued (or stopped) search, study or tune job here to its end, under a lease as a service runner
+    would, so that a coordinator on the same database never runs it at the same time."""
     from search.engine import SearchEngine, StopEvent
     from search.executors import executor_factory
     from search.leases import LeaseHeld, held_lease, owner_id, take_job
@@ -86,7 +86,13 @@ def run_job(
                 tracker=tracker,
             ).run()
             return
-        outcome = run_study(storage, job_id, factory, stop=stop, on_progress=on_progress, tracker=tracker)
+        if job.kind == "tune":
+            from search.tune_runner import run_tune
+
+            data_dir, roots = settings.ensure_data_dir(), settings.resolved_data_roots()
+            outcome = run_tune(storage, job_id, data_dir, roots, stop)
+        else:
+            outcome = run_study(storage, job_id, factory, stop=stop, on_progress=on_progress, tracker=tracker)
     storage.release_job(job_id, owner, outcome[0], error=outcome[1])  # once the heartbeat has stopped
 
 

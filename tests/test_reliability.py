@@ -28,6 +28,7 @@ from search.engine import SearchEngine, StopEvent
 from search.executors import InlineExecutor, RayExecutor
 from search.storage import Storage
 from tests import pg
+from tests.chaos import _cmdline
 from tests.live import free_port
 
 HYBRIDNAS = str(Path(sys.executable).with_name("hybridnas"))
@@ -765,13 +766,6 @@ def _ready(base: str) -> bool:
         return httpx.get(f"{base}/api/ready", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def test_ctrl_c_of_the_demo_exits_130_and_stops_its_coordinator(tmp_path):
