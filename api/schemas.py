@@ -147,6 +147,9 @@ class CandidateSummary(BaseModel):
     on_front: bool = Field(description="on the search's Pareto front for its own objectives")
     created_at: datetime = Field(description="when it was proposed (UTC)")
     finished_at: datetime | None = Field(description="when its evaluation ended (UTC)")
+    rung: int | None = Field(
+        None, description="multi-fidelity: the rung its values were trained at (null: single-fidelity)"
+    )
 
     @classmethod
     def of(cls, candidate: CandidateRecord) -> CandidateSummary:
@@ -188,6 +191,40 @@ class ParetoOut(BaseModel):
     items: list[CandidateSummary] = Field(description="the front's candidates, by the first objective")
 
 
+class RungFrontPoint(BaseModel):
+    """A candidate on a rung's front, with its values at that rung."""
+
+    model_config = ConfigDict(extra="allow")  # one field per objective of the search
+    candidate_id: int = Field(description="the candidate")
+
+
+class RungOut(BaseModel):
+    """One rung of a multi-fidelity search."""
+
+    rung: int = Field(description="0 for the lowest")
+    steps: int = Field(description="training steps at this rung")
+    counts: dict[str, int] = Field(
+        description="this rung's runs by status (pending, running, completed, ...)"
+    )
+    promoted: int = Field(description="candidates promoted from this rung to the next")
+    front: list[RungFrontPoint] = Field(
+        description="the Pareto front of this rung's results, by the first objective"
+    )
+    hypervolume: float | None = Field(description="that front's hypervolume in the search's fixed space")
+    steps_trained: int = Field(description="optimizer steps this search trained at this rung (reuse: none)")
+
+
+class RungsOut(BaseModel):
+    """A search's rungs (empty for a single-fidelity search)."""
+
+    search_id: int = Field(description="the search")
+    objectives: list[str] = Field(description="the search's two objectives")
+    eta: int | None = Field(description="each rung promotes its best 1/eta (null: single-fidelity)")
+    continuation: bool | None = Field(description="promotions continue from the lower rung's checkpoint")
+    training_steps: int = Field(description="optimizer steps trained over every rung")
+    rungs: list[RungOut] = Field(description="lowest first")
+
+
 class CandidateRow(BaseModel):
     """One candidate in an export: a row of `candidates.csv` / `pareto.csv`, a line of `candidates.jsonl`."""
 
@@ -202,6 +239,7 @@ class CandidateRow(BaseModel):
     parent_id: int | None = Field(description="the candidate it was mutated from")
     status: str = Field(description="pending, running, completed, failed or reused")
     failure_reason: str | None = Field(description="why its evaluation failed")
+    rung: int | None = Field(description="multi-fidelity: the rung of its values (empty: single-fidelity)")
 
 
 # The live feed's cursor: "<finished_at, UTC ISO-8601>Z~<candidate id>" (opaque to clients).

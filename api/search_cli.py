@@ -296,6 +296,29 @@ def _print_detail(client: Client, detail) -> None:
     for c in sorted(front.items, key=lambda c: (c.val_bpb is None, c.val_bpb)):
         table.add_row(str(c.id), str(c.generation), _fmt(c.val_bpb), _fmt(c.decode_ms, 3), _fmt(c.n_params))
     console.print(table)
+    if detail.config.get("fidelity"):
+        _print_rungs(client.rungs(detail.id))
+
+
+def _print_rungs(rungs) -> None:
+    """A multi-fidelity search's rungs: runs, promotions, front size, hypervolume, steps trained."""
+    title = f"Rungs (each promotes its best 1/{rungs.eta}; {rungs.training_steps} steps trained in all)"
+    table = Table(
+        "rung", "steps", "completed", "running", "failed", "promoted", "front", "hypervolume", title=title
+    )
+    for r in rungs.rungs:
+        done = r.counts.get("completed", 0) + r.counts.get("reused", 0)
+        table.add_row(
+            str(r.rung),
+            str(r.steps),
+            str(done),
+            str(r.counts.get("running", 0)),
+            str(r.counts.get("failed", 0)),
+            str(r.promoted),
+            str(len(r.front)),
+            _fmt(r.hypervolume),
+        )
+    console.print(table)
 
 
 @search_app.command("show")
@@ -306,6 +329,8 @@ def search_show(search: str = SEARCH, db: str = DB, url: str = URL, as_json: boo
         if as_json:
             data = detail.model_dump(mode="json")
             data["front"] = client.pareto(detail.id).model_dump(mode="json")["items"]
+            if detail.config.get("fidelity"):
+                data["rungs"] = client.rungs(detail.id).model_dump(mode="json")["rungs"]
             _dump(data)
         else:
             _print_detail(client, detail)

@@ -401,6 +401,25 @@ def _studies(ref: Reference, heading: str, search_heading: str, links: dict) -> 
         ref.model_table(model, only=[n for n in model.model_fields if n not in shared], links=links)
 
 
+def _tune(ref: Reference, heading: str) -> None:
+    from search.tune_config import DEFAULT_STEPS_FACTOR, TuneSpec
+
+    ref.heading(2, heading)
+    ref.out(
+        "The body of `POST /api/tunes` (`hybridnas tune CANDIDATE_ID` takes the main ones as options: "
+        "`--steps`, `--trials`, "
+        "`--grace-steps`, `--reduction-factor`, `--lr-range LOW,HIGH`, `--warmup-range LOW,HIGH`, "
+        "`--batch-size`, `--seed`): "
+        "Ray Tune's ASHA over a candidate's training recipe (lr, warmup_steps, weight_norm, batch_size), "
+        "each trial trained from the candidate's proxy weights with the search's data for `steps` optimizer "
+        f"steps (default {DEFAULT_STEPS_FACTOR}x the search's proxy steps), any batch size (a larger batch "
+        "sees more tokens). Unknown fields are refused; an unknown candidate, one without a completed "
+        "training, and ranges out of bounds are a 422 naming the field.",
+        "",
+    )
+    ref.model_table(TuneSpec, "")
+
+
 def render() -> str:
     """The reference's Markdown text."""
     from api.auth import AuthSettings
@@ -427,6 +446,7 @@ def render() -> str:
     create_heading = "Submitting a search: POST /api/searches (SearchCreate)"
     schedule_heading = "Schedules: POST /api/schedules (ScheduleCreate)"
     studies_heading = "Studies: POST /api/studies and hybridnas study KIND FILE"
+    tune_heading = "Tuning a recipe: POST /api/tunes and hybridnas tune (TuneSpec)"
 
     ref.out(
         "# Configuration reference",
@@ -449,6 +469,7 @@ def render() -> str:
         f"- [Schedules](#{slug(schedule_heading)}) (`api.schedule_schemas.ScheduleCreate`)",
         f"- [Studies](#{slug(studies_heading)}): fidelity, depth-width, ablation and verdict "
         "(`search.studies`)",
+        f"- [Tuning a recipe](#{slug(tune_heading)}) (`search.tune_config.TuneSpec`)",
         f"- [{proxy_heading}](#{slug(proxy_heading)}): the `proxy`, `latency` and `data` sections alone",
         f"- [{env_heading}](#{slug(env_heading)}): every `HYBRIDNAS_*` variable",
         "",
@@ -530,6 +551,7 @@ workers: 2
     ref.model_table(ScheduleCreate, "", links={SearchCreate: f"#{slug(create_heading)}"})
 
     _studies(ref, studies_heading, search_heading, links)
+    _tune(ref, tune_heading)
 
     # --- proxy train --config ---
     ref.heading(2, proxy_heading)
@@ -616,6 +638,11 @@ workers: 2
                 [
                     code("HYBRIDNAS_CHAOS_RUN"),
                     "tests: the marker the chaos harness puts in the environment of every process of a run",
+                ],
+                [
+                    code("HYBRIDNAS_PORT"),
+                    "docker-compose.yml: the host port (on 127.0.0.1) the coordinator's API is published on "
+                    "(default 8000; deploy/README.md)",
                 ],
             ],
         ),

@@ -28,6 +28,7 @@ from api.schemas import (
     CandidateSummary,
     HypervolumeOut,
     ParetoOut,
+    RungsOut,
     SearchCreated,
     SearchDetail,
     SearchOut,
@@ -214,6 +215,10 @@ class Client:
     def pareto(self, search: int | str, x: str | None = None, y: str | None = None) -> ParetoOut:
         """The Pareto front over two objectives (default: the search's own)."""
         return self._get(f"/api/searches/{self.search_id(search)}/pareto", ParetoOut, x=x, y=y)
+
+    def rungs(self, search: int | str) -> RungsOut:
+        """A multi-fidelity search's rungs: runs, promotions, each rung's front and hypervolume."""
+        return self._get(f"/api/searches/{self.search_id(search)}/rungs", RungsOut)
 
     def hypervolume(self, search: int | str) -> HypervolumeOut:
         return self._get(f"/api/searches/{self.search_id(search)}/hypervolume", HypervolumeOut)

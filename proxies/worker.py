@@ -3,7 +3,9 @@
     evaluate(layout, proxy_config, latency_config, data_dir=...) -> EvaluationResult
 
 in four phases (`search.evaluation.PHASES`): load the data (tokenized once per process), build the model,
-train it briefly (the val_bpb proxy) and keep its weights, measure its latency on this device. It returns
+train it briefly (the val_bpb proxy) and keep its weights, measure its latency on this device. A wsd run
+also keeps its stable-phase checkpoint (`<data_dir>/checkpoints/<training_key>/stable/`), from which a larger
+budget's evaluation continues (`continue_from`, a path inside the data dir). It returns
 plain data (metrics, curves, fingerprints, status, the failed phase and reason, traceback, log tail, timings,
 artifact path) and never raises for a failing candidate. `result_keys` gives the keys an evaluation would
 have, so that stored results are reused instead. The CLI calls these directly; Ray actors in the search reach
@@ -165,6 +167,26 @@ class _Phases:
         self.since = now
 
 
+def stable_checkpoint_dir(data_dir: Path, training_key: str) -> Path:
+    """Where a wsd evaluation keeps its stable-phase checkpoint."""
+    return Path(data_dir) / "checkpoints" / training_key / "stable"
+
+
+def resolve_continue_from(raw: str | Path, data_dir: Path) -> Path:
+    """`continue_from` as a path inside the data dir (relative ones are taken from it); ValueError naming
+    the field otherwise. A path that does not exist is allowed: that run trains fresh and says why."""
+    if not str(raw) or "\x00" in str(raw):
+        raise ValueError("continue_from: empty or malformed path")
+    root = Path(data_dir).resolve()
+    try:
+        path = (root / Path(raw).expanduser()).resolve()
+    except (OSError, RuntimeError) as exc:
+        raise ValueError(f"continue_from: not a usable path ({exc})") from None
+    if not path.is_relative_to(root):
+        raise ValueError(f"continue_from: {raw} is outside the data dir ({root})")
+    return path
+
+
 def _locked(lock: Any, mode: str):
     return getattr(lock, mode)() if lock is not None else contextlib.nullcontext()
 
@@ -179,14 +201,28 @@ def _train_phase(
     progress,
     save_artifacts: bool,
     phase: _Phases,
+    continue_from: Path | None = None,
 ):
-    """Build and short-train the model (the device held shared); its weights saved. The model, or None when
-    training failed (the result then says why, and in which phase)."""
+    """Build and short-train the model (the device held shared), continued from `continue_from` when given;
+    its weights (and a wsd run's stable-phase checkpoint) saved. The model, or None when training failed (the
+    result then says why, and in which phase)."""
     from proxies.artifacts import ArtifactStore
     from proxies.train import train_proxy
 
+    save_stable = None
+    if save_artifacts and inputs.proxy.schedule == "wsd":
+        save_stable = stable_checkpoint_dir(inputs.data_dir, result.training_key)
     with _locked(device_lock, "shared"):
-        train_result, model = train_proxy(inputs.layout, inputs.proxy, data, torch_device, progress, phase)
+        train_result, model = train_proxy(
+            inputs.layout,
+            inputs.proxy,
+            data,
+            torch_device,
+            progress,
+            phase,
+            continue_from=continue_from,
+            save_stable=save_stable,
+        )
     result.training = train_result.to_dict()
     if train_result.status != "completed":
         result.failed_phase = phase.current
@@ -250,8 +286,12 @@ def evaluate(
     device_lock: Any = None,
     on_phase: Callable[[str], None] | None = None,
     log_lines: int = 50,
+    continue_from: str | Path | None = None,
 ) -> EvaluationResult:
     """Evaluate one candidate. Never raises for a failing candidate: failure is a result, naming its phase.
+
+    `continue_from` (a stable-phase checkpoint inside the data dir; not part of the result keys: a continued
+    run is the fresh run's result) continues a wsd training from there.
 
     `device_lock` (a `search.devicelock.DeviceLock`) is held shared while training and exclusive while
     latency is measured. `on_phase(name)` is told each phase as it starts (a worker reports it when a
@@ -270,6 +310,8 @@ def evaluate(
         phase("data")
         inputs = coerce_inputs(layout, proxy_config, latency_config, data_config, data_dir)
         result.layout_hash = inputs.layout.content_hash
+        if continue_from is not None:
+            continue_from = resolve_continue_from(continue_from, inputs.data_dir)
         os.environ.setdefault("TRITON_CACHE_DIR", str(inputs.data_dir / "cache" / "triton"))
         torch_device = resolve_device(device)
         log.info("evaluating %s (%s) on %s", result.layout_hash[:12], inputs.layout.compact(), torch_device)
@@ -290,6 +332,7 @@ def evaluate(
                 progress=progress,
                 save_artifacts=save_artifacts,
                 phase=phase,
+                continue_from=continue_from,
             )
             if model is None:
                 return result

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, mode
 
 from search.db import OBJECTIVE_COLUMNS
 from search.evaluation import DataConfig, LatencyConfig, ProxyConfig
+from search.multifidelity import FidelityConfig
 from search.space import SearchSpace, SpaceError, benchmark_space, cpu_space
 from search.strategies.base import Constraints
 from search.strategies.options import strategy_kwargs
@@ -124,6 +125,11 @@ class SearchConfig(BaseModel):
     )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds every random choice (numpy takes < 2**32)")
     proxy: ProxyConfig = Field(default_factory=ProxyConfig, description="the short training")
+    fidelity: FidelityConfig | None = Field(
+        None,
+        description="multi-fidelity: rungs of training steps (the proxy's own steps are then unused); a "
+        "candidate starts at the lowest and is promoted while it ranks in its rung's best 1/eta",
+    )
     latency: LatencyConfig = Field(
         default_factory=lambda: LatencyConfig(decode_tokens=32, repeats=3, throughput=False),
         description="the latency measurement",
@@ -193,6 +199,17 @@ class SearchConfig(BaseModel):
     def _bounds_cover_objectives(self):
         if self.hypervolume_bounds is not None and set(self.hypervolume_bounds) != set(self.objectives):
             raise ValueError(f"hypervolume_bounds: give exactly the objectives {list(self.objectives)}")
+        return self
+
+    @model_validator(mode="after")
+    def _rungs_fit_the_proxy(self):
+        if self.fidelity is None:
+            return self
+        if self.proxy.tokens is not None:
+            raise ValueError("proxy.tokens: a multi-fidelity search's rungs give the budget in steps")
+        if self.proxy.schedule != "cosine" or self.proxy.fixed_warmup_steps is not None:
+            raise ValueError("proxy.schedule: the rungs set the schedule (wsd) and warmup themselves")
+        self.fidelity.check_proxy(self.proxy)
         return self
 
     @model_validator(mode="after")

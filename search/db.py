@@ -46,13 +46,14 @@ NAMING_CONVENTION = {
 }
 
 MAX_ID = 2**31 - 1  # the id columns are SQL INTEGER: larger ids would overflow on PostgreSQL (422, not 500)
-JOB_KINDS = ("search", "fidelity", "depth-width", "ablation", "verdict", "study-run")
+JOB_KINDS = ("search", "fidelity", "depth-width", "ablation", "verdict", "study-run", "tune")
 STUDY_KINDS = ("fidelity", "depth-width", "ablation", "verdict")
 JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "archived")
 JOB_TERMINAL_STATUSES = ("completed", "failed", "cancelled", "archived")
 CANDIDATE_STATUSES = ("pending", "running", "completed", "failed", "reused")
 CANDIDATE_DONE_STATUSES = ("completed", "reused")  # a result is there: may be on the Pareto front
 RESULT_STATUSES = ("completed", "failed")
+RUNG_STATUSES = ("pending", "running", "completed", "failed", "reused")
 SCHEDULE_FIRE_STATUSES = ("fired", "missed", "skipped", "failed")  # failed: the template no longer validates
 
 # The columns a candidate list may be sorted by ("-name": descending; NULLs last; ties by id), and those of
@@ -226,8 +227,39 @@ class Candidate(Base):
     n_params: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     objectives: Mapped[dict | None] = mapped_column(JSONType, nullable=True)
     on_front: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Multi-fidelity searches: the rung its values were trained at (None: a single-fidelity search).
+    rung: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class RungRun(Base):
+    """One candidate's training at one rung of a multi-fidelity search (`search.multifidelity`): its result
+    is a training result under the rung's own key; this row says which candidate and rung it belongs to,
+    and how many steps this search spent on it (0 when reused). One row per (candidate, rung)."""
+
+    __tablename__ = "rung_runs"
+    __table_args__ = (
+        UniqueConstraint("candidate_id", "rung"),
+        Index(None, "job_id", "status"),
+        NEVER_REUSE_IDS,
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"))
+    rung: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    training_key: Mapped[str | None] = mapped_column(String(KEY_LENGTH), nullable=True)
+    val_bpb: Mapped[float | None] = mapped_column(Float, nullable=True)
+    objectives: Mapped[dict | None] = mapped_column(JSONType, nullable=True)
+    steps_trained: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    continued_from_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
@@ -295,5 +327,6 @@ training_results = TrainingResult.__table__
 latency_results = LatencyResult.__table__
 hypervolume_history = HypervolumePoint.__table__
 strategy_state = StrategyState.__table__
+rung_runs = RungRun.__table__
 schedules = Schedule.__table__
 schedule_fires = ScheduleFire.__table__

@@ -21,6 +21,7 @@ from search.layout import Layout
 from search.params import count_parameters
 from search.pareto import HypervolumeSpace, pareto_front
 from search.presets import get_preset
+from search.rung_runner import RungRunner, is_rung_task
 from search.storage import DatabaseUnavailable, is_unavailable
 from search.strategies import make_strategy
 
@@ -94,7 +95,9 @@ class SearchEngine:
         self.config = SearchConfig.model_validate(job.config)
         self.space = self.config.build_space()
         self.default_vocab_size = 257  # the byte tokenizer, when a stored result does not say
-        # Fixed per search: from the config's bounds, else (set once, in `_after_tell`) from the initial
+        # Multi-fidelity: candidates climb rungs of training steps (None: one training budget for all).
+        self.rungs = RungRunner(self, self.config.fidelity) if self.config.fidelity is not None else None
+        # Fixed per search: from the config's bounds, else (set once, in `after_tell`) from the initial
         # population's results; stored with the strategy state either way.
         bounds = self.config.hypervolume_bounds
         self.hv_space: HypervolumeSpace | None = (
@@ -155,6 +158,8 @@ class SearchEngine:
             elif cand.status == "failed":
                 strategy.tell(layout_hash, None)
                 changed = True
+        if self.rungs is not None and self.rungs.reconcile(strategy):
+            changed = True
         if changed:
             log.info("resuming: the strategy heard of results stored just before the stop")
         self._save_state(strategy)
@@ -189,7 +194,7 @@ class SearchEngine:
         storage, config = self.storage, self.config
         strategy = self._strategy()
         self._rebuild_front()  # a crash between a result and its front update must not leave it off the front
-        requeued = storage.reset_running(self.job_id)  # in flight at a crash: rerun (attempts were counted)
+        requeued = self._requeue()  # in flight at a crash: rerun (attempts were counted)
         if requeued:
             log.info("resuming: %d evaluation(s) in flight at the stop go again", len(requeued))
         if self.lease_owner is None:
@@ -207,7 +212,7 @@ class SearchEngine:
         except BaseException as exc:
             if is_unavailable(exc):
                 raise  # nothing can be written: resumed later (`run`)
-            storage.reset_running(self.job_id)
+            self._requeue()
             interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))  # resumable, not failed
             self._set_status("queued" if interrupted else "failed", error=None if interrupted else repr(exc))
             raise
@@ -216,21 +221,34 @@ class SearchEngine:
         if self.stop.is_set() and getattr(self.stop, "lost", False):
             return self._progress()  # another runner owns the job now: touch nothing of it
         if status != "completed":  # in flight at the stop: abandoned (shutdown killed them), rerun on resume
-            storage.reset_running(self.job_id)
+            self._requeue()
         self._set_status(status, error=error)
         return self._progress()
 
+    def _requeue(self) -> list[int]:
+        """Evaluations in flight at a stop back to pending (candidates and rung runs); the candidates' ids."""
+        if self.rungs is not None:
+            self.rungs.requeue()
+        return self.storage.reset_running(self.job_id)
+
     def _loop(self, executor, strategy) -> str:
-        """Keep every worker busy until the budget is spent or the stop is set; the status to end with."""
+        """Keep every worker busy until the budget is spent (and, multi-fidelity, no candidate qualifies for
+        a higher rung) or the stop is set; the status to end with."""
         config = self.config
         cycle = config.cycle or executor.capacity
         while not self.stop.is_set():
             done = self._count_done()
             in_flight = executor.in_flight()
-            if done >= config.budget and not in_flight:
+            if done >= config.budget and not in_flight and not (self.rungs and self.rungs.has_work()):
                 return "completed"
-            # Pending candidates first (resume, retries), then a new cycle of proposals.
-            room = min(executor.capacity - len(in_flight), config.budget - done - len(in_flight))
+            free = executor.capacity - len(in_flight)
+            if self.rungs is not None and free > 0:  # promotions first: they finish climbs
+                free -= self.rungs.fill(executor, free)
+            # Pending candidates first (resume, retries), then a new cycle of proposals. The budget counts
+            # candidates (their first evaluation), not promotions.
+            n_candidates = sum(1 for task_id in in_flight if not is_rung_task(task_id))
+            room = min(free, config.budget - done - n_candidates)
+            in_flight = executor.in_flight()
             if room > 0 and not self._fill(executor, strategy, room, cycle) and not in_flight:
                 # Nothing pending, nothing running, and the strategy has no new layout: a grid that is done,
                 # or a space smaller than the budget. The budget cannot be spent; the search is over.
@@ -261,9 +279,10 @@ class SearchEngine:
 
     def _payload(self, cand) -> dict:
         c = self.config
+        proxy = c.proxy if self.rungs is None else self.rungs.proxy(0)  # a candidate starts at rung 0
         return {
             "layout": json.dumps(cand.layout),
-            "proxy": c.proxy.model_dump(),
+            "proxy": proxy.model_dump(),
             "latency": c.latency.model_dump(),
             "data": c.data.model_dump(),
         }
@@ -305,6 +324,9 @@ class SearchEngine:
         return found.id if found else None
 
     def _handle(self, outcome: Outcome, strategy, executor) -> None:
+        if is_rung_task(outcome.task_id):
+            self.rungs.handle(outcome, strategy, executor)
+            return
         cand = self.storage.get_candidate(outcome.task_id)
         if outcome.keys is not None:
             self._keys_known(cand, outcome.keys, strategy, executor)
@@ -346,15 +368,7 @@ class SearchEngine:
     def _evaluated(self, cand, result: EvaluationResult, strategy) -> None:
         """Store what the worker measured (a training that completed is kept even if the latency phase then
         failed), then complete or fail the candidate."""
-        extra = {"log_tail": result.log_tail or [], "worker": result.worker}
-        if result.trained:
-            self.storage.put_training_result(
-                result.training_key,
-                layout_hash=cand.layout_hash,
-                val_bpb=result.val_bpb,
-                result={**result.training, **extra},
-                artifact_path=result.artifact_path,
-            )
+        self.store_training(result)
         if result.latency:
             self.storage.put_latency_result(
                 result.latency_key,
@@ -378,11 +392,25 @@ class SearchEngine:
             trained_params=(training.result or {}).get("n_params"),
         )
 
+    def store_training(self, result: EvaluationResult) -> None:
+        """A completed training under its key (kept even if the latency phase then failed), with where it
+        ran and how long each phase took (data, model, training, latency)."""
+        if not result.trained:
+            return
+        extra = {"log_tail": result.log_tail or [], "worker": result.worker, "timings": result.timings}
+        self.storage.put_training_result(
+            result.training_key,
+            layout_hash=result.layout_hash,
+            val_bpb=result.val_bpb,
+            result={**result.training, **extra},
+            artifact_path=result.artifact_path,
+        )
+
     def _failed(self, cand, reason: str | None, details: str | None, strategy, result=None) -> None:
         """A failed candidate is data: its reason stored, the strategy told, the counts updated."""
         self.storage.fail_candidate(cand.id, reason or "failed (no reason given)", details)
         strategy.tell(cand.layout_hash, None)
-        self._after_tell(strategy)
+        self.after_tell(strategy)
         self._track(cand.id, result)
 
     def _complete(
@@ -400,8 +428,7 @@ class SearchEngine:
         n_params = (
             int(trained_params) if trained_params else count_parameters(layout, self.default_vocab_size).total
         )
-        values = {"val_bpb": val_bpb, "decode_ms": decode_ms, "n_params": float(n_params)}
-        objectives = {name: values[name] for name in self.config.objectives}
+        objectives = self._objectives(val_bpb, decode_ms, n_params)
         self.storage.complete_candidate(
             cand.id,
             training_key=keys.training_key,
@@ -412,9 +439,20 @@ class SearchEngine:
             objectives=objectives,
             reused=reused,
         )
+        if self.rungs is not None:
+            steps = 0 if reused else self.rungs.proxy(0).total_steps
+            self.rungs.first_rung_done(cand, keys.training_key, val_bpb, objectives, steps, reused)
         strategy.tell(cand.layout_hash, objectives)
-        self._after_tell(strategy, completed_id=cand.id)
+        self.after_tell(strategy, completed_id=cand.id)
         self._track(cand.id)
+
+    def _objectives(self, val_bpb, decode_ms, n_params) -> dict[str, float]:
+        values = {"val_bpb": val_bpb, "decode_ms": decode_ms, "n_params": float(n_params)}
+        return {name: values[name] for name in self.config.objectives}
+
+    def objectives_of(self, cand, val_bpb: float) -> dict[str, float]:
+        """A completed candidate's objectives with another training's val_bpb (a higher rung's)."""
+        return self._objectives(val_bpb, cand.decode_ms, cand.n_params)
 
     def _track(self, candidate_id: int, result: EvaluationResult | None = None) -> None:
         """Hand a recorded result to the tracker: the candidate as stored, with the worker's result (a
@@ -445,7 +483,10 @@ class SearchEngine:
             self.tracker = None
 
     def _front_of(self, candidates: list) -> list:
-        """The non-dominated ones among these candidates, on the search's objectives."""
+        """The non-dominated ones among these candidates, on the search's objectives (multi-fidelity: among
+        those trained at the top rung)."""
+        if self.rungs is not None:
+            candidates = [c for c in candidates if self.rungs.at_top(c)]
         if not candidates:
             return []
         keep = pareto_front([[c.objectives[name] for name in self.config.objectives] for c in candidates])
@@ -456,7 +497,7 @@ class SearchEngine:
         if done:
             self.storage.set_front(self.job_id, [c.id for c in self._front_of(done)])
 
-    def _after_tell(self, strategy, completed_id: int | None = None) -> None:
+    def after_tell(self, strategy, completed_id: int | None = None) -> None:
         """Update the materialized front incrementally (the new result against the current front: the front of
         all results is the front of the old front plus the new point), then record hypervolume and progress.
         The cost does not grow with the number of candidates, so a 10,000-candidate search stays cheap."""

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, model_validator
 
@@ -51,13 +51,29 @@ class WorkerSettings(BaseModel):
         """A copy with these settings changed, validated again."""
         return type(self).model_validate({**self.model_dump(), **changes})
 
+    # Settings added after results were stored: left out of the hash while they hold their default, so the
+    # results of configs that do not use them keep their keys (and stay reusable).
+    HASH_OMITS_DEFAULTS: ClassVar[tuple[str, ...]] = ()
+
     @property
     def content_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        values = self.to_dict()
+        for name in self.HASH_OMITS_DEFAULTS:
+            if values[name] == type(self).model_fields[name].default:
+                del values[name]
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
 class ProxyConfig(WorkerSettings):
-    """The short-training proxy: a budget in optimizer steps or in tokens, the optimizer and its schedule."""
+    """The short-training proxy: a budget in optimizer steps or in tokens, the optimizer and its schedule.
+
+    Schedules: `cosine` (warmup, then a cosine over exactly the budget) or `wsd` (warmup-stable-decay:
+    warmup, the peak rate held, then a linear decay over the last `decay_fraction` of the steps). Two wsd
+    runs that differ only in their budget share every step up to the shorter one's decay (with
+    `fixed_warmup_steps`), so the longer one can continue from the shorter one's stable-phase checkpoint:
+    the multi-fidelity search's continuation."""
+
+    HASH_OMITS_DEFAULTS: ClassVar[tuple[str, ...]] = ("schedule", "decay_fraction", "fixed_warmup_steps")
 
     steps: Int | None = Field(None, ge=1, le=10_000_000, description="optimizer steps (100 when no budget)")
     tokens: Int | None = Field(
@@ -69,8 +85,19 @@ class ProxyConfig(WorkerSettings):
     batch_size: Int = Field(8, ge=1, le=4096, description="sequences per optimizer step")
     seq_len: Int = Field(128, ge=1, le=1 << 17, description="tokens per training sequence")
     lr: Float = Field(3e-3, gt=0, le=10, description="peak learning rate")
-    min_lr_ratio: Float = Field(0.1, ge=0, le=1, description="the cosine ends at this share of lr")
+    min_lr_ratio: Float = Field(
+        0.1, ge=0, le=1, description="the schedule (cosine or wsd decay) ends at this share of lr"
+    )
     warmup_fraction: Float = Field(0.1, ge=0, lt=1, description="share of the steps spent warming up")
+    fixed_warmup_steps: Int | None = Field(
+        None, ge=0, le=10_000_000, description="warmup steps, whatever the budget (None: warmup_fraction)"
+    )
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="cosine over the budget, or warmup-stable-decay (continuable across budgets)"
+    )
+    decay_fraction: Float = Field(
+        0.2, gt=0, le=1, description="wsd: share of the steps spent decaying, linearly to min_lr_ratio x lr"
+    )
     weight_decay: Float = Field(
         0.1, ge=0, le=10, description="AdamW's, on matrices only (not with weight_norm)"
     )
@@ -117,15 +144,40 @@ class ProxyConfig(WorkerSettings):
             return self.steps
         return math.ceil(self.tokens / (self.batch_size * self.seq_len))
 
+    @model_validator(mode="after")
+    def _wsd_fits(self) -> Self:
+        if self.schedule == "wsd" and self.stable_steps < self.warmup_steps:
+            raise ValueError(
+                f"decay_fraction: a wsd decay of {self.total_steps - self.stable_steps} steps leaves "
+                f"less than the {self.warmup_steps} warmup steps of a {self.total_steps}-step budget"
+            )
+        return self
+
     @property
     def warmup_steps(self) -> int:
+        if self.fixed_warmup_steps is not None:
+            return min(self.fixed_warmup_steps, self.total_steps)
         return int(self.warmup_fraction * self.total_steps)
 
+    @property
+    def stable_steps(self) -> int:
+        """The step the decay starts at (wsd); the whole budget for cosine."""
+        if self.schedule != "wsd":
+            return self.total_steps
+        return self.total_steps - max(1, round(self.decay_fraction * self.total_steps))
+
     def lr_at(self, step: int) -> float:
-        """Linear warmup, then cosine to min_lr_ratio * lr at the last step of exactly this budget."""
+        """Linear warmup; then cosine to min_lr_ratio * lr at the last step of exactly this budget, or (wsd)
+        the peak held until `stable_steps` and a linear decay to min_lr_ratio * lr at the last step."""
         warmup = self.warmup_steps
         if step < warmup:
             return self.lr * (step + 1) / warmup
+        if self.schedule == "wsd":
+            if step < self.stable_steps:
+                return self.lr
+            decay = self.total_steps - self.stable_steps
+            done = (step - self.stable_steps + 1) / decay
+            return self.lr * (1 - (1 - self.min_lr_ratio) * done)
         progress = (step - warmup) / max(1, self.total_steps - warmup)
         return self.lr * (
             self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

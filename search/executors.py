@@ -174,6 +174,7 @@ class EvaluationWorker:
             train=payload.get("train", True),
             measure_latency=payload.get("measure_latency", True),
             device_lock=self.lock,
+            continue_from=payload.get("continue_from"),
         )
         return {**result.to_dict(), "worker": self.identity()}
 

@@ -192,12 +192,14 @@ def tiny_lut():
 def test_tiny_real_build(tiny_lut, tmp_path):
     from latency.lut import load_lut, save_lut
 
-    lut, seconds = tiny_lut
-    assert seconds < 20
+    lut, _ = tiny_lut  # its build time is a benchmark's business (benchmarks/latency_cpu.py), not a test's
     assert {(e["operator"], e["d_model"], e["context"]) for e in lut["entries"]} == {
         (op, w, 8) for op in ("mamba2", "ffn") for w in (32, 64)
     }
-    assert all(e["decode_ms"] > 0 and e["prefill_ms"] >= 0 for e in lut["entries"])
+    # A cost the machine's noise buries is stored as 0 with a warning (a busy CI machine does that): never
+    # negative, and most are measured.
+    assert all(e["decode_ms"] >= 0 and e["prefill_ms"] >= 0 for e in lut["entries"])
+    assert sum(e["decode_ms"] > 0 for e in lut["entries"]) >= len(lut["entries"]) // 2
     assert all(e["decode_ms"] > 0 for e in lut["overhead"])
     assert lut["device_fingerprint"]["threads"] == 1 and len(lut["fingerprint_hash"]) == 64
     assert lut["size_curve"] and all(

@@ -136,6 +136,7 @@ def _fill(store: Storage) -> int:
     store.put_training_result("t0", layout_hash="h0", result={"val_bpb": 1.5}, val_bpb=1.5)
     store.put_latency_result("l0", layout_hash="h0", result={"decode_ms": 2.0}, decode_ms=2.0)
     store.complete_candidate(child, "t0", "l0", 1.5, 2.0, 1000, {"val_bpb": 1.5, "decode_ms": 2.0})
+    store.begin_rung(job, child, 0, 25, status="running")
     store.record_hypervolume(job, 1, 0.5)
     store.save_strategy_state(job, {"population": [parent, child]})
     with store.transaction() as conn:

@@ -25,11 +25,13 @@ from api.routes import candidates as candidate_routes
 from api.routes import schedules as schedule_routes
 from api.routes import searches as search_routes
 from api.routes import studies as study_routes
+from api.routes import tunes as tune_routes
 from api.routes import views as view_routes
 from api.routes.candidates import CandidateId
 from api.routes.schedules import ScheduleId
 from api.routes.searches import SearchId
 from api.routes.studies import StudyId
+from api.routes.tunes import TuneId
 from api.schedule_schemas import SchedulePatch
 from api.schemas import MAX_ID, SearchCreate, make_cursor
 from api.submit import SubmitError, submit_search
@@ -319,6 +321,7 @@ def search_page(
         "status": job.status,
         "terminal": list(JOB_TERMINAL_STATUSES),
         "statuses": list(CANDIDATE_STATUSES),
+        "fidelity": bool(job.config.get("fidelity")),
     }
     x, y = objectives[1], objectives[0]  # latency across, quality up: how the paper draws its fronts
     preload = {
@@ -546,6 +549,30 @@ def study_page(request: Request, study_id: StudyId) -> HTMLResponse:
                 {"kind": detail.kind, **_study_plot_data(detail.kind, result, detail.config)}
             ),
             "scripts": plot_scripts("study.js"),
+            "nav": "jobs",
+        },
+    )
+
+
+@router.get("/tunes/{tune_id}")
+def tune_page(request: Request, tune_id: TuneId) -> HTMLResponse:
+    """A tune job: its best recipe, its trials' table and their val_bpb curves (ASHA's stopped trials are
+    the shorter lines)."""
+    _reader(request)
+    try:
+        detail = tune_routes.get_tune(tune_id, _storage(request))
+    except HTTPException:
+        return error_page(request, 404, f"no tune job {tune_id}")
+    result = detail.result or {}
+    trials = [{k: t[k] for k in ("trial_id", "status", "curve")} for t in result.get("trials", [])]
+    return render(
+        request,
+        "tune.html",
+        {
+            "tune": detail,
+            "result": result,
+            "page_data": views.page_data({"trials": trials}),
+            "scripts": plot_scripts("tune.js"),
             "nav": "jobs",
         },
     )

@@ -10,6 +10,7 @@ import asyncio
 import csv
 import io
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Query, Request, Response
@@ -39,6 +40,8 @@ from api.schemas import (
     JobOut,
     Page,
     ParetoOut,
+    RungOut,
+    RungsOut,
     SearchCreate,
     SearchCreated,
     SearchDetail,
@@ -47,7 +50,7 @@ from api.schemas import (
     parse_cursor,
 )
 from api.submit import SubmitError, submit_search
-from search.config import OBJECTIVES
+from search.config import OBJECTIVES, SearchConfig
 from search.db import (
     CANDIDATE_DONE_STATUSES,
     CANDIDATE_SORT_COLUMNS,
@@ -56,7 +59,8 @@ from search.db import (
     JOB_TERMINAL_STATUSES,
 )
 from search.layout import Layout
-from search.pareto import pareto_front
+from search.multifidelity import summarize_rungs
+from search.pareto import HypervolumeSpace, pareto_front
 from search.storage import JobRecord, Storage
 
 router = APIRouter(prefix="/api/searches", tags=["searches"], responses=error_responses(500, 503))
@@ -344,6 +348,47 @@ def pareto(search_id: SearchId, storage: StorageDep, x: AxisX = None, y: AxisY =
     )
 
 
+@router.get(
+    "/{search_id}/rungs",
+    response_model=RungsOut,
+    dependencies=[Depends(require_read_token)],
+    summary="A multi-fidelity search's rungs: runs, promotions, each rung's front and hypervolume",
+    responses=READ_ONE,
+)
+def rungs(search_id: SearchId, storage: StorageDep) -> RungsOut:
+    """Per rung (lowest first): its runs by status, how many were promoted to the next, the front of its
+    results and that front's hypervolume (in the search's fixed space, as the search's own hypervolume at the
+    top rung). A single-fidelity search has no rungs."""
+    job = job_or_404(storage, search_id)
+    objectives = own_objectives(job, None, None)
+    config = SearchConfig.model_validate(job.config)
+    if config.fidelity is None:
+        return RungsOut(
+            search_id=search_id,
+            objectives=objectives,
+            eta=None,
+            continuation=None,
+            training_steps=0,
+            rungs=[],
+        )
+    state = storage.load_strategy_state(search_id) or {}
+    space = state.get("hypervolume_space")
+    summaries = summarize_rungs(
+        config.fidelity,
+        storage.rung_runs(search_id),
+        objectives,
+        HypervolumeSpace.from_dict(space) if space else None,
+    )
+    return RungsOut(
+        search_id=search_id,
+        objectives=objectives,
+        eta=config.fidelity.eta,
+        continuation=config.fidelity.continuation,
+        training_steps=storage.training_steps_spent(search_id),
+        rungs=[RungOut(**asdict(s)) for s in summaries],
+    )
+
+
 CSV_COLUMNS = tuple(CandidateRow.model_fields)  # the export's columns (CSV) and keys (JSON Lines)
 EXPORT_PAGE = 500  # candidates read at a time for a streamed export
 
@@ -364,6 +409,7 @@ def candidate_row(c) -> dict[str, Any]:
         "parent_id": c.parent_id,
         "status": c.status,
         "failure_reason": c.failure_reason,
+        "rung": c.rung,
     }
 
 

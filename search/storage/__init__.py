@@ -7,6 +7,7 @@ Optuna's RDBStorage), one facade over the parts of this package:
 - `schema`: the Alembic migrations in `migrations/` (`Storage.create_schema()`), never `metadata.create_all`;
 - `jobs`: the queue, job status and the runners' leases;
 - `candidates`: candidates, the results shared across searches, hypervolume history, strategy state;
+- `rungs`: a multi-fidelity search's runs of each candidate at each rung;
 - `schedules`: cron schedules and their fire records.
 
 Backends: SQLite (`sqlite:///path.db`, the embedded default) and PostgreSQL (`postgresql+psycopg://user:pw@
@@ -34,6 +35,7 @@ from search.storage.records import (
     LatencyResultRecord,
     LineageRecord,
     PointRecord,
+    RungRunRecord,
     ScheduleFireRecord,
     ScheduleRecord,
     StorageError,
@@ -41,11 +43,12 @@ from search.storage.records import (
     is_unavailable,
     json_dumps,
 )
+from search.storage.rungs import RungStore
 from search.storage.schedules import ScheduleStore, check_cron, check_timezone
 from search.storage.schema import MIGRATIONS_DIR, SchemaStore
 
 
-class Storage(SchemaStore, JobStore, CandidateStore, ScheduleStore):
+class Storage(SchemaStore, JobStore, CandidateStore, RungStore, ScheduleStore):
     """All search and service state in one SQL database (SQLite or PostgreSQL)."""
 
 
@@ -59,6 +62,7 @@ __all__ = [
     "LatencyResultRecord",
     "LineageRecord",
     "PointRecord",
+    "RungRunRecord",
     "ScheduleFireRecord",
     "ScheduleRecord",
     "Storage",

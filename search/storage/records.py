@@ -81,6 +81,7 @@ class CandidateRecord:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    rung: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +104,7 @@ class CandidateSummaryRecord:
     on_front: bool
     created_at: datetime
     finished_at: datetime | None
+    rung: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,28 @@ class TrainingResultRecord:
     status: str
     artifact_path: str | None
     created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RungRunRecord:
+    """One candidate's run at one rung of a multi-fidelity search."""
+
+    TABLE: ClassVar[str] = "rung_runs"
+    id: int
+    job_id: int
+    candidate_id: int
+    rung: int
+    steps: int
+    status: str
+    attempts: int
+    training_key: str | None
+    val_bpb: float | None
+    objectives: dict | None
+    steps_trained: int | None
+    continued_from_step: int | None
+    failure_reason: str | None
+    created_at: datetime
+    finished_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -223,6 +223,9 @@ class ParetoAgingStrategy(Strategy):
             self.population.pop(self._eviction_index())
         self._selection = None
 
+    def _on_update(self, layout_hash: str) -> None:
+        self._selection = None  # the selection keys were ranked on the old values
+
     def _improves_population(self, layout_hash: str, values: dict[str, float] | None) -> bool:
         """A success for the mutation mix: the child is feasible and no feasible member dominates or equals
         it."""

@@ -278,6 +278,26 @@ class Strategy:
         self.n_told += 1
         self._on_result(proposal, values)
 
+    def update(self, layout_hash: str, objectives: dict[str, float], rung: int) -> None:
+        """A higher-fidelity result of a told layout (a multi-fidelity search's promotion, trained at `rung`):
+        it replaces the told values wherever the strategy reads them from now on (selection, fronts)."""
+        record = self.records.get(layout_hash)
+        if record is None or record["objectives"] is None:
+            state = "pending" if layout_hash in self.pending else "failed" if record else "never proposed"
+            raise ValueError(f"{self.name}: layout {layout_hash[:12]} has no told result to update ({state})")
+        missing = [o for o in self.objectives if o not in objectives]
+        if missing:
+            raise ValueError(f"{self.name}: update lacks objective(s) {', '.join(missing)}")
+        values = {str(k): float(v) for k, v in objectives.items()}
+        if not all(math.isfinite(values[o]) for o in self.objectives):
+            raise ValueError(f"{self.name}: update of {layout_hash[:12]} has a non-finite objective")
+        record["objectives"], record["rung"] = values, int(rung)
+        self._on_update(layout_hash)
+
+    def rung_of(self, layout_hash: str) -> int:
+        """The fidelity rung of a told layout's values (0: a single-fidelity search's only one)."""
+        return int(self.records[layout_hash].get("rung", 0))
+
     def state_dict(self) -> dict[str, Any]:
         state = {
             "strategy": self.name,
@@ -329,6 +349,9 @@ class Strategy:
 
     def _on_result(self, proposal: Proposal, values: dict[str, float] | None) -> None:
         pass
+
+    def _on_update(self, layout_hash: str) -> None:
+        """A told layout's values changed (`update`): drop whatever was computed from the old ones."""
 
     def _extra_state(self) -> dict[str, Any]:
         return {}

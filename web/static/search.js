@@ -97,6 +97,31 @@
     ]);
   }
 
+  // Multi-fidelity searches: each rung's counts, promotions and hypervolume, and each rung's front.
+  async function drawRungs() {
+    if (!data.fidelity) return;
+    const r = await hybridnas.fetchJSON(`${api}/rungs`);
+    const body = document.querySelector("#rungs tbody");
+    body.replaceChildren(...r.rungs.map((rung) => {
+      const row = document.createElement("tr");
+      const done = (rung.counts.completed || 0) + (rung.counts.reused || 0);
+      for (const value of [rung.rung, rung.steps, done, rung.counts.running || 0, rung.counts.failed || 0,
+        rung.promoted, rung.front.length, hybridnas.fmt(rung.hypervolume), rung.steps_trained]) {
+        const cell = document.createElement("td");
+        cell.textContent = value;
+        row.append(cell);
+      }
+      return row;
+    }));
+    const [quality, cost] = r.objectives;
+    const traces = r.rungs.filter((rung) => rung.front.length).map((rung) => ({
+      type: "scatter", mode: "lines+markers", line: { shape: "hv" },
+      x: rung.front.map((p) => p[cost]), y: rung.front.map((p) => p[quality]),
+      text: rung.front.map((p) => `candidate ${p.candidate_id}`), name: `rung ${rung.rung} (${rung.steps} steps)`,
+    }));
+    await Plotly.react("rung-fronts", traces, hybridnas.baseLayout(title(cost), title(quality), { uirevision: "rungs", height: 300 }), hybridnas.plotConfig);
+  }
+
   async function drawTable() {
     const params = new URLSearchParams({ limit: state.limit, offset: state.offset, sort: state.sort });
     if (state.status) params.set("status", state.status);
@@ -180,6 +205,7 @@
     try {
       await Promise.all([drawScatter(), drawTable()]);
       await Promise.all([drawHypervolume(), drawCounts()]);
+      await drawRungs();
       await drawFeatures();
     } catch (err) {
       console.warn("refresh failed, the next event retries:", err.message);
@@ -219,6 +245,7 @@
       drawn = true;
       hybridnas.markReady();
       await drawHypervolume();
+      await drawRungs();
       await drawFeatures();
     } finally {
       refresh.running = false;
