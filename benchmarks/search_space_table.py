@@ -46,22 +46,14 @@ TRAIN_COLUMNS = [
 LATENCY_COLUMNS = ["layout_hash", "decode_ms_per_token", "decode_iqr_ms", "prefill_ms", "threads"]
 PROXY = dict(steps=100, batch_size=8, seq_len=128, lr=3e-3, warmup_fraction=0.1, eval_tokens=65536, seed=0)
 RUNGS = FidelityConfig(rungs=[25, 100, 400], decay_fraction=0.2)
+# The training columns with the rung, and what the rung trained (continued from a lower rung or fresh).
 RUNG_COLUMNS = [
-    "layout_hash",
-    "operators",
-    "d_model",
-    "n_params",
+    *TRAIN_COLUMNS[:4],
     "rung",
     "steps",
     "steps_trained",
     "continued_from_step",
-    "seed",
-    "status",
-    "val_bpb",
-    "val_loss",
-    "final_train_loss",
-    "wall_s",
-    "failure_reason",
+    *TRAIN_COLUMNS[5:],
 ]
 
 

@@ -27,7 +27,7 @@ from search.strategies import make_strategy
 from tests import pg
 from tests.test_browser import browser  # noqa: F401 - the Chromium fixture
 from tests.test_engine import TINY
-from tests.test_search_resume import HYBRIDNAS, env_for, wait_for
+from tests.test_search_resume import HYBRIDNAS, env_for, run_cli, wait_for
 
 storage = pg.storage
 RUNGS = {"rungs": [4, 8, 16], "eta": 3}
@@ -358,15 +358,7 @@ def test_kill_9_mid_promotion_resumes_with_no_key_twice_and_nothing_lost(tmp_pat
         job_id = store.list_jobs()[0].id
         before = {(r.candidate_id, r.rung): r for r in store.rung_runs(job_id)}
         in_flight = [k for k, r in before.items() if r.status == "running"]
-        resumed = subprocess.run(
-            [HYBRIDNAS, "search", "resume", str(job_id), "--db", url],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        run_cli(tmp_path, env, "search", "resume", str(job_id), "--db", url)
         assert store.get_job(job_id).status == "completed"
         after = {(r.candidate_id, r.rung): r for r in store.rung_runs(job_id)}
         for key, run in before.items():  # nothing completed is lost or redone
@@ -384,29 +376,14 @@ def test_kill_9_mid_promotion_resumes_with_no_key_twice_and_nothing_lost(tmp_pat
         assert len(set(keys)) == len(keys) and all(store.get_training_result(k) for k in keys)
         with store.transaction() as conn:
             assert conn.exec_driver_sql("SELECT COUNT(*) FROM training_results").scalar() == len(keys)
-        shown = subprocess.run(
-            [HYBRIDNAS, "search", "show", str(job_id), "--db", url, "--json"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert shown.returncode == 0, shown.stderr[-2000:]
+        shown = run_cli(tmp_path, env, "search", "show", str(job_id), "--db", url, "--json", timeout=120)
         listed = json.loads(shown.stdout)["rungs"]
         assert [r["counts"].get("completed", 0) for r in listed] == [
             sum(k[1] == n for k in after) for n in range(3)
         ]
         assert [r["promoted"] for r in listed[:2]] == [sum(k[1] == n for k in after) for n in (1, 2)]
-        table = subprocess.run(
-            [HYBRIDNAS, "search", "show", str(job_id), "--db", url],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert table.returncode == 0 and "Rungs (each promotes its best 1/3" in table.stdout, table.stdout
+        table = run_cli(tmp_path, env, "search", "show", str(job_id), "--db", url, timeout=120)
+        assert "Rungs (each promotes its best 1/3" in table.stdout, table.stdout
         state = store.load_strategy_state(job_id)["strategy"]
         rungs = {r["hash"]: r.get("rung", 0) for r in state["records"]}
         for cid, rung in after:  # the strategy heard of every promotion

@@ -63,6 +63,15 @@ def spawn(tmp_path, *args: str) -> tuple[subprocess.Popen, dict]:
     return proc, env
 
 
+def run_cli(tmp_path, env, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`hybridnas ARGS` to its end in `tmp_path` with `env`; asserts it exited 0 (its output tails if not)."""
+    done = subprocess.run(
+        [HYBRIDNAS, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 def start_search(tmp_path, url, executor, workers):
     """`hybridnas search run` in its own process group; returns (process, its env, a Storage, job counts)."""
     config = search_config(tmp_path, executor, workers=workers)
@@ -101,15 +110,7 @@ def kill_and_resume(tmp_path, url, executor="inline", workers=1):
     }
     in_flight = [c.id for c in storage.candidates(job_id, status="running")]
     assert completed_before and in_flight
-    resumed = subprocess.run(
-        [HYBRIDNAS, "search", "resume", str(job_id), "--db", url],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    run_cli(tmp_path, env, "search", "resume", str(job_id), "--db", url)
     job = storage.get_job(job_id)
     assert job.status == "completed"
     after = {c.id: c for c in storage.candidates(job_id)}
@@ -172,14 +173,6 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path):
         assert storage.get_job(job_id).status == "queued"
         assert storage.candidate_counts(job_id).get("running", 0) == 0
         wait_for(lambda: raylets() <= before, timeout=30, what="Ray to shut down")
-        resumed = subprocess.run(
-            [HYBRIDNAS, "search", "resume", str(job_id), "--db", url],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        run_cli(tmp_path, env, "search", "resume", str(job_id), "--db", url)
         assert storage.get_job(job_id).status == "completed"
         storage.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 
 import pytest
 import yaml
@@ -27,7 +26,7 @@ from search.studies.verdict import Point, check_references, front_of, match_budg
 from search.study_runner import run_study
 from tests import pg
 from tests.test_engine import TINY, run_search
-from tests.test_search_resume import HYBRIDNAS, spawn, wait_for
+from tests.test_search_resume import run_cli, spawn, wait_for
 from tests.test_studies import inline
 
 TOKEN = "study-kinds-token"
@@ -383,15 +382,7 @@ def test_a_study_killed_mid_run_resumes_with_nothing_lost_or_trained_twice(tmp_p
     [run] = storage.child_jobs(study.id)
     before = {c.id: (c.training_key, c.val_bpb) for c in storage.candidates(run.id, status="completed")}
     assert study.status == "running" and len(before) >= 2
-    resumed = subprocess.run(
-        [HYBRIDNAS, "study", "resume", str(study.id), "--db", url],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    run_cli(tmp_path, env, "study", "resume", str(study.id), "--db", url)
     assert storage.get_job(study.id).status == "completed"
     after = {c.id: c for c in storage.candidates(run.id)}
     assert len(after) == 6 and {c.status for c in after.values()} == {"completed"}
@@ -403,14 +394,7 @@ def test_a_study_killed_mid_run_resumes_with_nothing_lost_or_trained_twice(tmp_p
         ).fetchall()
     assert twice == [] and storage.get_job(study.id).result["n_measured"] == 6
     shown = json.loads(
-        subprocess.run(
-            [HYBRIDNAS, "study", "show", str(study.id), "--db", url, "--json"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        ).stdout
+        run_cli(tmp_path, env, "study", "show", str(study.id), "--db", url, "--json", timeout=120).stdout
     )
     assert shown["status"] == "completed"
     storage.close()
