@@ -132,11 +132,18 @@ def _strategy(name: str, options: dict, seed: int):
 
 
 def replay_multifidelity(
-    name: str, options: dict, seed: int, table: RungTable, hv_space: HypervolumeSpace, budget: int
+    name: str,
+    options: dict,
+    seed: int,
+    table: RungTable,
+    hv_space: HypervolumeSpace,
+    budget: int,
+    eta: int = FIDELITY.eta,
 ) -> Curve:
-    """The engine's multi-fidelity loop with one worker, until `budget` steps are spent."""
+    """The engine's multi-fidelity loop with one worker, until `budget` steps are spent; each rung promotes
+    its best 1/`eta`."""
     strategy = _strategy(name, options, seed)
-    ladder = RungLadder(len(FIDELITY.rungs), FIDELITY.eta)
+    ladder = RungLadder(len(FIDELITY.rungs), eta)
     curve = Curve(HypervolumeTracker(hv_space))
     hashes: list[str] = []  # candidate id -> layout hash
     while curve.spent < budget:
@@ -209,8 +216,8 @@ def position_priority():
     return PositionPriority()
 
 
-def make_moasha(hashes: Sequence[str], seed: int, places: bool = False):
-    """MOASHA over a categorical of the given layout hashes: grace 25 steps, reduction factor 3, max 400,
+def make_moasha(hashes: Sequence[str], seed: int, places: bool = False, eta: int = FIDELITY.eta):
+    """MOASHA over a categorical of the given layout hashes: grace 25 steps, reduction factor `eta`, max 400,
     both objectives minimized, one bracket (asynchronous successive halving, stopping rule); its default
     non-dominated priority, or (`places`) `position_priority()`."""
     from syne_tune.config_space import choice
@@ -224,9 +231,15 @@ def make_moasha(hashes: Sequence[str], seed: int, places: bool = False):
         multiobjective_priority=position_priority() if places else None,
         max_t=FIDELITY.rungs[-1],
         grace_period=FIDELITY.rungs[0],
-        reduction_factor=FIDELITY.eta,
+        reduction_factor=eta,
         random_seed=seed,
     )
+
+
+def moasha_milestones(eta: int = FIDELITY.eta) -> list[int]:
+    """The steps at which MOASHA ranks a trial's result (below max_t, where a trial ends)."""
+    bracket = make_moasha(["layout"], 0, eta=eta).brackets[0]
+    return sorted(level for level, _ in bracket.rungs if level < FIDELITY.rungs[-1])
 
 
 def stop_rates(places: bool, trials: int = 200, seed: int = 0) -> tuple[float, float]:
@@ -256,6 +269,7 @@ def replay_moasha(
     budget: int,
     hashes: Sequence[str] | None = None,
     places: bool = False,
+    eta: int = FIDELITY.eta,
 ) -> Curve:
     """MOASHA with one worker: each suggested trial trains rung by rung (continued) until the scheduler
     stops it or it reaches 400 steps. Its suggestions are uniform draws from the categorical; a layout drawn
@@ -267,7 +281,7 @@ def replay_moasha(
     hashes = list(hashes) if hashes is not None else [lo.content_hash for lo in space_layouts()]
     # MOASHA samples the config space with numpy's global generator (Domain.sample without random_state).
     np.random.seed(seed)
-    scheduler = make_moasha(hashes, seed, places)
+    scheduler = make_moasha(hashes, seed, places, eta)
     curve = Curve(HypervolumeTracker(hv_space))
     tried: set[str] = set()
     while curve.spent < budget and len(tried) < len(set(hashes)):

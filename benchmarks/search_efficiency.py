@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -360,11 +361,15 @@ COMPUTE_METHODS = {
     "MOASHA, ranks as places": ("moasha-places", None),
 }
 COMPARED_AT = (0.25, 0.5, 0.75, 1.0)  # shares of the budget where the Mann-Whitney tests are made
+# Successive halving's eta for the multi-fidelity rule and MOASHA alike: the issue's 3, kept after the tuning
+# study (`--compute-tuning`, tuning seeds only) compared 2-5.
+COMPUTE_ETA = 3
+COMPUTE_TUNING_ETAS = (2, 3, 4, 5)
 REPORTED_AT = tuple(k / 8 for k in range(1, 9))
 _TABLE_CACHE: dict = {}
 
 
-def _compute_replay(label: str, seed: int, rungs_csv: str, budget: int) -> dict:
+def _compute_replay(label: str, seed: int, rungs_csv: str, budget: int, eta: int = COMPUTE_ETA) -> dict:
     """One replay (in a worker process): the curve's steps and hypervolume after each training run."""
     import multifidelity_replay as mf
 
@@ -374,11 +379,11 @@ def _compute_replay(label: str, seed: int, rungs_csv: str, budget: int) -> dict:
     table, hv_space = _TABLE_CACHE[rungs_csv]
     kind, name = COMPUTE_METHODS[label]
     if kind == "mf":
-        curve = mf.replay_multifidelity(name, STRATEGIES[name], seed, table, hv_space, budget)
+        curve = mf.replay_multifidelity(name, STRATEGIES[name], seed, table, hv_space, budget, eta)
     elif kind == "sf":
         curve = mf.replay_single_fidelity(name, STRATEGIES[name], seed, table, hv_space, budget)
     else:
-        curve = mf.replay_moasha(seed, table, hv_space, budget, places=kind == "moasha-places")
+        curve = mf.replay_moasha(seed, table, hv_space, budget, places=kind == "moasha-places", eta=eta)
     return {
         "steps": curve.steps,
         "hv": curve.tracker.history,
@@ -399,6 +404,125 @@ def _first_reach(runs: list[dict], target: float, grid: list[int]) -> int | None
     return next((c for c in grid if statistics.mean(_hv_at(r, c) for r in runs) >= target), None)
 
 
+@dataclass
+class ComputeSetup:
+    """The rung table a compute-axis run replays on, its budget and its hypervolume bounds."""
+
+    rungs_csv: Path
+    table: object  # multifidelity_replay.RungTable
+    in_table: int
+    n_space: int
+    budget: int
+    hv_space: HypervolumeSpace
+    best: float
+    grid: list[int]
+
+
+def compute_setup(args) -> ComputeSetup:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import multifidelity_replay as mf
+
+    rungs_csv = Path(args.rungs_table)
+    table, in_table = mf.load_rung_table(rungs_csv, DATA / "search_space_cpu_latency.csv")
+    # 10 % of the layouts a search can find results for: the space, once the table is complete.
+    budget = round(args.budget_fraction * len(table.values)) * mf.run_cost(mf.TOP, continued=False)
+    hv_space = table.hypervolume_space()
+    points = table.top_points()
+    best = hv_space.hypervolume([points[i] for i in pareto_front(points)])
+    grid = list(range(mf.FIDELITY.rungs[0], budget + 1, mf.FIDELITY.rungs[0]))
+    setup = ComputeSetup(rungs_csv, table, in_table, len(mf.space_layouts()), budget, hv_space, best, grid)
+    print(
+        f"rung table {rungs_csv}: {len(table.values)} layouts with all {len(mf.FIDELITY.rungs)} rungs "
+        f"(of {in_table} in the table, {setup.n_space} in the space); budget {budget} steps",
+        flush=True,
+    )
+    return setup
+
+
+def _replay_all(jobs: list[tuple], rungs_csv: Path, budget: int, workers: int) -> dict[tuple, dict]:
+    """`_compute_replay` of each (label, seed, eta) job, in `workers` processes."""
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {
+            job: pool.submit(_compute_replay, job[0], job[1], str(rungs_csv), budget, job[2]) for job in jobs
+        }
+        return {job: future.result() for job, future in futures.items()}
+
+
+def compute_tuning(args) -> None:
+    """The compute axis's tuning study (tuning seeds only): MF pareto-aging at each eta of
+    COMPUTE_TUNING_ETAS against SF pareto-aging; writes search_efficiency_compute_tuning.*."""
+    setup = compute_setup(args)
+    seeds = list(range(args.seeds))  # tuning seeds from 0 (the committed study: --seeds 40)
+    assert not set(seeds) & set(range(HELD_OUT_OFFSET, HELD_OUT_OFFSET + 20)), "tuning touches held-out seeds"
+    jobs = [("SF pareto-aging", s, COMPUTE_ETA) for s in seeds]
+    jobs += [("MF pareto-aging", s, eta) for eta in COMPUTE_TUNING_ETAS for s in seeds]
+    start = time.time()
+    done = _replay_all(jobs, setup.rungs_csv, setup.budget, args.workers)
+    wall = time.time() - start
+    budget = setup.budget
+    sf = [done[("SF pareto-aging", s, COMPUTE_ETA)] for s in seeds]
+    target = statistics.mean(_hv_at(r, budget) for r in sf)
+    shares = (0.25, 0.5, 1.0)
+    rows = {}
+    for eta in COMPUTE_TUNING_ETAS:
+        runs = [done[("MF pareto-aging", s, eta)] for s in seeds]
+        reach = _first_reach(runs, target, setup.grid)
+        rows[eta] = {
+            "reach_steps": reach,
+            "reach_share": None if reach is None else reach / budget,
+            "hv_mean_at": {
+                str(f): statistics.mean(_hv_at(r, round(f * budget)) for r in runs) for f in shares
+            },
+            "runs_per_rung_mean": [statistics.mean(r["runs_per_rung"][i] for r in runs) for i in range(3)],
+        }
+    command = (
+        f".venv/bin/python benchmarks/search_efficiency.py --compute-tuning --seeds {args.seeds} --workers "
+        f"{args.workers} --budget-fraction {args.budget_fraction}"
+        + (
+            f" --rungs-table {setup.rungs_csv}"
+            if setup.rungs_csv != DATA / "search_space_cpu_rungs.csv"
+            else ""
+        )
+        + (f" --out-dir {args.out_dir}" if Path(args.out_dir) != RESULTS else "")
+    )
+    lines = [
+        "# Search efficiency on the compute axis: the tuning study (tuning seeds only)",
+        "",
+        f"command: `{command}` (wall time {wall:.0f} s; machine: 2-core AMD EPYC VM, 24 GiB, no GPU)",
+        "",
+        f"seeds {seeds[0]}-{seeds[-1]} (never the held-out {HELD_OUT_OFFSET}-{HELD_OUT_OFFSET + 19}); "
+        f"{len(setup.table.values)} layouts with all three rungs; budget {budget} steps. SF pareto-aging's "
+        f"final mean hypervolume on these seeds: {target:.4f}. MF pareto-aging's reach = the least compute "
+        "where its mean hypervolume is at least that.",
+        "",
+        "| eta | reach (steps) | reach (share of budget) | "
+        + " | ".join(f"mean hv at {f:.0%}" for f in shares)
+        + " | runs per rung (25 / 100 / 400) |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in shares) + " | --- |",
+    ]
+    for eta, row in rows.items():
+        share = row["reach_share"]
+        lines.append(
+            f"| {eta} | {row['reach_steps'] if row['reach_steps'] is not None else '-'} | "
+            + (f"{share:.0%}" if share is not None else "not reached")
+            + " | "
+            + " | ".join(f"{v:.4f}" for v in row["hv_mean_at"].values())
+            + " | "
+            + " / ".join(f"{v:.1f}" for v in row["runs_per_rung_mean"])
+            + " |"
+        )
+    lines += ["", f"Kept for the held-out run (`--compute`): eta = {COMPUTE_ETA}."]
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "search_efficiency_compute_tuning.md").write_text(text)
+    facts = {"command": command, "wall_s": wall, "seeds": [seeds[0], seeds[-1]], "budget_steps": budget}
+    (out / "search_efficiency_compute_tuning.json").write_text(
+        json.dumps({**facts, "sf_final_mean": target, "etas": rows}, indent=1)
+    )
+    print(text)
+
+
 def compute_axis(args) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import multifidelity_replay as mf
@@ -409,27 +533,22 @@ def compute_axis(args) -> None:
         raise SystemExit(
             "--compute replays MOASHA: install the optional extra (pip install -e '.[moasha]')"
         ) from None
-    rungs_csv = Path(args.rungs_table)
-    table, in_table = mf.load_rung_table(rungs_csv, DATA / "search_space_cpu_latency.csv")
-    n_space = len(mf.space_layouts())
-    # 10 % of the layouts a search can find results for: the space, once the table is complete.
-    budget = round(args.budget_fraction * len(table.values)) * mf.run_cost(mf.TOP, continued=False)
-    hv_space = table.hypervolume_space()
-    points = table.top_points()
-    best = hv_space.hypervolume([points[i] for i in pareto_front(points)])
-    print(
-        f"rung table {rungs_csv}: {len(table.values)} layouts with all {len(mf.FIDELITY.rungs)} rungs "
-        f"(of {in_table} in the table, {n_space} in the space); budget {budget} steps",
-        flush=True,
+    setup = compute_setup(args)
+    rungs_csv, table, budget, hv_space, best, grid = (
+        setup.rungs_csv,
+        setup.table,
+        setup.budget,
+        setup.hv_space,
+        setup.best,
+        setup.grid,
     )
+    in_table, n_space = setup.in_table, setup.n_space
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     start = time.time()
-    jobs = [(label, seed) for label in COMPUTE_METHODS for seed in seeds]
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = {job: pool.submit(_compute_replay, *job, str(rungs_csv), budget) for job in jobs}
-        runs = {label: [futures[(label, s)].result() for s in seeds] for label in COMPUTE_METHODS}
+    jobs = [(label, seed, COMPUTE_ETA) for label in COMPUTE_METHODS for seed in seeds]
+    done = _replay_all(jobs, rungs_csv, budget, args.workers)
+    runs = {label: [done[(label, s, COMPUTE_ETA)] for s in seeds] for label in COMPUTE_METHODS}
     wall = time.time() - start
-    grid = list(range(mf.FIDELITY.rungs[0], budget + 1, mf.FIDELITY.rungs[0]))
     summary = compute_summary(runs, budget, grid)
     command = (
         f".venv/bin/python benchmarks/search_efficiency.py --compute --seeds {args.seeds} --seed-offset "
@@ -446,10 +565,12 @@ def compute_axis(args) -> None:
         "layouts_in_table": in_table,
         "layouts_in_space": n_space,
         "budget_steps": budget,
+        "eta": COMPUTE_ETA,
         "seeds": [seeds[0], seeds[-1]],
         "best_hv": best,
         "hv_bounds": {o: [lo, hi] for o, lo, hi in zip(OBJECTIVES, hv_space.lower, hv_space.upper)},
         "costs": {f"rung {r}": mf.run_cost(r, continued=r > 0) for r in range(len(mf.FIDELITY.rungs))},
+        "moasha_milestones": mf.moasha_milestones(COMPUTE_ETA),
         "moasha_stop_rates": {
             "default priority": mf.stop_rates(places=False),
             "places": mf.stop_rates(places=True),
@@ -537,19 +658,20 @@ def compute_report(facts: dict, summary: dict) -> str:
         "runs finished within c steps.",
         "",
         f"seeds: {'held-out ' if facts['seeds'][0] == HELD_OUT_OFFSET else 'NOT the held-out set: '}{seeds} "
-        f"({len(next(iter(methods.values()))['finals'])} per method). Nothing was "
-        "tuned for this benchmark: the strategies' options are the single-fidelity ones (chosen on the "
-        "tuning seeds, see search_efficiency.md), the rungs and eta = 3 are the issue's; the harness was "
-        "developed on tuning seeds 0-19 only.",
+        f"({len(next(iter(methods.values()))['finals'])} per method). The strategies' options are the "
+        "single-fidelity ones (chosen on the tuning seeds, see search_efficiency.md); the rungs are the "
+        f"issue's; eta = {facts['eta']} (the multi-fidelity rule's and MOASHA's reduction factor alike) was "
+        "chosen among 2-5 by the tuning study on seeds 0-39 (`--compute-tuning`, "
+        "search_efficiency_compute_tuning.md); the harness was developed on tuning seeds 0-19 only.",
         "",
         "methods: MF = the engine's multi-fidelity rule (RungLadder: promote the first qualified "
         "candidate, higher rungs first, else ask the strategy for a new candidate at rung 0; the strategy "
         "is told rung 0 and updated on each promotion). SF = every candidate at 400 steps. MOASHA = Syne "
-        "Tune 0.16.0's scheduler (grace 25, reduction factor 3, max_t 400, time attribute = steps, both "
+        "Tune 0.16.0's scheduler (grace 25, reduction factor = eta, max_t 400, time attribute = steps, both "
         "objectives minimized, non-dominated priority) over a categorical of the space's layouts; its "
         "uniform draws are redrawn when they repeat a layout; results reported at 25, 100 and 400 steps "
-        "(its milestones are 25 and 75: the 100-step result is ranked at the 75 milestone; 400 = max_t "
-        "ends the trial).",
+        f"(its milestones at this eta: {', '.join(map(str, facts['moasha_milestones']))}; a result is ranked "
+        "at each milestone it has passed and not yet been ranked at; 400 = max_t ends the trial).",
         "",
         "## Hypervolume (top rung) against training steps, mean ± std over the seeds",
         "",
@@ -667,6 +789,12 @@ def main() -> None:
         help="the compute axis: hypervolume at the top rung against training steps, multi-fidelity vs "
         "single-fidelity vs MOASHA, on the rung table (writes search_efficiency_compute.*)",
     )
+    parser.add_argument(
+        "--compute-tuning",
+        action="store_true",
+        help="the compute axis's tuning study: MF pareto-aging's eta on tuning seeds 0..SEEDS-1 "
+        "(writes search_efficiency_compute_tuning.*)",
+    )
     parser.add_argument("--rungs-table", default=str(DATA / "search_space_cpu_rungs.csv"), help="--compute")
     parser.add_argument("--seed-offset", type=int, default=HELD_OUT_OFFSET, help="--compute: first seed")
     parser.add_argument("--workers", type=int, default=2, help="--compute: replay processes")
@@ -677,6 +805,9 @@ def main() -> None:
         return
     if args.compute:
         compute_axis(args)
+        return
+    if args.compute_tuning:
+        compute_tuning(args)
         return
 
     start = time.time()

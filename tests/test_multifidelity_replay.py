@@ -260,4 +260,35 @@ def test_compute_mode_writes_the_report_with_every_method(mf, tmp_path):
     assert set(report["mf_pareto_aging_greater_p"]["MOASHA"]) == {str(budget * k // 4) for k in (1, 2, 3, 4)}
     text = (out / "search_efficiency_compute.md").read_text()
     assert report["command"] in text and "NOT the held-out set: 0-2" in text
-    assert (out / "search_efficiency_compute.png").stat().st_size > 10_000
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot needs the `bench` extra
+        assert (out / "search_efficiency_compute.png").stat().st_size > 10_000
+
+
+def test_compute_tuning_compares_each_eta_with_single_fidelity_on_tuning_seeds(mf, tmp_path):
+    """`--compute-tuning`: one row per eta; its reach is the least compute on the grid where the mean
+    hypervolume of MF pareto-aging is at least SF pareto-aging's final mean, on seeds from 0."""
+    layouts = mf.space_layouts()
+    _write_table(tmp_path, layouts)
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks/search_efficiency.py"),
+        "--compute-tuning",
+        "--seeds",
+        "2",
+    ]
+    command += ["--workers", "1", "--budget-fraction", "0.02", "--rungs-table", str(tmp_path / "rungs.csv")]
+    subprocess.run(command + ["--out-dir", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    report = json.loads((out / "search_efficiency_compute_tuning.json").read_text())
+    budget = round(0.02 * len(layouts)) * 400
+    assert report["seeds"] == [0, 1] and report["budget_steps"] == budget
+    assert list(report["etas"]) == ["2", "3", "4", "5"]
+    for row in report["etas"].values():
+        if row["reach_steps"] is None:
+            assert row["hv_mean_at"]["1.0"] < report["sf_final_mean"]
+        else:
+            assert row["reach_steps"] <= budget and row["reach_share"] == row["reach_steps"] / budget
+            assert row["hv_mean_at"]["1.0"] >= report["sf_final_mean"]
+        assert row["runs_per_rung_mean"][0] >= row["runs_per_rung_mean"][1] >= row["runs_per_rung_mean"][2]
+    text = (out / "search_efficiency_compute_tuning.md").read_text()
+    assert report["command"] in text and text.count("\n| ") == 2 + 4
