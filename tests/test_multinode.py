@@ -297,7 +297,9 @@ def test_a_lost_worker_node_is_waited_for_and_the_search_finishes_on_the_new_one
     url = f"sqlite:///{tmp_path}/multinode.db"
     coordinator = Coordinator(tmp_path, url)
     storage = Storage(url)
-    budget = 8
+    # Enough work that the search is still running when the head sees the node gone (Ray takes seconds to
+    # mark it dead, and a quick machine finished 8 candidates before it did).
+    budget = 24
     try:
         job_id = start_search(coordinator, budget=budget)
         wait_for(mid_evaluation(storage, job_id), timeout=180, what="two evaluations done and one running")
