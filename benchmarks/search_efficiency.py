@@ -418,10 +418,23 @@ class ComputeSetup:
     grid: list[int]
 
 
-def compute_setup(args) -> ComputeSetup:
+def _replay_module():
+    """benchmarks/multifidelity_replay.py, imported from beside this script."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import multifidelity_replay as mf
+    import multifidelity_replay
 
+    return multifidelity_replay
+
+
+def _path_options(args, rungs_csv: Path) -> str:
+    """The --rungs-table and --out-dir options of a compute run's command, where they are not the defaults."""
+    return (f" --rungs-table {rungs_csv}" if rungs_csv != DATA / "search_space_cpu_rungs.csv" else "") + (
+        f" --out-dir {args.out_dir}" if Path(args.out_dir) != RESULTS else ""
+    )
+
+
+def compute_setup(args) -> ComputeSetup:
+    mf = _replay_module()
     rungs_csv = Path(args.rungs_table)
     table, in_table = mf.load_rung_table(rungs_csv, DATA / "search_space_cpu_latency.csv")
     # 10 % of the layouts a search can find results for: the space, once the table is complete.
@@ -477,13 +490,7 @@ def compute_tuning(args) -> None:
         }
     command = (
         f".venv/bin/python benchmarks/search_efficiency.py --compute-tuning --seeds {args.seeds} --workers "
-        f"{args.workers} --budget-fraction {args.budget_fraction}"
-        + (
-            f" --rungs-table {setup.rungs_csv}"
-            if setup.rungs_csv != DATA / "search_space_cpu_rungs.csv"
-            else ""
-        )
-        + (f" --out-dir {args.out_dir}" if Path(args.out_dir) != RESULTS else "")
+        f"{args.workers} --budget-fraction {args.budget_fraction}" + _path_options(args, setup.rungs_csv)
     )
     lines = [
         "# Search efficiency on the compute axis: the tuning study (tuning seeds only)",
@@ -524,8 +531,7 @@ def compute_tuning(args) -> None:
 
 
 def compute_axis(args) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import multifidelity_replay as mf
+    mf = _replay_module()
 
     try:
         import syne_tune  # noqa: F401
@@ -534,27 +540,18 @@ def compute_axis(args) -> None:
             "--compute replays MOASHA: install the optional extra (pip install -e '.[moasha]')"
         ) from None
     setup = compute_setup(args)
-    rungs_csv, table, budget, hv_space, best, grid = (
-        setup.rungs_csv,
-        setup.table,
-        setup.budget,
-        setup.hv_space,
-        setup.best,
-        setup.grid,
-    )
-    in_table, n_space = setup.in_table, setup.n_space
+    rungs_csv, table, budget, hv_space = setup.rungs_csv, setup.table, setup.budget, setup.hv_space
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     start = time.time()
     jobs = [(label, seed, COMPUTE_ETA) for label in COMPUTE_METHODS for seed in seeds]
     done = _replay_all(jobs, rungs_csv, budget, args.workers)
     runs = {label: [done[(label, s, COMPUTE_ETA)] for s in seeds] for label in COMPUTE_METHODS}
     wall = time.time() - start
-    summary = compute_summary(runs, budget, grid)
+    summary = compute_summary(runs, budget, setup.grid)
     command = (
         f".venv/bin/python benchmarks/search_efficiency.py --compute --seeds {args.seeds} --seed-offset "
         f"{args.seed_offset} --workers {args.workers} --budget-fraction {args.budget_fraction}"
-        + (f" --rungs-table {rungs_csv}" if rungs_csv != DATA / "search_space_cpu_rungs.csv" else "")
-        + (f" --out-dir {args.out_dir}" if Path(args.out_dir) != RESULTS else "")
+        + _path_options(args, rungs_csv)
     )
     facts = {
         "command": command,
@@ -562,12 +559,12 @@ def compute_axis(args) -> None:
         "workers": args.workers,
         "rungs_table": str(rungs_csv),
         "layouts_all_rungs": len(table.values),
-        "layouts_in_table": in_table,
-        "layouts_in_space": n_space,
+        "layouts_in_table": setup.in_table,
+        "layouts_in_space": setup.n_space,
         "budget_steps": budget,
         "eta": COMPUTE_ETA,
         "seeds": [seeds[0], seeds[-1]],
-        "best_hv": best,
+        "best_hv": setup.best,
         "hv_bounds": {o: [lo, hi] for o, lo, hi in zip(OBJECTIVES, hv_space.lower, hv_space.upper)},
         "costs": {f"rung {r}": mf.run_cost(r, continued=r > 0) for r in range(len(mf.FIDELITY.rungs))},
         "moasha_milestones": mf.moasha_milestones(COMPUTE_ETA),
@@ -581,7 +578,7 @@ def compute_axis(args) -> None:
     text = compute_report(facts, summary)
     (out / "search_efficiency_compute.md").write_text(text)
     (out / "search_efficiency_compute.json").write_text(json.dumps({**facts, **summary}, indent=1))
-    compute_plot(runs, grid, best, facts, out / "search_efficiency_compute.png")
+    compute_plot(runs, setup.grid, setup.best, facts, out / "search_efficiency_compute.png")
     print(text)
 
 
